@@ -1,0 +1,1 @@
+"""Subcommands of the `stence` CLI, one module each (see stence/cli.py)."""

@@ -1,0 +1,31 @@
+"""Errors that carry a reason a user can act on."""
+
+
+class BadInputError(ValueError):
+    """A file or record cannot be used. `reason` is a short machine-groupable code, the message says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+# Quarantine reason codes: ingest writes one of these per rejected file; the synthetic generator's
+# answer key uses the same codes for the corrupt files it plants.
+ECG_TRUNCATED = "ecg_truncated"  # signal file shorter than the header says
+ECG_MISSING_SIGNAL_FILE = "ecg_missing_signal_file"  # header names a file that is not there
+ECG_BAD_HEADER = "ecg_bad_header"  # header cannot be parsed
+ECG_MISSING_LEADS = "ecg_missing_leads"  # one of the 12 standard leads is absent
+ECG_FLAT_LEAD = "ecg_flat_lead"  # a lead is constant
+ECG_NAN = "ecg_nan"  # mostly NaN / non-finite
+ECG_DUPLICATE = "ecg_duplicate"  # same signal content as an earlier record
+ECG_NOT_INDEXED = "ecg_not_indexed"  # record has no row in ecg_index.csv
+ECG_UNPAIRED = "ecg_unpaired"  # no angiogram of the patient within the pairing window
+DICOM_UNREADABLE = "dicom_unreadable"  # not a DICOM file or broken
+DICOM_NOT_XA = "dicom_not_xa"  # another modality
+DICOM_NO_PIXELS = "dicom_no_pixels"  # no pixel data
+DICOM_NO_DECODER = "dicom_no_decoder"  # transfer syntax without an installed decoder
+DICOM_DUPLICATE = "dicom_duplicate"  # same SOPInstanceUID as an earlier file
+STUDY_NO_ANNOTATIONS = "study_no_annotations"  # angiography study without stenosis rows
+ANNOTATION_UNKNOWN_STUDY = "annotation_unknown_study"  # stenosis rows for a study with no usable view
+ANNOTATION_INVALID = "annotation_invalid"  # segment outside 1-16 or degree outside 0-100
