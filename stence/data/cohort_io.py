@@ -1,0 +1,141 @@
+"""On-disk cohort format: parquet tables and memory-mappable caches, written and read here only.
+
+  manifest.parquet    one row per ECG-study pair (pair_id, patient, ecg_id, study_id, split, targets ...)
+  ecgs.parquet        one row per ECG; `offset`/`n_samples` locate it in cache/ecg.npy
+  studies.parquet     one row per angiography study (targets, segment degrees)
+  views.parquet       one row per view; `cache_index` is its row in cache/frames.npy
+  quarantine.parquet  path, reason, detail: one row per rejected file or record
+  cache/ecg.npy       (12, total_samples) float32: every ECG after decode, resample and baseline removal
+  cache/frames.npy    (n_views, key_frames, S, S) float16 in [0, 1]
+  cohort.json, deid_report.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_table(path: Path, df: pd.DataFrame) -> None:
+    pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), path)
+
+
+def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
+    """Concatenate per-record arrays into one (12, total) memmap; sets ecgs['offset'] in place."""
+    lengths = ecgs["n_samples"].to_numpy(dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    (root / "cache").mkdir(exist_ok=True)
+    n_leads = 12
+    if len(ecgs):
+        n_leads = int(np.load(ecgs["array"].iloc[0], mmap_mode="r").shape[0])
+    mm = np.lib.format.open_memmap(root / "cache" / "ecg.npy", mode="w+", dtype=np.float32,
+                                   shape=(n_leads, int(lengths.sum())))
+    for path, off, n in zip(ecgs["array"], offsets, lengths, strict=True):
+        mm[:, off : off + n] = np.load(path)
+    mm.flush()
+    del mm
+    ecgs["offset"] = offsets
+
+
+def write_frame_cache(root: Path, views: pd.DataFrame, key_frames: int, size: int) -> None:
+    """Stack per-view key frames into (n_views, K, S, S) float16; sets views['cache_index'] in place."""
+    (root / "cache").mkdir(exist_ok=True)
+    mm = np.lib.format.open_memmap(root / "cache" / "frames.npy", mode="w+", dtype=np.float16,
+                                   shape=(len(views), key_frames, size, size))
+    for i, path in enumerate(views["array"]):
+        mm[i] = np.load(path)
+    mm.flush()
+    del mm
+    views["cache_index"] = np.arange(len(views))
+
+
+def fingerprint(root: Path) -> str:
+    """Content hash of the cohort: its tables (which carry per-record content hashes) and the caches' shapes."""
+    h = hashlib.sha256()
+    for name in ("manifest", "ecgs", "studies", "views"):
+        df = pd.read_parquet(root / f"{name}.parquet")
+        h.update(name.encode())
+        h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    for cache in ("ecg", "frames"):
+        arr = np.load(root / "cache" / f"{cache}.npy", mmap_mode="r")
+        h.update(f"{cache}{arr.shape}{arr.dtype}".encode())
+        step = max(1, arr.size // 65536)  # a strided sample of the cache contents
+        h.update(np.ascontiguousarray(arr.reshape(-1)[::step]).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Cohort:
+    """Read-only view of an ingested cohort; caches are memory-mapped on first use (safe across forks)."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> Cohort:
+        root = Path(root)
+        if not (root / "cohort.json").exists():
+            raise FileNotFoundError(
+                f"{root} is not a complete cohort (no cohort.json); run `stence ingest RAW --out {root}`"
+            )
+        return cls(root)
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads((self.root / "cohort.json").read_text())
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "manifest.parquet")
+
+    @cached_property
+    def ecgs(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "ecgs.parquet").set_index("ecg_id", drop=False)
+
+    @cached_property
+    def studies(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "studies.parquet").set_index("study_id", drop=False)
+
+    @cached_property
+    def views(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "views.parquet")
+
+    @cached_property
+    def quarantine(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / "quarantine.parquet")
+
+    @cached_property
+    def ecg_cache(self) -> np.ndarray:
+        return np.load(self.root / "cache" / "ecg.npy", mmap_mode="r")  # (12, total)
+
+    @cached_property
+    def frame_cache(self) -> np.ndarray:
+        return np.load(self.root / "cache" / "frames.npy", mmap_mode="r")  # (n_views, K, S, S)
+
+    @cached_property
+    def views_of_study(self) -> dict[str, np.ndarray]:
+        """study_id -> row indices into `views` (and the frame cache), in view order."""
+        return {k: g.index.to_numpy() for k, g in self.views.groupby("study_id", sort=False)}
+
+    def ecg_signal(self, ecg_id: str) -> np.ndarray:
+        """(12, n_samples) float32 view into the cache (baseline removed, at the cohort rate)."""
+        row = self.ecgs.loc[ecg_id]
+        off, n = int(row["offset"]), int(row["n_samples"])
+        return self.ecg_cache[:, off : off + n]
+
+    def __getstate__(self) -> dict:  # memmaps and cached tables are reopened in the receiving process
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.root = state["root"]

@@ -1,0 +1,144 @@
+"""Training-time datasets over the ingested caches: crops, normalisation and augmentation at access time.
+
+Every item is a dict of tensors; collate functions pad studies to the largest view count with a mask.
+Randomness is drawn from `np.random.default_rng([seed, epoch, index])`, so an epoch is reproducible
+whatever the number of loader workers; call `set_epoch` each epoch (as with a DistributedSampler).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from stence.config import DataConfig
+from stence.data.augment import augment_ecg, drop_views
+from stence.data.cohort_io import Cohort
+from stence.data.feature_store import FeatureStore
+from stence.data.labels import TARGET_NAMES, threshold_labels
+from stence.data.preprocess import crop, normalise_crop, random_start
+
+
+class _EpochSeeded(Dataset):
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+
+def ecg_window(sig: np.ndarray, fs: int, cfg: DataConfig, train: bool, rng: np.random.Generator) -> np.ndarray:
+    """(12, T) cached signal -> (12, W) normalised (and, in training, augmented) crop."""
+    n = int(round(cfg.window_s * fs))
+    start = random_start(sig.shape[1], n, rng) if train else 0
+    x = crop(np.asarray(sig, dtype=np.float32), n, start)  # (12, W)
+    x = normalise_crop(x, cfg.clip_sigma)
+    if train and cfg.augment:
+        x = augment_ecg(x, fs, rng)
+    return x.astype(np.float32, copy=False)
+
+
+class PairedDataset(_EpochSeeded):
+    """(ECG, angiography study) pairs of one split. Angiography comes from cached patch features when a
+    FeatureStore is given ("angio_feats" (V, P, F)), else from cached key frames ("frames" (V, K, S, S))."""
+
+    def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, features: FeatureStore | None = None,
+                 train: bool = False, seed: int = 0):
+        self.cohort, self.cfg, self.features, self.train, self.seed = cohort, cfg, features, train, seed
+        m = cohort.manifest
+        self.rows = m[m["split"] == split].reset_index(drop=True)
+        if not len(self.rows):
+            raise ValueError(f"split {split!r} of {cohort.root} has no pairs")
+        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32)  # (N, 11)
+        views = cohort.views
+        self.angles = np.nan_to_num(views[["primary_angle", "secondary_angle"]].to_numpy(np.float32))  # (Nv, 2)
+        self.view_rows = cohort.views_of_study
+        self.fs = int(cohort.meta["data_config"]["fs"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = self._rng(i)
+        r = self.rows.iloc[i]
+        ecg = ecg_window(self.cohort.ecg_signal(r["ecg_id"]), self.fs, self.cfg, self.train, rng)
+        vrows = self.view_rows[r["study_id"]]
+        if self.train and self.cfg.view_drop_max > 0:
+            vrows = vrows[drop_views(len(vrows), self.cfg.view_drop_max, rng)]
+        item = {
+            "ecg": torch.from_numpy(ecg),  # (12, W)
+            "angles": torch.from_numpy(self.angles[vrows]),  # (V, 2)
+            "targets": torch.from_numpy(self.targets[i]),  # (11,)
+            "max_stenosis": torch.tensor(float(r["max_stenosis"])),
+            "index": torch.tensor(i),
+        }
+        if self.features is not None:
+            variant = int(rng.integers(self.features.n_variants)) if self.train else 0
+            item["angio_feats"] = torch.from_numpy(self.features.get(vrows, variant))  # (V, P, F)
+        else:
+            item["frames"] = torch.from_numpy(np.asarray(self.cohort.frame_cache[vrows], np.float32))  # (V,K,S,S)
+        return item
+
+
+def collate_paired(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack fixed-size fields; pad the view axis to the largest study with `view_mask` (True = real view)."""
+    out: dict[str, torch.Tensor] = {}
+    n_views = [b["angles"].shape[0] for b in batch]
+    v_max = max(n_views)
+    for key in batch[0]:
+        vals = [b[key] for b in batch]
+        if key in ("angio_feats", "frames", "angles"):
+            padded = vals[0].new_zeros((len(vals), v_max) + tuple(vals[0].shape[1:]))  # (B, V, ...)
+            for j, v in enumerate(vals):
+                padded[j, : v.shape[0]] = v
+            out[key] = padded
+        else:
+            out[key] = torch.stack(vals)
+    out["view_mask"] = torch.arange(v_max)[None, :] < torch.tensor(n_views)[:, None]  # (B, V)
+    return out
+
+
+class EcgDataset(_EpochSeeded):
+    """ECG-only samples of one split for a threshold task; the label of an ECG is its patient's maximum
+    stenosis degree. `fraction` < 1 takes a seeded subset stratified on the label."""
+
+    def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, task: str, train: bool = False,
+                 seed: int = 0, fraction: float = 1.0):
+        self.cohort, self.cfg, self.train, self.seed = cohort, cfg, train, seed
+        m = cohort.manifest
+        m = m[m["split"] == split]
+        patient_max = m.groupby("patient")["max_stenosis"].max()
+        rows = m.drop_duplicates("ecg_id")[["ecg_id", "patient", "age", "sex"]].copy()
+        rows["max_stenosis"] = rows["patient"].map(patient_max)
+        keep, y = threshold_labels(rows["max_stenosis"].to_numpy(), task)
+        rows = rows[keep].assign(label=y).sort_values("ecg_id").reset_index(drop=True)
+        if fraction < 1.0:
+            rows = stratified_subset(rows, fraction, seed)
+        if not len(rows):
+            raise ValueError(f"split {split!r} has no ECGs for task {task!r}")
+        self.rows = rows
+        self.labels = rows["label"].to_numpy(np.float32)
+        self.patients = rows["patient"].to_numpy()
+        self.fs = int(cohort.meta["data_config"]["fs"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        r = self.rows.iloc[i]
+        ecg = ecg_window(self.cohort.ecg_signal(r["ecg_id"]), self.fs, self.cfg, self.train, self._rng(i))
+        return {"ecg": torch.from_numpy(ecg), "label": torch.tensor([self.labels[i]]), "index": torch.tensor(i)}
+
+
+def stratified_subset(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Seeded subset keeping `fraction` of each label (at least one per label), not a prefix."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, g in rows.groupby("label"):
+        k = max(1, int(round(fraction * len(g))))
+        parts.append(g.iloc[np.sort(rng.choice(len(g), size=k, replace=False))])
+    return pd.concat(parts).sort_values("ecg_id").reset_index(drop=True)

@@ -1,0 +1,130 @@
+"""Per-file decode jobs run in worker processes during ingest.
+
+Each job reads one raw file, applies the deterministic preprocessing, writes its array into the staging
+folder and returns a small dict. Identifiers read from headers travel back to the parent process only so
+that ingest can pseudonymise them and scan its outputs for them; they are never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stence.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a decode job needs; picklable, no config object crosses the process boundary."""
+
+    raw: str
+    staging: str
+    fs: int
+    leads: tuple[str, ...]
+    als_lambda: float
+    als_p: float
+    als_iter: int
+    min_valid_fraction: float
+    frame_size: int
+    key_frames: int
+
+
+def source_key(path: Path) -> str:
+    """Cache key of a raw file: its path, size and modification time (resume reuses matching results)."""
+    st = path.stat()
+    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
+def _ecg_sidecar_size(hea: Path) -> int:
+    return sum(p.stat().st_size for p in hea.parent.glob(hea.stem + ".*") if p.is_file())
+
+
+def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
+    """WFDB record -> cached (12, T) float32 at the model rate, baseline removed."""
+    from stence.data.preprocess import deterministic_ecg
+    from stence.data.wfdb_io import read_ecg, validate_signal
+
+    rel, s = args
+    hea = Path(s.raw) / rel
+    out: dict[str, Any] = {"kind": "ecg", "rel": rel}
+    try:
+        key = hashlib.sha256(f"{rel}|{_ecg_sidecar_size(hea)}|{hea.stat().st_mtime_ns}".encode()).hexdigest()[:24]
+        arr_path = Path(s.staging) / "records" / f"{key}.npy"
+        rec = read_ecg(hea, s.leads)
+        validate_signal(rec.signal, s.min_valid_fraction)
+        # duplicate detection on the decoded source signal (before any processing)
+        raw_sig = np.nan_to_num(rec.signal.astype(np.float32), nan=0.0)
+        content_hash = hashlib.sha256(raw_sig.tobytes() + str(rec.fs).encode()).hexdigest()[:32]
+        if not arr_path.exists():
+            sig, _ = deterministic_ecg(rec.signal, rec.fs, s.fs, s.als_lambda, s.als_p, s.als_iter)
+            tmp = arr_path.with_name(arr_path.name + f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, sig.astype(np.float32))
+            os.replace(tmp, arr_path)
+        n = int(np.load(arr_path, mmap_mode="r").shape[1])
+        meta = rec.meta
+        out.update(
+            ok=True,
+            array=str(arr_path),
+            n_samples=n,
+            content_hash=content_hash,
+            fs_orig=float(meta.get("fs_orig", rec.fs)),
+            age=meta.get("age"),
+            sex=meta.get("sex"),
+            base_date=meta.get("base_date"),
+            identifiers=dict(rec.identifiers),
+        )
+    except BadInputError as e:
+        out.update(ok=False, reason=e.reason, detail=e.detail)
+    except Exception as e:  # an unexpected failure is still one quarantined file, never a crashed batch
+        out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
+        out["trace"] = traceback.format_exc(limit=3)
+    return out
+
+
+def decode_xa(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
+    """DICOM XA view -> key frames resized to frame_size, float16 in [0, 1], plus header metadata."""
+    from stence.data.dicom_io import read_xa, resize_frames, select_key_frames
+
+    rel, s = args
+    path = Path(s.raw) / rel
+    out: dict[str, Any] = {"kind": "xa", "rel": rel}
+    try:
+        arr_path = Path(s.staging) / "views" / f"{source_key(path)}.npy"
+        view = read_xa(path)
+        frames = select_key_frames(view.frames, min(s.key_frames, view.frames.shape[0]))
+        if frames.shape[0] < s.key_frames:  # a short cine repeats its last key frame
+            pad = np.repeat(frames[-1:], s.key_frames - frames.shape[0], axis=0)
+            frames = np.concatenate([frames, pad], axis=0)
+        small = resize_frames(frames, s.frame_size).astype(np.float16)  # (K, S, S)
+        tmp = arr_path.with_name(arr_path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, small)
+        os.replace(tmp, arr_path)
+        out.update(
+            ok=True,
+            array=str(arr_path),
+            study_uid=view.study_uid,
+            series_uid=view.series_uid,
+            sop_uid=view.sop_uid,
+            study_date=view.study_date,
+            primary_angle=view.primary_angle,
+            secondary_angle=view.secondary_angle,
+            frame_time_ms=view.frame_time_ms,
+            n_frames=int(view.frames.shape[0]),
+            rows=int(view.frames.shape[1]),
+            cols=int(view.frames.shape[2]),
+            transfer_syntax=str(view.transfer_syntax),
+            identifiers=dict(view.identifiers),
+        )
+    except BadInputError as e:
+        out.update(ok=False, reason=e.reason, detail=e.detail)
+    except Exception as e:
+        out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
+    return out
