@@ -26,6 +26,7 @@ DICOM_NOT_XA = "dicom_not_xa"  # another modality
 DICOM_NO_PIXELS = "dicom_no_pixels"  # no pixel data
 DICOM_NO_DECODER = "dicom_no_decoder"  # transfer syntax without an installed decoder
 DICOM_DUPLICATE = "dicom_duplicate"  # same SOPInstanceUID as an earlier file
+DICOM_NO_PATIENT = "dicom_no_patient"  # no PatientID: the view cannot be paired with ECGs
 STUDY_NO_ANNOTATIONS = "study_no_annotations"  # angiography study without stenosis rows
 ANNOTATION_UNKNOWN_STUDY = "annotation_unknown_study"  # stenosis rows for a study with no usable view
 ANNOTATION_INVALID = "annotation_invalid"  # segment outside 1-16 or degree outside 0-100

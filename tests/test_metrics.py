@@ -55,7 +55,12 @@ def test_missing_class_is_nan_with_reason() -> None:
             assert np.isnan(fn(y, p))
     with pytest.warns(UndefinedMetricWarning):
         d = bootstrap_ci(y, p, n_boot=50)
-    assert np.isnan(d["auroc"]) and np.isnan(d["auprc_hi"]) and d["n_boot_valid"] == 0 and "one class" in d["note"]
+    assert (
+        np.isnan(d["auroc"])
+        and np.isnan(d["auprc_hi"])
+        and d["n_boot_valid"] == 0
+        and "one class" in d["note"]
+    )
 
 
 def test_nan_labels_are_dropped_nan_scores_rejected() -> None:
@@ -95,7 +100,10 @@ def test_bootstrap_ci_contains_point_narrows_and_is_deterministic() -> None:
     assert (large["auroc_hi"] - large["auroc_lo"]) < 0.5 * (small["auroc_hi"] - small["auroc_lo"])
     y, p = _data(300, 7)
     assert bootstrap_ci(y, p, seed=3, n_boot=200) == bootstrap_ci(y, p, seed=3, n_boot=200)
-    assert bootstrap_ci(y, p, seed=3, n_boot=200)["auroc_lo"] != bootstrap_ci(y, p, seed=4, n_boot=200)["auroc_lo"]
+    assert (
+        bootstrap_ci(y, p, seed=3, n_boot=200)["auroc_lo"]
+        != bootstrap_ci(y, p, seed=4, n_boot=200)["auroc_lo"]
+    )
 
 
 def test_patient_resampling_is_not_fooled_by_duplicated_rows() -> None:
@@ -146,7 +154,7 @@ def test_delong_variance_matches_reference_and_bootstrap() -> None:
     assert d["auroc"] == pytest.approx(roc_auc_score(y, p))
     assert d["var"] == pytest.approx(_slow_delong_var(y, p), rel=1e-9)
     rng = np.random.default_rng(0)  # independent bootstrap with sklearn on explicit resamples
-    boots = [roc_auc_score(y[i], p[i]) for i in (rng.integers(0, y.size, y.size) for _ in range(1500))]
+    boots = [roc_auc_score(y[i], p[i]) for i in (rng.integers(0, y.size, y.size) for _ in range(1000))]
     assert d["var"] == pytest.approx(np.var(boots), rel=0.2)
     assert d["auroc_lo"] < d["auroc"] < d["auroc_hi"]
 
@@ -181,7 +189,7 @@ def test_multilabel_scores_each_task_against_its_own_column() -> None:
 def test_subgroup_counts_add_up_and_age_bands() -> None:
     rng = np.random.default_rng(13)
     n = 500
-    y, p = _data(n, 13)
+    y, p = _data(n, 113)  # own seed: sharing the ages stream would tie age to label
     y = y.astype(float)
     y[:20] = np.nan
     ages = rng.uniform(30, 95, n)
@@ -205,9 +213,17 @@ def test_knn_auroc_separable_random_and_one_class() -> None:
         return centre + 0.3 * rng.normal(size=(n, 16)), y
 
     assert knn_auroc(*clusters(200), *clusters(200)) > 0.99
-    rand = knn_auroc(rng.normal(size=(500, 16)), rng.integers(0, 2, 500), rng.normal(size=(1000, 16)),
-                     rng.integers(0, 2, 1000), k=15)
+    rand = knn_auroc(
+        rng.normal(size=(500, 16)),
+        rng.integers(0, 2, 500),
+        rng.normal(size=(1000, 16)),
+        rng.integers(0, 2, 1000),
+        k=15,
+    )
     assert abs(rand - 0.5) < 0.06
     with pytest.warns(UndefinedMetricWarning, match="training"):
-        assert np.isnan(knn_auroc(rng.normal(size=(20, 4)), np.zeros(20), rng.normal(size=(10, 4)),
-                                  rng.integers(0, 2, 10)))
+        assert np.isnan(
+            knn_auroc(
+                rng.normal(size=(20, 4)), np.zeros(20), rng.normal(size=(10, 4)), rng.integers(0, 2, 10)
+            )
+        )

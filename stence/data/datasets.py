@@ -142,3 +142,35 @@ def stratified_subset(rows: pd.DataFrame, fraction: float, seed: int) -> pd.Data
         k = max(1, int(round(fraction * len(g))))
         parts.append(g.iloc[np.sort(rng.choice(len(g), size=k, replace=False))])
     return pd.concat(parts).sort_values("ecg_id").reset_index(drop=True)
+
+
+class StudyDataset(_EpochSeeded):
+    """Angiography studies of one split (stage A): each study once, with its 11 targets."""
+
+    def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, features: FeatureStore | None = None,
+                 train: bool = False, seed: int = 0):
+        self.cohort, self.cfg, self.features, self.train, self.seed = cohort, cfg, features, train, seed
+        st = cohort.studies
+        self.rows = st[st["split"] == split].reset_index(drop=True)
+        if not len(self.rows):
+            raise ValueError(f"split {split!r} of {cohort.root} has no studies")
+        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32)  # (N, 11)
+        self.angles = np.nan_to_num(cohort.views[["primary_angle", "secondary_angle"]].to_numpy(np.float32))
+        self.view_rows = cohort.views_of_study
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = self._rng(i)
+        vrows = self.view_rows[self.rows["study_id"].iloc[i]]
+        if self.train and self.cfg.view_drop_max > 0:
+            vrows = vrows[drop_views(len(vrows), self.cfg.view_drop_max, rng)]
+        item = {"angles": torch.from_numpy(self.angles[vrows]), "targets": torch.from_numpy(self.targets[i]),
+                "max_stenosis": torch.tensor(float(self.rows["max_stenosis"].iloc[i])), "index": torch.tensor(i)}
+        if self.features is not None:
+            variant = int(rng.integers(self.features.n_variants)) if self.train else 0
+            item["angio_feats"] = torch.from_numpy(self.features.get(vrows, variant))  # (V, P, F)
+        else:
+            item["frames"] = torch.from_numpy(np.asarray(self.cohort.frame_cache[vrows], np.float32))  # (V,K,S,S)
+        return item

@@ -203,7 +203,7 @@ def ingest(raw: str | Path, out: str | Path, cfg: Config, processes: int | None 
                 needles.add(uid)
         pid = (r["identifiers"] or {}).get("patient_id") or ""
         if not pid:
-            q(rel, E.DICOM_UNREADABLE, "no PatientID in the header; cannot pair the view")
+            q(rel, E.DICOM_NO_PATIENT, "no PatientID in the header; the view cannot be paired with ECGs")
             continue
         view_rows.append(
             dict(view_id=pseudo.pseudonym(r["sop_uid"], "view"), study_uid=r["study_uid"],

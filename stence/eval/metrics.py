@@ -216,8 +216,15 @@ def delong_test(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> dict:
     else:
         z = diff / np.sqrt(var)
         p_value = float(2 * norm.sf(abs(z)))
-    return {**out, "auc1": float(aucs[0]), "auc2": float(aucs[1]), "diff": diff, "z": float(z),
-            "p_value": p_value, "var": max(var, 0.0)}
+    return {
+        **out,
+        "auc1": float(aucs[0]),
+        "auc2": float(aucs[1]),
+        "diff": diff,
+        "z": float(z),
+        "p_value": p_value,
+        "var": max(var, 0.0),
+    }
 
 
 def delong_ci(y: np.ndarray, p: np.ndarray, alpha: float = 0.05) -> dict:

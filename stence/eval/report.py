@@ -84,7 +84,9 @@ def counts_table(results: Results, tasks: Sequence[str] | None = None) -> str:
             if d is None:
                 continue
             cells = [d.get(k, "") for k in ("n", "n_pos", "n_units", "n_boot_valid", "note")]
-            lines.append(f"| {_md(model)} | {_md(task_label(t))} | " + " | ".join(_md(str(c)) for c in cells) + " |")
+            lines.append(
+                f"| {_md(model)} | {_md(task_label(t))} | " + " | ".join(_md(str(c)) for c in cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -116,9 +118,18 @@ def write_results(results: Results, out_dir: str | Path, stem: str = "results") 
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
     md = [
-        "## AUROC [95 % bootstrap CI]", "", threshold_table(results, "auroc"), "",
-        "## AUPRC (positive class) [95 % bootstrap CI]", "", threshold_table(results, "auprc"), "",
-        "## Counts", "", counts_table(results), "",
+        "## AUROC [95 % bootstrap CI]",
+        "",
+        threshold_table(results, "auroc"),
+        "",
+        "## AUPRC (positive class) [95 % bootstrap CI]",
+        "",
+        threshold_table(results, "auprc"),
+        "",
+        "## Counts",
+        "",
+        counts_table(results),
+        "",
     ]
     md_path.write_text("\n".join(md))
     return json_path, md_path

@@ -1,0 +1,256 @@
+"""Submit `stence` commands to a running Ray cluster as Ray Jobs, and follow them.
+
+The job runs the code in this repository (uploaded as the job's `working_dir`, `.gitignore` honoured),
+with the MLflow tracking URI and the site salt passed through from the submitting shell, so a sweep
+started here logs to the cluster's MLflow server. Clusters started with `RAY_AUTH_MODE=token` (the
+platform's default) need the same variable and the cluster's token on the client side; see
+`auth_problems`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # `ray dashboard cluster.yaml` forwards the head's port here
+
+# Variables copied from the submitting environment into the job (and so into every Ray worker).
+PASSTHROUGH_ENV: tuple[str, ...] = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_EXPERIMENT_NAME",
+    "STENCE_SALT",
+)
+
+# Never uploaded, on top of what .gitignore already keeps out (runs, checkpoints, local MLflow stores).
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "runs/",
+    ".venv/",
+    ".git/",
+    "mlruns/",
+    "mlartifacts/",
+    "mlflow.db",
+    "__pycache__/",
+    "*.pyc",
+    "bench/results/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+)
+
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted or followed; the message says what to do."""
+
+
+def parse_env_pairs(pairs: Iterable[str]) -> dict[str, str]:
+    """["A=1", "B=x=y"] -> {"A": "1", "B": "x=y"}; a pair without "=" is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SubmitError(f"--env {pair!r} is not of the form NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def pinned_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+    """The package's own pinned dependency list, for a `pip` runtime environment."""
+    import tomllib  # Python >= 3.11; the cluster image is 3.11
+
+    data = tomllib.loads(pyproject.read_text())
+    return list(data["project"]["dependencies"])
+
+
+def read_requirements(path: Path) -> list[str]:
+    """Non-empty, non-comment lines of a requirements file."""
+    lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def build_runtime_env(
+    working_dir: str | Path = REPO_ROOT,
+    *,
+    environ: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    pip: Sequence[str] | None = None,
+    py_executable: str | None = None,
+    excludes: Sequence[str] = DEFAULT_EXCLUDES,
+) -> dict[str, Any]:
+    """The job's runtime environment: repo as working_dir, pass-through and extra env vars, pip or python.
+
+    `environ` is where pass-through variables are read from (default: this process's environment);
+    `extra_env` (from `--env K=V`) wins over them. `pip` and `py_executable` are mutually exclusive:
+    either Ray builds a virtualenv with the pinned packages on each node, or it uses a Python that is
+    already installed there (the cluster image installs the package in its setup commands).
+    """
+    if pip and py_executable:
+        raise SubmitError("use either a pip requirement list or --py-executable, not both")
+    source = os.environ if environ is None else environ
+    env_vars = {k: source[k] for k in PASSTHROUGH_ENV if source.get(k)}
+    env_vars.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env_vars.update(dict(extra_env or {}))
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(working_dir),
+        "excludes": list(excludes),
+        "env_vars": env_vars,
+    }
+    if pip:
+        runtime_env["pip"] = {"packages": list(pip), "pip_check": False}
+    if py_executable:
+        runtime_env["py_executable"] = py_executable
+    return runtime_env
+
+
+def build_entrypoint(command: Sequence[str], py_executable: str | None = None) -> str:
+    """Shell-quoted entrypoint; a leading `stence` runs as `python -m stence.cli` from the uploaded code.
+
+    This way the job runs the submitted version of the package whether or not the cluster's Python
+    has the `stence` console script, and with the runtime environment's interpreter.
+    """
+    argv = list(command)
+    if not argv:
+        raise SubmitError("nothing to run: give the command after `--`, e.g. -- stence tune --space smoke")
+    if argv[0] == "stence":
+        argv = [py_executable or "python", "-m", "stence.cli", *argv[1:]]
+    return shlex.join(argv)
+
+
+def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else an http(s) RAY_ADDRESS, else the forwarded port."""
+    if address:
+        if not address.startswith(("http://", "https://")):
+            raise SubmitError(f"--address {address!r} must be the dashboard URL, e.g. http://HEAD:8265")
+        return address.rstrip("/")
+    env = os.environ if environ is None else environ
+    for candidate in (env.get("RAY_API_SERVER_ADDRESS"), env.get("RAY_ADDRESS")):
+        if candidate and candidate.startswith(("http://", "https://")):
+            return candidate.rstrip("/")
+    return DEFAULT_ADDRESS
+
+
+def auth_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What is missing on the client for a token-authenticated cluster (empty list: nothing)."""
+    env = os.environ if environ is None else environ
+    problems = []
+    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+        problems.append(
+            "RAY_AUTH_MODE is not 'token': a cluster started with token authentication (the platform's "
+            "default) answers 401; export RAY_AUTH_MODE=token"
+        )
+    has_token = bool(env.get("RAY_AUTH_TOKEN")) or (
+        bool(env.get("RAY_AUTH_TOKEN_PATH")) and Path(env["RAY_AUTH_TOKEN_PATH"]).is_file()
+    )
+    if not has_token and not (Path.home() / ".ray" / "auth_token").is_file():
+        problems.append(
+            "no Ray auth token on this machine: copy the cluster's token to ~/.ray/auth_token, or set "
+            "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
+        )
+    return problems
+
+
+def make_client(address: str | None = None) -> Any:
+    """A `JobSubmissionClient` for the dashboard at `address`, with an actionable error if unreachable."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as e:  # connection refused, 401/403 from token auth, version mismatch
+        hints = auth_problems()
+        hint = ("; " + "; ".join(hints)) if hints else ""
+        raise SubmitError(
+            f"cannot reach the Ray job server at {url}: {e}. Is the cluster up, and is the dashboard "
+            f"port forwarded (`ray dashboard cluster.yaml`)?{hint}"
+        ) from e
+
+
+def submit(
+    client: Any,
+    command: Sequence[str],
+    runtime_env: Mapping[str, Any],
+    *,
+    submission_id: str | None = None,
+    entrypoint_resources: Mapping[str, float] | None = None,
+    entrypoint_num_cpus: float | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """Submit `command` as a Ray Job; returns the submission id.
+
+    `entrypoint_resources={"driver": 1}` pins the job's driver (the Tune driver) to the head node of
+    `cluster.yaml`, which is the only node type carrying that custom resource.
+    """
+    entrypoint = build_entrypoint(command, runtime_env.get("py_executable"))
+    return client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=dict(runtime_env),
+        submission_id=submission_id,
+        entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
+        entrypoint_num_cpus=entrypoint_num_cpus,
+        metadata=dict(metadata or {}),
+    )
+
+
+def job_summary(client: Any, job_id: str) -> dict[str, Any]:
+    """Status, message, entrypoint and times of one job as a plain dict."""
+    info = client.get_job_info(job_id)
+    return {
+        "submission_id": info.submission_id,
+        "job_id": info.job_id,
+        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def list_summaries(client: Any) -> list[dict[str, Any]]:
+    """All jobs the cluster knows, newest first."""
+    jobs = client.list_jobs()
+    rows = [
+        {
+            "submission_id": j.submission_id,
+            "status": str(j.status.value if hasattr(j.status, "value") else j.status),
+            "start_time": j.start_time,
+            "entrypoint": j.entrypoint,
+        }
+        for j in jobs
+    ]
+    return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
+
+
+def wait(client: Any, job_id: str, timeout_s: float = 3600.0, poll_s: float = 2.0) -> str:
+    """Block until the job ends (or `timeout_s` passes); returns the last status."""
+    deadline = time.monotonic() + timeout_s
+    status = job_summary(client, job_id)["status"]
+    while status not in TERMINAL_STATES and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status = job_summary(client, job_id)["status"]
+    return status
+
+
+def follow_logs(client: Any, job_id: str, out: TextIO = sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns the final status."""
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(_tail())
+    return wait(client, job_id, timeout_s=60.0, poll_s=1.0)
+
+
+def format_time(ms: int | None) -> str:
+    """Job timestamps are epoch milliseconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"

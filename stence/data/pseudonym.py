@@ -1,0 +1,179 @@
+"""Keyed pseudonyms for identifiers, and a leak scanner for everything the platform writes.
+
+This is the one module that handles raw identifying values. A pseudonym is an HMAC-SHA256 of the
+normalised value under a site secret (the salt), so it is stable across runs at one site, cannot be
+reversed or recomputed without the secret, and differs between sites. The salt itself is never written
+anywhere by the platform.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Prefix per kind of identifier; other kinds use their first letter, upper-cased.
+KIND_PREFIX: dict[str, str] = {"patient": "P", "study": "S", "series": "R", "instance": "I", "ecg": "E"}
+MIN_NEEDLE_LEN = 4  # shorter needles would match at random in binary files
+_CHUNK = 8 << 20  # bytes read at a time by the scanner
+
+
+class SaltError(ValueError):
+    """No usable pseudonymisation secret."""
+
+
+def resolve_salt(cfg_salt: str, env_name: str = "STENCE_SALT") -> str:
+    """The site secret: the config value if set, else the environment variable `env_name`, else an error."""
+    if cfg_salt:
+        return cfg_salt
+    value = os.environ.get(env_name, "") if env_name else ""
+    if value:
+        return value
+    raise SaltError(
+        f"no pseudonymisation secret: set the environment variable {env_name or 'STENCE_SALT'} to a long "
+        "random string kept at the site (e.g. `export STENCE_SALT=$(openssl rand -hex 32)`), or set "
+        "ingest.salt in the config. The same secret must be used for every ingest of one cohort."
+    )
+
+
+def normalise_identifier(value: str) -> str:
+    """Trim, collapse internal whitespace and casefold, so " Doe^John " and "DOE^JOHN" agree."""
+    return re.sub(r"\s+", " ", str(value)).strip().casefold()
+
+
+class Pseudonymizer:
+    """Keyed hashing of identifiers: `pseudonym("12345", "patient") -> "P-3fa9..."` (16 hex digits)."""
+
+    def __init__(self, salt: str):
+        if not isinstance(salt, str) or not salt.strip():
+            raise SaltError(
+                "the pseudonymisation salt is empty: set STENCE_SALT (or ingest.salt) to the site secret"
+            )
+        self._key = salt.encode("utf-8")
+
+    def __repr__(self) -> str:  # never show the key
+        return "Pseudonymizer(salt=<hidden>)"
+
+    def pseudonym(self, value: str, kind: str = "patient") -> str:
+        """Kind prefix + first 16 hex digits of HMAC-SHA256(salt, kind + NUL + normalised value)."""
+        if not kind or not kind.isidentifier():
+            raise ValueError(f"kind must be a short name such as 'patient', got {kind!r}")
+        norm = normalise_identifier(value)
+        if not norm:
+            raise ValueError(f"cannot pseudonymise an empty {kind} identifier")
+        msg = f"{kind}\x00{norm}".encode()
+        digest = hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:16]
+        return f"{KIND_PREFIX.get(kind, kind[0].upper())}-{digest}"
+
+
+def needle_variants(needle: str) -> set[str]:
+    """Forms of one identifier to look for: as given, with "^" read as a space, and its DICOM person-name
+    parts (split on "^"), each as given, lower-, upper- and case-folded; only forms of >= MIN_NEEDLE_LEN
+    characters."""
+    base = str(needle).strip()
+    forms = {base, re.sub(r"\s+", " ", base.replace("^", " ")).strip()}
+    if "^" in base:
+        forms.update(p.strip() for p in base.split("^"))
+    out = {f(v) for v in forms for f in (str, str.lower, str.upper, str.casefold)}
+    return {v for v in out if len(v) >= MIN_NEEDLE_LEN}
+
+
+def _encodings(variants: Iterable[str]) -> list[bytes]:
+    pats: set[bytes] = set()
+    for v in variants:
+        for enc in ("utf-8", "latin-1"):
+            try:
+                pats.add(v.encode(enc))
+            except UnicodeEncodeError:
+                continue
+    return sorted(pats, key=len, reverse=True)
+
+
+def _iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file())
+        elif p.is_file():
+            yield p
+
+
+def _chunks(path: Path, overlap: int) -> Iterator[bytes]:
+    """Raw bytes of a file in chunks overlapping by `overlap` bytes."""
+    with open(path, "rb") as fh:
+        tail = b""
+        while True:
+            block = fh.read(_CHUNK)
+            if not block:
+                break
+            data = tail + block
+            yield data
+            tail = data[-overlap:] if overlap else b""
+
+
+def _decoded_streams(path: Path) -> Iterator[bytes]:
+    """Content hidden from a raw byte scan by compression: parquet cells, gzip and zip/npz members."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            yield str(table.schema.metadata or {}).encode("utf-8", "replace")
+            yield " ".join(table.column_names).encode("utf-8", "replace")
+            for col in table.columns:
+                for batch in col.chunks:
+                    yield "\x1f".join(map(str, batch.to_pylist())).encode("utf-8", "replace")
+        elif name.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                yield fh.read()
+        elif name.endswith((".zip", ".npz")):
+            with zipfile.ZipFile(path) as zf:
+                for member in zf.namelist():
+                    yield zf.read(member)
+    except Exception as e:  # an unreadable container is still scanned raw; say so
+        log.warning("leak scan: could not decode %s (%s); scanned its raw bytes only", path, type(e).__name__)
+
+
+def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[str, str]]:
+    """(file, needle) for every identifier found in the raw bytes of the files (directories recursed).
+
+    Matching ignores ASCII case (and tries lower/upper forms otherwise), in UTF-8 and latin-1, for the
+    value and its DICOM name parts; parquet,
+    gzip and zip/npz contents are also searched decoded. Needles shorter than MIN_NEEDLE_LEN are skipped
+    with a warning (the warning gives their count, never their values).
+    """
+    patterns: dict[str, list[bytes]] = {}
+    skipped = 0
+    for n in dict.fromkeys(str(x) for x in needles):
+        pats = _encodings(needle_variants(n))
+        if pats:
+            patterns[n] = pats
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("leak scan: %d identifier(s) shorter than %d characters skipped", skipped, MIN_NEEDLE_LEN)
+    if not patterns:
+        return []
+    overlap = max(len(p) for pats in patterns.values() for p in pats) - 1
+    hits: list[tuple[str, str]] = []
+    for path in _iter_files(paths):
+        remaining = dict(patterns)
+        for stream in itertools.chain(_chunks(path, overlap), _decoded_streams(path)):
+            lowered = stream.lower()  # ASCII case-insensitivity; non-ASCII case via the needle's forms
+            for needle, pats in list(remaining.items()):
+                if any(p in stream or p in lowered for p in pats):
+                    hits.append((str(path), needle))
+                    del remaining[needle]
+            if not remaining:
+                break
+    return hits

@@ -1,0 +1,390 @@
+"""OTIS-compatible ViT ECG encoder: the module tree of the public OTIS checkpoints, and their loader.
+
+Tokens: a (1, 24) patch per lead and step -> grid 12 x floor(T/24), flattened lead-major, after a CLS
+token. Positions: a learned lead table (first D/2 channels, row = 1 + domain offset + lead, row 0 is the
+padding row) and a fixed sin-cos time table (last D/2 channels, row 0 belongs to the CLS token and is
+zero). The public attention is Linear `qkv` -> `nn.MultiheadAttention` (with its own in/out projections)
+-> Linear `proj`; the same weights are kept here, so checkpoints load key for key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stence.config import STANDARD_LEADS
+from stence.models.base import DropPath, ECGEncoder, check_missing
+from stence.models.registry import register_ecg_encoder
+
+OTIS_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"embed_dim": 64, "depth": 2, "num_heads": 2},
+    "base": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "large": {"embed_dim": 384, "depth": 18, "num_heads": 6},
+    "huge": {"embed_dim": 576, "depth": 24, "num_heads": 8},
+}
+ATTN_IMPLS = ("fused", "sdpa", "mha")
+
+
+def sincos_table(dim: int, n: int) -> torch.Tensor:
+    """Fixed 1-D sin-cos table (1 + n, dim); row 0 (CLS) is zero, rows 1.. encode positions 0..n-1."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    out = torch.arange(n, dtype=torch.float64)[:, None] * omega[None]  # (n, dim/2)
+    table = torch.cat([out.sin(), out.cos()], dim=1)  # (n, dim)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(1 -> D, (1, w)) then LayerNorm and GELU per token: (B, 1, L, T) -> (B, L, T', D)."""
+
+    def __init__(self, embed_dim: int, patch_width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(1, embed_dim, kernel_size=(1, patch_width), stride=(1, patch_width))
+        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5, as the public PatchEmbed
+        self.act_ft = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).permute(0, 2, 3, 1)  # (B, 1, L, T) -> (B, L, T', D)
+        return self.act_ft(self.norm(x))
+
+
+class OtisAttention(nn.Module):
+    """qkv Linear -> multi-head attention with in/out projections -> proj Linear (public key layout).
+
+    `impl` chooses how the same weights are computed: "mha" calls nn.MultiheadAttention as the public
+    code does (need_weights=False); "sdpa" applies the in-projections by hand and calls
+    scaled_dot_product_attention; "fused" (default) multiplies the stacked linear maps out first
+    (W_in_q @ W_q etc., W_proj @ W_out), which is exact algebra and halves the projection matmuls.
+    """
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "fused"):
+        super().__init__()
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; valid: {list(ATTN_IMPLS)}")
+        self.num_heads = num_heads
+        self.impl = impl
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.mha = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, D = t.shape
+        return t.view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, N, hd)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, N, D = q.shape
+        a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))  # (B, H, N, hd)
+        return a.transpose(1, 2).reshape(B, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "mha":
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, 3D) -> 3 x (B, N, D)
+            return self.proj(self.mha(q, k, v, need_weights=False)[0])
+        w_in, b_in = self.mha.in_proj_weight, self.mha.in_proj_bias  # (3D, D), (3D,)
+        w_out, b_out = self.mha.out_proj.weight, self.mha.out_proj.bias
+        if self.impl == "sdpa":
+            qkv = self.qkv(x)  # (B, N, 3D)
+            q, k, v = (F.linear(t, w, b) for t, w, b in zip(qkv.chunk(3, -1), w_in.chunk(3), b_in.chunk(3)))
+            return self.proj(F.linear(self._attend(q, k, v), w_out, b_out))
+        # fused: in_s(qkv_s(x)) = (W_in_s W_s) x + (W_in_s b_s + b_in_s) for s in q, k, v
+        D = x.shape[-1]
+        w_qkv, b_qkv = self.qkv.weight.view(3, D, D), self.qkv.bias.view(3, D, 1)
+        w_in3, b_in3 = w_in.view(3, D, D), b_in.view(3, D)
+        w = torch.bmm(w_in3, w_qkv).reshape(3 * D, D)  # (3D, D)
+        b = (torch.bmm(w_in3, b_qkv).squeeze(-1) + b_in3).reshape(3 * D)  # (3D,)
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+        w_o = self.proj.weight @ w_out  # (D, D)
+        b_o = self.proj.weight @ b_out + self.proj.bias
+        return F.linear(self._attend(q, k, v), w_o, b_o)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm Mlp keys)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """SiLU(fc1_g x) * fc1_x x -> (optional LayerNorm) -> fc2 (timm SwiGLU keys, newer OTIS checkpoints)."""
+
+    def __init__(self, dim: int, hidden: int, norm: bool = False):
+        super().__init__()
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.act = nn.SiLU()
+        self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.act(self.fc1_g(x)) * self.fc1_x(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6) with stochastic depth."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, mlp: str, mlp_norm: bool, drop_path: float,
+                 attn_impl: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = OtisAttention(dim, num_heads, attn_impl)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = SwiGLU(dim, hidden, mlp_norm) if mlp == "swiglu" else Mlp(dim, hidden)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class OTISEncoder(ECGEncoder):
+    """OTIS ViT over a 12 x floor(T/24) patch grid; the embedding is the normalised CLS token."""
+
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        mlp: str = "gelu",  # "gelu" or "swiglu"
+        mlp_hidden: int | None = None,  # hidden width; default embed_dim * mlp_ratio
+        mlp_norm: bool = False,  # SwiGLU with a LayerNorm on the hidden layer
+        patch_width: int = 24,
+        fs: float = 500,
+        n_samples: int = 1500,
+        leads: Sequence[str] = STANDARD_LEADS,
+        lead_order: str = "standard",
+        lead_rows: int | None = None,  # rows of the lead table (1 + all variates of all domains)
+        domain_offset: int = 0,  # the ECG domain's first row - 1 in the lead table
+        time_rows: int | None = None,  # patches covered by the time table; default floor(n_samples / 24)
+        drop_path: float = 0.1,
+        attn_impl: str = "fused",
+    ):
+        super().__init__(fs, n_samples, leads, lead_order)
+        if embed_dim % 2 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be even and divisible by num_heads {num_heads}")
+        if mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {mlp!r}")
+        n_leads = len(self.leads)
+        lead_rows = lead_rows or 1 + n_leads
+        time_rows = time_rows or n_samples // patch_width
+        if 1 + domain_offset + n_leads > lead_rows:
+            raise ValueError(f"lead table of {lead_rows} rows cannot hold offset {domain_offset} + {n_leads} leads")
+        hidden = mlp_hidden or int(embed_dim * mlp_ratio)
+        self.init_kwargs: dict[str, Any] = dict(
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, mlp=mlp,
+            mlp_hidden=hidden, mlp_norm=mlp_norm, patch_width=patch_width, fs=fs, n_samples=n_samples,
+            leads=list(self.leads), lead_order=lead_order, lead_rows=lead_rows, domain_offset=domain_offset,
+            time_rows=time_rows, drop_path=drop_path, attn_impl=attn_impl,
+        )
+        self.embed_dim = embed_dim
+        self.patch_width = patch_width
+        self.patch_embed = PatchEmbed(embed_dim, patch_width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed_x", sincos_table(embed_dim // 2, time_rows)[None])  # (1, 1+T', D/2)
+        self.pos_embed_y = nn.Embedding(lead_rows, embed_dim // 2, padding_idx=0)
+        self.register_buffer("lead_ids", 1 + domain_offset + torch.arange(n_leads), persistent=False)
+        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth decay rule
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, hidden, mlp, mlp_norm, r, attn_impl) for r in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=0.02)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.pos_embed_y.weight[1:], std=0.02)
+            self.pos_embed_y.weight[0].zero_()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch how attention is computed (same weights, same maths)."""
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; valid: {list(ATTN_IMPLS)}")
+        for blk in self.blocks:
+            blk.attn.impl = impl
+        self.init_kwargs["attn_impl"] = impl
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 12, T) -> tokens (B, 1 + 12 * floor(T/24), D) after the final norm; token 0 is CLS."""
+        x = self.to_model_order(x)
+        n_t = x.shape[-1] // self.patch_width
+        if n_t > self.pos_embed_x.shape[1] - 1:
+            raise ValueError(
+                f"input of {x.shape[-1]} samples gives {n_t} patches but the time table covers "
+                f"{self.pos_embed_x.shape[1] - 1}; build the encoder with a larger n_samples"
+            )
+        x = self.patch_embed(x.unsqueeze(1))  # (B, 12, T) -> (B, 12, T', D)
+        B, L, _, D = x.shape
+        lead = self.pos_embed_y(self.lead_ids)[:, None, :].expand(L, n_t, D // 2)  # (12, T', D/2)
+        time = self.pos_embed_x[0, 1 : n_t + 1][None].expand(L, n_t, D // 2)  # (12, T', D/2)
+        x = (x + torch.cat([lead, time], dim=-1)).flatten(1, 2)  # (B, 12 * T', D), lead-major
+        cls_pos = torch.cat([self.pos_embed_x.new_zeros(D // 2), self.pos_embed_x[0, 0]])  # (D,)
+        cls = (self.cls_token + cls_pos).expand(B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]  # (B, 1 + N, D) -> (B, D)
+
+    def load_pretrained(self, path: str) -> OTISEncoder:
+        return load_otis_checkpoint(self, path)
+
+
+def _make(size: str, **kw: Any) -> OTISEncoder:
+    return OTISEncoder(**{**OTIS_SIZES[size], **kw})
+
+
+@register_ecg_encoder("otis_tiny")
+def otis_tiny(**kw: Any) -> OTISEncoder:
+    """CPU preset for the demo and tests: D 64, depth 2, 2 heads."""
+    return _make("tiny", **kw)
+
+
+@register_ecg_encoder("otis_base")
+def otis_base(**kw: Any) -> OTISEncoder:
+    """D 192, depth 12, 3 heads (7.1 M parameters)."""
+    return _make("base", **kw)
+
+
+@register_ecg_encoder("otis_large")
+def otis_large(**kw: Any) -> OTISEncoder:
+    return _make("large", **kw)
+
+
+@register_ecg_encoder("otis_huge")
+def otis_huge(**kw: Any) -> OTISEncoder:
+    return _make("huge", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# public checkpoints
+
+# pretraining-only parts (decoder, projector/predictor, top-level MLP head) and fine-tuning heads
+_IGNORED_PREFIXES = ("head.", "fc_norm.", "decoder", "mask_token", "projector.", "predictor.", "mlp.", "mlp_",
+                     "attention_pool.", "pos_embed.")
+
+
+def interpolate_time_table(table: torch.Tensor, n: int) -> torch.Tensor:
+    """(1, 1 + m, C) -> (1, 1 + n, C): rows 1.. linearly resampled (align_corners=False), CLS row kept."""
+    rows = table[:, 1:].permute(0, 2, 1)  # (1, C, m)
+    rows = F.interpolate(rows, size=n, mode="linear", align_corners=False).permute(0, 2, 1)  # (1, n, C)
+    return torch.cat([table[:, :1], rows], dim=1)
+
+
+def _read_otis(path: str) -> dict[str, Any]:
+    # The public OTIS format pickles an argparse.Namespace under "args", which torch.load(weights_only=True)
+    # refuses; this loader (and only this format) therefore unpickles fully: load only files you trust.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not an OTIS checkpoint (expected a dict with 'model')")
+    return ckpt
+
+
+def _size_from_args(args: Any, embed_dim: int) -> dict[str, int]:
+    name = getattr(args, "model", "") if isinstance(args, argparse.Namespace) else ""
+    for size in ("base", "large", "huge"):
+        if size in str(name) and OTIS_SIZES[size]["embed_dim"] == embed_dim:
+            return OTIS_SIZES[size]
+    for size in OTIS_SIZES.values():
+        if size["embed_dim"] == embed_dim:
+            return size
+    raise ValueError(f"no OTIS size with embed_dim {embed_dim}; pass a model with the right num_heads")
+
+
+def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, domain: str = "ecg",
+                         **overrides: Any) -> OTISEncoder:
+    """Load a public OTIS checkpoint; return an encoder shaped like it (time/lead tables, MLP kind).
+
+    `model_or_name`: an encoder (its settings are kept, tables and MLP follow the checkpoint), a registry
+    name (built with `overrides`), or None (size inferred from the checkpoint).
+    """
+    ckpt = _read_otis(path)
+    sd = {re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()}
+    D = sd["cls_token"].shape[-1]
+    derived: dict[str, Any] = {
+        "embed_dim": D,
+        "depth": len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}),
+        "patch_width": sd["patch_embed.proj.weight"].shape[-1],
+    }
+    if "blocks.0.mlp.fc1_g.weight" in sd:
+        derived.update(mlp="swiglu", mlp_hidden=sd["blocks.0.mlp.fc1_g.weight"].shape[0],
+                       mlp_norm="blocks.0.mlp.norm.weight" in sd)
+    else:
+        derived.update(mlp="gelu", mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0], mlp_norm=False)
+
+    if isinstance(model_or_name, OTISEncoder):
+        base_kwargs = {**model_or_name.init_kwargs, **overrides}
+        for key in ("embed_dim", "depth"):
+            if base_kwargs[key] != derived[key]:
+                raise ValueError(f"{path}: checkpoint {key} {derived[key]} != encoder {key} {base_kwargs[key]}")
+        arch = dict(model_or_name.arch)
+    elif isinstance(model_or_name, str):
+        from stence.models.registry import create_ecg_encoder
+
+        probe = create_ecg_encoder(model_or_name, **overrides)
+        base_kwargs, arch = dict(probe.init_kwargs), dict(probe.arch)
+    else:
+        base_kwargs = {**_size_from_args(ckpt.get("args"), D), **overrides}
+        arch = {"name": "otis_" + next(k for k, v in OTIS_SIZES.items() if v["embed_dim"] == D), "overrides": {}}
+    kwargs = {**base_kwargs, **derived}
+    n_leads = len(kwargs.get("leads", STANDARD_LEADS))
+
+    # time table: interpolate when the encoder's window is longer than the checkpoint's table
+    want_rows = kwargs["n_samples"] // kwargs["patch_width"]
+    if "pos_embed_x" in sd:
+        table = sd["pos_embed_x"]
+        if table.shape[1] - 1 < want_rows:
+            table = interpolate_time_table(table, want_rows)
+        sd["pos_embed_x"] = table
+        kwargs["time_rows"] = table.shape[1] - 1
+
+    # lead table and the ECG domain's offset come from the checkpoint
+    if "pos_embed_y.weight" in sd:
+        offsets = dict(ckpt.get("domain_offsets") or {})
+        if domain in offsets:
+            offset = int(offsets[domain])
+        elif len(offsets) > 1 and sum(offsets.values()) == 0:
+            offset = 0  # domain-agnostic lead table
+        else:
+            raise ValueError(f"{path}: no {domain!r} domain in checkpoint domains {sorted(offsets)}")
+        kwargs["lead_rows"] = sd["pos_embed_y.weight"].shape[0]
+        kwargs["domain_offset"] = offset
+        domains = ckpt.get("domains") or {}
+        if domain in domains and tuple(domains[domain])[-2] < n_leads:
+            raise ValueError(f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}")
+
+    model = OTISEncoder(**kwargs)
+    model.arch = {"name": arch["name"], "overrides": {**arch.get("overrides", {}), **{
+        k: kwargs[k] for k in ("mlp", "mlp_hidden", "mlp_norm", "patch_width", "lead_rows", "domain_offset",
+                               "time_rows") if k in kwargs}}}
+    own = model.state_dict()
+    load = {k: v for k, v in sd.items() if k in own}
+    for k, v in load.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, encoder expects {tuple(own[k].shape)}")
+    unexpected = sorted(k for k in sd if k not in own and not k.startswith(_IGNORED_PREFIXES))
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint keys the encoder cannot place: {unexpected}")
+    result = model.load_state_dict(load, strict=False)
+    check_missing(result.missing_keys, ("head.", "fc_norm.", "pos_embed_x", "pos_embed_y."), f"OTIS {path}")
+    return model

@@ -1,0 +1,259 @@
+"""MLflow tracking with explicit run ids: one writer (rank 0), a null tracker everywhere else.
+
+No fluent `mlflow.start_run()` global state: the driver creates runs with `start_run` and hands their
+ids to the workers, which log through `open_tracker(uri, run_id, rank)`. Nothing is read or opened at
+import time. URIs are always absolute because Ray Tune and Ray Train change the working directory of
+trials and workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+
+from stence.config import Config, config_hash, flatten, to_dict
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI draws children under parents)
+RUN_NAME_TAG = "mlflow.runName"
+CONFIG_HASH_TAG = "stence.config_hash"
+_MAX_BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
+_MAX_PARAM_LEN = 6000
+
+
+def _project_dir() -> Path:
+    """The directory relative paths mean: the original cwd inside a Tune trial, else the cwd."""
+    return Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd())
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db (a relative file moves with the cwd)."""
+    path = uri[len("sqlite:///") :]
+    if path.startswith("/") or path == ":memory:" or not path:
+        return uri
+    return "sqlite:///" + str((_project_dir() / path).resolve())
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:////<project>/runs/mlflow.db."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return "sqlite:///" + str((_project_dir() / "runs" / "mlflow.db").resolve())
+    if uri.startswith("sqlite:///"):
+        return _absolute_sqlite(uri)
+    if "://" not in uri:
+        raise ValueError(
+            f"tracking URI {uri!r} has no scheme: use sqlite:////abs/path/mlflow.db or http://host:5000 "
+            "(MLflow 3 refuses a plain ./mlruns file store unless opted in)"
+        )
+    return uri
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts beside a SQLite database (<db dir>/mlartifacts/<experiment>); servers choose their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(unquote(urlparse(uri).path))
+    return (db.parent / "mlartifacts" / experiment).as_uri()
+
+
+def _client(uri: str) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    """Get or create the experiment; a concurrent creator winning the race is fine."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+    except Exception:  # another process created it between the two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _str_value(v: Any) -> str:
+    s = json.dumps(v, default=str) if isinstance(v, (list, tuple, dict)) else str(v)
+    return s[:_MAX_PARAM_LEN]
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(str(k), _str_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), _MAX_BATCH):
+        client.log_batch(run_id, params=items[i : i + _MAX_BATCH])
+
+
+def _set_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), _MAX_BATCH):
+        client.log_batch(run_id, tags=items[i : i + _MAX_BATCH])
+
+
+def start_run(
+    cfg: Config,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Create a RUNNING run (nested under `parent_run_id` if given); log the flattened resolved config
+    as params (plus `params`) and the config YAML as the artifact `config.yaml`. Returns the run id."""
+    uri = resolve_tracking_uri(cfg)
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, cfg.tracking.experiment)
+    all_tags = {CONFIG_HASH_TAG: config_hash(cfg), **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
+    run_id = run.info.run_id
+    _log_params(client, run_id, {**flatten(to_dict(cfg)), **(params or {})})
+    client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    return run_id
+
+
+def find_run(cfg: Config, tags: dict[str, Any]) -> str | None:
+    """Id of the newest run of the config's experiment carrying all `tags` (e.g. a trial's child run
+    found by its trial-id tag when a sweep resumes), or None."""
+    return find_run_by(resolve_tracking_uri(cfg), cfg.tracking.experiment, tags)
+
+
+def search_runs_by(uri: str, experiment: str, tags: dict[str, Any], status: str | None = None) -> list[Any]:
+    """Runs of `experiment` carrying all `tags` (and `status`, if given), newest first."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    clauses = [f"tags.`{k}` = '{str(v)}'" for k, v in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    return list(
+        client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), order_by=["start_time DESC"])
+    )
+
+
+def find_run_by(uri: str, experiment: str, tags: dict[str, Any]) -> str | None:
+    """`find_run` with an explicit URI and experiment name (for code without a Config)."""
+    runs = search_runs_by(uri, experiment, tags)
+    return runs[0].info.run_id if runs else None
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING / FINISHED / FAILED / KILLED."""
+    return _client(uri).get_run(run_id).info.status
+
+
+class Tracker:
+    """Logs to one MLflow run by id (rank 0 only; see `open_tracker`)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self._client = _client(uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        _log_params(self._client, self.run_id, params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        _set_tags(self._client, self.run_id, tags)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        self._client.log_dict(self.run_id, obj, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status)
+
+    def reopen(self) -> None:
+        """Mark a KILLED/FINISHED run RUNNING again (a resumed sweep or trial keeps logging into it)."""
+        self._client.update_run(self.run_id, status="RUNNING")
+
+
+class NullTracker:
+    """Same API as Tracker; does nothing (ranks != 0, tracking disabled)."""
+
+    uri = ""
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+
+def open_tracker(uri: str | None, run_id: str | None, rank: int) -> Tracker | NullTracker:
+    """A Tracker on rank 0 when a run id is given, a NullTracker otherwise."""
+    if rank != 0 or not run_id or not uri:
+        return NullTracker()
+    return Tracker(uri, run_id)
+
+
+LOOP_URI_KEY = "mlflow_uri"  # keys of the train_loop_config entries that carry the tracking target
+LOOP_RUN_KEY = "mlflow_run_id"
+
+
+def loop_tracking(uri: str | None, run_id: str | None) -> dict[str, str | None]:
+    """Entries for `fit(..., loop_config=...)` telling the per-worker loop where to log."""
+    return {LOOP_URI_KEY: uri, LOOP_RUN_KEY: run_id}
+
+
+def tracker_for_loop(config: dict[str, Any], rank: int) -> Tracker | NullTracker:
+    """The tracker a per-worker loop logs through, from the entries `loop_tracking` added."""
+    return open_tracker(config.get(LOOP_URI_KEY), config.get(LOOP_RUN_KEY), rank)
+
+
+__all__ = [
+    "CONFIG_HASH_TAG",
+    "PARENT_TAG",
+    "NullTracker",
+    "Tracker",
+    "artifact_location",
+    "find_run",
+    "find_run_by",
+    "search_runs_by",
+    "loop_tracking",
+    "tracker_for_loop",
+    "open_tracker",
+    "resolve_tracking_uri",
+    "run_status",
+    "start_run",
+]

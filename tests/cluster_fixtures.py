@@ -1,0 +1,392 @@
+"""Real processes for the cluster tests, all on 127.0.0.1: PostgreSQL, the MLflow server started by
+cluster/mlflow/serve.sh, and a two-node Ray cluster (head + one `ray start --address` node) with token
+authentication.
+
+Everything started here is stopped here by process id, also when a test fails. `ray stop` is never
+used: it ends every Ray process on the machine, including other people's local clusters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SERVE_SH = REPO / "cluster" / "mlflow" / "serve.sh"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, n: int = 40) -> str:
+    """Last `n` lines of a log file (for error messages)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+class ProcessDied(RuntimeError):
+    """A process a fixture waits for has exited; waiting longer is pointless."""
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, logs: tuple[Path, ...] = ()) -> None:
+    """Poll `check` until it is true; on timeout raise with the tails of `logs`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except ProcessDied:
+            raise
+        except Exception:  # a server that is still starting refuses connections
+            pass
+        time.sleep(0.5)
+    detail = "\n".join(f"--- {p.name}\n{tail(p)}" for p in logs)
+    raise RuntimeError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{detail}")
+
+
+def make_root() -> Path:
+    """A short, world-traversable scratch folder (Ray's unix sockets need short paths; postgres must enter)."""
+    root = Path(tempfile.mkdtemp(prefix="stc-", dir="/tmp"))
+    root.chmod(0o755)
+    return root
+
+
+def stop_process_group(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group this fixture started (its own session), then SIGKILL it."""
+    if proc is None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children that outlived the leader are still in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (a unique scratch path), excluding this one."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def pg_bin(name: str) -> str:
+    """Path of a PostgreSQL server binary (Debian keeps them in /usr/lib/postgresql/<v>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return str(found[-1])
+    which = shutil.which(name)
+    if which:
+        return which
+    raise FileNotFoundError(f"{name} not found: install PostgreSQL (bash cluster/ci_install.sh)")
+
+
+def postgres_available() -> bool:
+    """Whether a PostgreSQL server can be started here."""
+    try:
+        pg_bin("initdb")
+        pg_bin("pg_ctl")
+    except FileNotFoundError:
+        return False
+    return os.geteuid() != 0 or shutil.which("runuser") is not None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster in `root/pg`, listening on 127.0.0.1 with password auth.
+
+    As root (CI), the server runs as the `postgres` system user through `runuser`: PostgreSQL refuses
+    to run as root.
+    """
+
+    def __init__(self, root: Path, user: str = "stence") -> None:
+        self.dir = root / "pg"
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        self.port = free_port()
+        self.user = user
+        self.password = secrets.token_hex(12)
+        self.started = False
+
+    def _cmd(self, *argv: str) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *argv]
+        return list(argv)
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+
+    def uri(self, database: str) -> str:
+        """SQLAlchemy URI of one database of this server (psycopg2 named: bare postgresql:// means psycopg 3)."""
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def start(self, databases: tuple[str, ...] = ("mlflow",)) -> None:
+        """initdb, start, and create `databases` owned by the user."""
+        self.dir.mkdir(parents=True)
+        self._own(self.dir)
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        self._own(pwfile)
+        subprocess.run(
+            self._cmd(pg_bin("initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                      "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"),
+            check=True, capture_output=True, text=True,
+        )
+        pwfile.unlink()
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir}"
+        proc = subprocess.run(
+            self._cmd(pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "-t", "60",
+                      "start"),
+            capture_output=True, text=True,
+        )
+        self.started = True  # pg_ctl may have started it even when waiting failed
+        if proc.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {proc.stderr}\n{tail(self.log)}")
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for db in databases:
+                cur.execute(f'CREATE DATABASE "{db}"')
+        conn.close()
+
+    def query(self, database: str, sql: str, params: tuple = ()) -> list[tuple]:
+        """Run one SQL statement and return its rows."""
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname=database)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """pg_ctl stop (fast); kill the postmaster by its pid file if that fails."""
+        if not self.started:
+            return
+        self.started = False
+        pidfile = self.data / "postmaster.pid"
+        if not pidfile.exists():
+            return
+        done = subprocess.run(
+            self._cmd(pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop"),
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0 and pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+            except (ValueError, ProcessLookupError):
+                pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow
+
+
+class MlflowServer:
+    """`cluster/mlflow/serve.sh` with a PostgreSQL backend and a proxied artifact folder."""
+
+    def __init__(self, root: Path, backend_uri: str, name: str = "mlflow", **env: str) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / f"{name}-artifacts"
+        self.log = root / f"{name}.log"
+        self.env = {
+            "MLFLOW_BACKEND_STORE_URI": backend_uri,
+            "MLFLOW_ARTIFACTS_DESTINATION": str(self.artifacts),
+            "MLFLOW_HOST": "127.0.0.1",
+            "MLFLOW_PORT": str(self.port),
+            "MLFLOW_WORKERS": "1",
+            "MLFLOW_BIN": str(VENV_BIN / "mlflow"),
+            "MLFLOW_STATE_DIR": str(root / f"{name}-state"),
+            **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start serve.sh and wait for /health."""
+        env = {**os.environ, **self.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(["bash", str(SERVE_SH)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ProcessDied(f"mlflow server exited ({self.proc.returncode}):\n{tail(self.log)}")
+            return requests.get(f"{self.url}/health", timeout=2).status_code == 200
+
+        wait_until(healthy, timeout_s, "the MLflow server", (self.log,))
+
+    def api(self, method: str, path: str, auth: tuple[str, str] | None = None, **kwargs: Any) -> requests.Response:
+        """Call the MLflow REST API (`path` after /api/2.0/mlflow/)."""
+        return requests.request(method, f"{self.url}/api/2.0/mlflow/{path}", auth=auth, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        """Stop the server's process group."""
+        stop_process_group(self.proc, grace_s=10.0)
+        self.proc = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray
+
+
+class RayCluster:
+    """A Ray head and extra nodes as separate `ray start --block` processes, with token auth on.
+
+    The dashboard (and its Jobs API) binds to 127.0.0.1 on a free port; every port the nodes open by
+    default at a fixed number is given a free one, so other local Ray instances are not disturbed.
+    """
+
+    def __init__(self, root: Path, base_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.temp_dir = root / "ray"
+        self.token_path = root / "ray_auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.base_env = dict(base_env or {})
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def address(self) -> str:
+        """GCS address for `ray start --address` / `ray.init(address=...)`."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Dashboard / Jobs API URL (what `stence cluster --address` takes)."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def log(self, name: str) -> Path:
+        """Log of one node's `ray start` process."""
+        return self.root / f"ray-{name}.log"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment of a process that talks to this cluster (CLI, job clients): token auth on."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(self.base_env)
+        env.update({
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        })
+        return env
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        cmd = [
+            str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--node-name={name}",
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+            "--object-store-memory=150000000", *argv,
+        ]
+        with open(self.log(name), "w") as log:
+            self.procs[name] = subprocess.Popen(cmd, env=self.client_env(), stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True, cwd=self.root)
+
+    def start_head(self, num_cpus: int, resources: dict[str, float]) -> None:
+        """Head node: GCS, dashboard on 127.0.0.1, Jobs API."""
+        self._start("head", [
+            "--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+        ])
+        self.wait_nodes({"head"}, timeout_s=150.0)
+
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float]) -> None:
+        """Another node joining the head (same machine, its own raylet and resources)."""
+        self._start(name, [
+            f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+        ])
+        self.wait_nodes({"head", name}, timeout_s=120.0)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Nodes as the State API sees them (through the authenticated dashboard)."""
+        r = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"detail": "1", "limit": "100"},
+                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"}, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["data"]["result"]["result"])
+
+    def alive(self) -> dict[str, dict[str, Any]]:
+        """ALIVE nodes by node name."""
+        return {n["node_name"]: n for n in self.nodes() if n.get("state") == "ALIVE"}
+
+    def wait_nodes(self, names: set[str], timeout_s: float) -> None:
+        """Wait until exactly these node names are alive."""
+        def ok() -> bool:
+            for name, proc in self.procs.items():
+                if name in names and proc.poll() is not None:
+                    raise ProcessDied(f"ray node {name} exited ({proc.returncode}):\n{tail(self.log(name))}")
+            return set(self.alive()) == names
+
+        wait_until(ok, timeout_s, f"Ray nodes {sorted(names)}", tuple(self.log(n) for n in self.procs))
+
+    def stop_node(self, name: str) -> None:
+        """Stop one node the way a preempted machine goes: its whole process group, now."""
+        proc = self.procs.pop(name)
+        stop_process_group(proc, grace_s=15.0)
+
+    def stop(self) -> None:
+        """Stop every node (extra nodes first), then anything still running from this cluster's temp dir."""
+        for name in sorted(self.procs, key=lambda n: n == "head"):
+            stop_process_group(self.procs.pop(name), grace_s=20.0)
+        for pid in pids_mentioning(str(self.temp_dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """Run `stence ARGS` in a fresh process with `env` (the token-auth settings live only there)."""
+    return subprocess.run([sys.executable, "-m", "stence.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)

@@ -1,0 +1,348 @@
+"""Hyper-parameter sweeps: a Ray Tune `Tuner` over the training driver, Optuna TPE, optional ASHA.
+
+The three-function pattern of Ray Train V2: the per-worker loop; the driver (`train_fn_for_trial(cfg,
+run_id)`, which calls `stence.train.driver.fit`, the same code path as a single run); and a Tuner over
+a trial function that applies the sampled dotted overrides to the base config and calls the driver.
+
+MLflow: one parent run per sweep and one nested child run per trial, found again by its trial-id tag
+when a sweep resumes (no duplicates). The trial function ends its child run; a Tune callback on this
+process ends the runs of trials the trial function could not end itself (stopped by ASHA: the trial
+is killed, so nothing after fit() runs; or crashed), so no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray import tune
+
+from stence.config import Config, apply_overrides, from_dict, load_config, save_config, to_dict, update
+from stence.train.driver import absolute_storage, ensure_ray, tune_trial_id
+from stence.train.tracking import (
+    PARENT_TAG,
+    NullTracker,
+    Tracker,
+    find_run_by,
+    resolve_tracking_uri,
+    run_status,
+    search_runs_by,
+    start_run,
+)
+from tune.spaces import build_param_space, is_fixed
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "stence_sweep.json"  # in the Tune experiment dir: parent run id and sweep settings
+BASE_CONFIG_FILE = "stence_base_config.yaml"  # the resolved base config the trials override
+TRIAL_TAG = "stence.trial_id"
+SWEEP_TAG = "stence.sweep"
+STOPPED_TAG = "stence.stopped_early"
+
+
+@dataclass
+class SweepResult:
+    best_overrides: dict[str, Any]  # the best trial's sampled values, dotted keys
+    best_config: Config  # the base config with those overrides applied
+    best_metric: float  # best value of `metric` reported by the best trial
+    best_checkpoint: str | None  # path of that trial's checkpoint scoring best_metric
+    best_trial_id: str
+    parent_run_id: str | None
+    results: pd.DataFrame  # one row per trial (last result, config/..., mlflow_run_id)
+    path: str  # Tune experiment directory, the argument of a later `resume`
+    complete: bool  # False when the sweep was interrupted (resume it with `resume=path`)
+
+
+def default_concurrency(cfg: Config) -> int:
+    """Trials that fit on the cluster at once: each takes 1 CPU for its driver plus its workers."""
+    import ray
+
+    res = ray.cluster_resources()
+    workers = max(1, cfg.train.workers)
+    k = int(res.get("CPU", 0) // (1 + workers * cfg.train.cpus_per_worker))
+    if cfg.train.gpus > 0:
+        k = min(k, int(res.get("GPU", 0) // (workers * cfg.train.gpus)))
+    return max(1, k)
+
+
+def _make_trial_fn(
+    train_fn_for_trial: Callable[[Config, str | None], Any],
+    base: dict[str, Any],
+    parent_run_id: str | None,
+    sweep_name: str,
+) -> Callable[[dict], None]:
+    """The function Tune runs per trial (in a trial actor whose cwd is the trial directory)."""
+
+    def stence_trial(config: dict) -> None:
+        cfg = apply_overrides(from_dict(base), dict(config))
+        trial_id = tune_trial_id()
+        tracker: Tracker | NullTracker = NullTracker()
+        if cfg.tracking.enabled and parent_run_id:
+            uri = cfg.tracking.uri
+            tags = {TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name}
+            run_id = find_run_by(uri, cfg.tracking.experiment, tags)
+            if run_id is None:
+                tags["stence.overrides"] = json.dumps(config, sort_keys=True, default=str)
+                run_id = start_run(cfg, f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
+            tracker = Tracker(uri, run_id)
+            tracker.reopen()  # a resumed trial logs on into its child run
+        try:
+            train_fn_for_trial(cfg, tracker.run_id)
+        except BaseException:
+            if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
+                tracker.end("FAILED")
+            raise
+        if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
+            tracker.end("FINISHED")
+
+    return stence_trial
+
+
+class ChildRunCloser(tune.Callback):
+    """Ends the child runs the trial function could not end: ASHA-stopped trials are killed while in
+    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED."""
+
+    def __init__(self, uri: str, experiment: str, sweep_name: str):
+        self.uri = uri
+        self.experiment = experiment
+        self.sweep_name = sweep_name
+
+    def _running_child(self, trial: Any) -> str | None:
+        run_id = find_run_by(self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name})
+        if run_id and run_status(self.uri, run_id) == "RUNNING":
+            return run_id
+        return None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._running_child(trial)
+        if run_id:
+            t = Tracker(self.uri, run_id)
+            t.set_tags({STOPPED_TAG: "true"})
+            t.end("FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._running_child(trial)
+        if run_id:
+            Tracker(self.uri, run_id).end("FAILED")
+
+
+def _searcher(fixed: bool, points: list[dict], metric: str, mode: str, seed: int, n_startup: int) -> Any:
+    if fixed:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
+
+
+def _scheduler(name: str, metric: str, mode: str, max_t: int, reduction_factor: float) -> Any:
+    if name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # stop_last_trials=False: a trial reaching max_t ends by itself, so the trial function (not the
+    # callback) closes its run and "stopped early" means stopped at a rung.
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
+        grace_period=1,
+        max_t=max_t,
+        reduction_factor=reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def _resolve_base(cfg: Config) -> Config:
+    """Absolute storage and tracking URI: trials run with the trial directory as cwd."""
+    cfg = update(cfg, train=update(cfg.train, storage_path=absolute_storage(cfg.train.storage_path)))
+    if cfg.tracking.enabled:
+        cfg = update(cfg, tracking=update(cfg.tracking, uri=resolve_tracking_uri(cfg)))
+    return cfg
+
+
+def _best_checkpoint(result: Any, metric: str, mode: str) -> str | None:
+    """The checkpoint path (reported by TuneReportCallback) of the trial's best report that still exists."""
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or metric not in df:
+        return None
+    df = df.dropna(subset=["checkpoint_path", metric]).sort_values(metric, ascending=(mode == "min"))
+    for path in df["checkpoint_path"]:
+        if "://" in str(path) or Path(path).exists():
+            return str(path)
+    return None
+
+
+def run_sweep(
+    train_fn_for_trial: Callable[[Config, str | None], Any],
+    cfg: Config,
+    *,
+    space: str,
+    num_samples: int,
+    max_concurrent: int | None = None,
+    scheduler: str = "asha",
+    metric: str,
+    mode: str = "max",
+    resume: str | None = None,
+    seed: int = 0,
+    name: str | None = None,
+    max_t: int = 100,
+    reduction_factor: float = 4,
+    n_startup_trials: int | None = None,
+    callbacks: list[Any] | None = None,
+) -> SweepResult:
+    """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space`.
+
+    A fixed variant space (the ablation) runs each variant once with ASHA off; num_samples is then the
+    number of variants. max_concurrent defaults to what the cluster's CPUs/GPUs allow. On resume the
+    stored settings, base config and parent run are reused and unfinished trials continue (their
+    Train runs resume from their checkpoints, their child runs are reopened).
+    """
+    if scheduler not in ("asha", "none"):
+        raise ValueError(f"scheduler must be 'asha' or 'none', got {scheduler!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    ensure_ray()
+
+    if resume:
+        path = Path(absolute_storage(resume))
+        state = json.loads((path / STATE_FILE).read_text())
+        base = load_config(path / BASE_CONFIG_FILE)
+        for key, given in (("space", space), ("metric", metric), ("mode", mode)):
+            if given != state[key]:
+                logger.warning("resume: using the stored %s=%r, not %r", key, state[key], given)
+        space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
+        sweep_name, parent_run_id = state["name"], state["parent_run_id"]
+        if parent_run_id:
+            parent = Tracker(base.tracking.uri, parent_run_id)
+            parent.reopen()
+            parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    else:
+        base = _resolve_base(cfg)
+        param_space, points = build_param_space(space)
+        fixed = is_fixed(space)
+        if fixed:
+            if scheduler != "none":
+                logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end", space)
+            scheduler, num_samples = "none", len(points)
+        sweep_name = name or f"{base.train.name}-sweep-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = Path(base.train.storage_path) / sweep_name
+        path.mkdir(parents=True, exist_ok=True)
+        parent_run_id = None
+        if base.tracking.enabled:
+            parent_run_id = start_run(
+                base,
+                sweep_name,
+                tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space},
+                params={"sweep.space": space, "sweep.num_samples": num_samples, "sweep.scheduler": scheduler,
+                        "sweep.metric": metric, "sweep.mode": mode, "sweep.seed": seed},
+            )  # fmt: skip
+        save_config(base, path / BASE_CONFIG_FILE)
+        state = {"name": sweep_name, "space": space, "metric": metric, "mode": mode, "num_samples": num_samples,
+                 "parent_run_id": parent_run_id, "scheduler": scheduler, "seed": seed}  # fmt: skip
+        (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    trainable = tune.with_resources(
+        _make_trial_fn(train_fn_for_trial, to_dict(base), parent_run_id, sweep_name), {"CPU": 1}
+    )
+    uri = base.tracking.uri if base.tracking.enabled else ""
+    parent_tracker = Tracker(uri, parent_run_id) if parent_run_id else NullTracker()
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
+        else:
+            n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
+            run_callbacks = list(callbacks or [])
+            if parent_run_id:
+                run_callbacks.insert(0, ChildRunCloser(uri, base.tracking.experiment, sweep_name))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    search_alg=_searcher(fixed, points, metric, mode, seed, n_startup),
+                    scheduler=_scheduler(scheduler, metric, mode, max_t, reduction_factor),
+                    num_samples=num_samples,
+                    max_concurrent_trials=max_concurrent or default_concurrency(base),
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep_name, storage_path=str(path.parent), callbacks=run_callbacks
+                ),
+            )
+        grid = tuner.fit()
+    except BaseException:
+        parent_tracker.end("FAILED")
+        raise
+    return _finish(grid, base, state, path, parent_tracker)
+
+
+def _finish(grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker) -> SweepResult:
+    """Close orphaned runs, summarise, end the parent run (or mark it interrupted)."""
+    metric, mode, sweep_name = state["metric"], state["mode"], state["name"]
+    # A trial is over when it errored or its last result says done (finished or stopped by ASHA); an
+    # interrupted sweep leaves trials that are neither, or fewer trials than num_samples.
+    over = [r.error is not None or bool(r.metrics.get("done")) for r in grid]
+    complete = len(grid) >= state["num_samples"] and all(over)
+    children: dict[str, str] = {}
+    if parent.run_id:
+        uri, exp = base.tracking.uri, base.tracking.experiment
+        for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}):
+            children.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
+        # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial.
+        for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}, status="RUNNING"):
+            Tracker(uri, run.info.run_id).end("KILLED")
+
+    df = grid.get_dataframe()
+    if "trial_id" in df:
+        df["mlflow_run_id"] = df["trial_id"].map(children)
+    ok = [r for r in grid if r.error is None and r.metrics_dataframe is not None and metric in r.metrics_dataframe]
+    if not ok:
+        parent.set_tags({"stence.interrupted": str(not complete).lower()})
+        parent.end("KILLED" if not complete else "FAILED")
+        raise RuntimeError(f"sweep {sweep_name}: no trial reported {metric!r} (results in {path})")
+    best = grid.get_best_result(metric=metric, mode=mode, scope="all", filter_nan_and_inf=True)
+    series = best.metrics_dataframe[metric].dropna()
+    best_metric = float(series.max() if mode == "max" else series.min())
+    overrides = {k: v for k, v in best.config.items()}
+    best_cfg = apply_overrides(base, overrides)
+    result = SweepResult(
+        best_overrides=overrides,
+        best_config=best_cfg,
+        best_metric=best_metric,
+        best_checkpoint=_best_checkpoint(best, metric, mode),
+        best_trial_id=str(best.metrics.get("trial_id", "")),
+        parent_run_id=parent.run_id,
+        results=df,
+        path=str(path),
+        complete=complete,
+    )
+    n_failed = sum(r.error is not None for r in grid)
+    parent.set_tags(
+        {
+            "stence.best_trial_id": result.best_trial_id,
+            "stence.best_overrides": json.dumps(overrides, sort_keys=True, default=str),
+            "stence.best_checkpoint": result.best_checkpoint or "",
+            "stence.failed_trials": n_failed,
+            "stence.interrupted": str(not complete).lower(),
+        }
+    )
+    if math.isfinite(best_metric):
+        parent.log_metrics({f"best/{metric}": best_metric}, step=0)
+    if not complete:
+        logger.warning("sweep %s interrupted; resume with resume=%r", sweep_name, str(path))
+        parent.end("KILLED")
+    else:
+        parent.end("FINISHED" if n_failed < len(grid) else "FAILED")
+    return result
+
+
+__all__ = ["ChildRunCloser", "SweepResult", "default_concurrency", "run_sweep"]
