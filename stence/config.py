@@ -140,6 +140,7 @@ class DownstreamConfig:
     train_fraction: float = 1.0  # seeded stratified subset of the training split
     hidden: int = 0  # 0 = linear head
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    echonext_root: str = ""  # EchoNext release folder (task "echonext")
 
 
 @dataclass(frozen=True)

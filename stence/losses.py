@@ -31,8 +31,13 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
-def clip_loss(ecg: torch.Tensor, angio: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True,
-              local_loss: bool = True) -> torch.Tensor:
+def clip_loss(
+    ecg: torch.Tensor,
+    angio: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    local_loss: bool = True,
+) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised (B, D) features: mean of ECG->angio and angio->ECG cross-entropy.
 
     With `gather` on several workers the negatives span every worker's batch (gradients flow back through
@@ -64,8 +69,9 @@ def stenosis_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torc
     sten_loss = 0.4 * patient + 0.4 * mean(RCA, LCA) + 0.2 * mean(8 segments), element-wise BCE-with-logits.
     """
     if logits.shape[-1] != N_TARGETS or targets.shape != logits.shape:
-        raise ValueError(f"expected (B, {N_TARGETS}) logits and targets, got {tuple(logits.shape)}, "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"expected (B, {N_TARGETS}) logits and targets, got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
     bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")  # (B, 11)
     patient, artery, segment = bce[:, 0].mean(), bce[:, 1:3].mean(), bce[:, 3:].mean()
     return {
@@ -88,9 +94,16 @@ class StenceLoss:
             raise ValueError(f"w_sten must be >= 0, got {w_sten}")
         self.w_sten, self.gather, self.local_loss = float(w_sten), gather, local_loss
 
-    def __call__(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        clip = clip_loss(outputs["ecg_features"], outputs["angio_features"], outputs["logit_scale"],
-                         gather=self.gather, local_loss=self.local_loss)
+    def __call__(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        clip = clip_loss(
+            outputs["ecg_features"],
+            outputs["angio_features"],
+            outputs["logit_scale"],
+            gather=self.gather,
+            local_loss=self.local_loss,
+        )
         terms = {"clip_loss": clip}
         if self.w_sten > 0:
             sten = stenosis_loss(outputs["stenosis_logits"], batch["targets"])

@@ -95,22 +95,37 @@ def otis_public_state(D=64, depth=2, n_time=40, lead_rows=32, mlp="gelu", hidden
     hidden = hidden or 4 * D
     for i in range(depth):
         p = f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": 1 + r(D, g=g), p + "norm1.bias": r(D, g=g),
-            p + "attn.qkv.weight": r(3 * D, D, scale=0.2, g=g), p + "attn.qkv.bias": r(3 * D, g=g),
-            p + "attn.mha.in_proj_weight": r(3 * D, D, scale=0.2, g=g), p + "attn.mha.in_proj_bias": r(3 * D, g=g),
-            p + "attn.mha.out_proj.weight": r(D, D, scale=0.2, g=g), p + "attn.mha.out_proj.bias": r(D, g=g),
-            p + "attn.proj.weight": r(D, D, scale=0.2, g=g), p + "attn.proj.bias": r(D, g=g),
-            p + "norm2.weight": 1 + r(D, g=g), p + "norm2.bias": r(D, g=g),
-            p + "mlp.fc2.weight": r(D, hidden, scale=0.2, g=g), p + "mlp.fc2.bias": r(D, g=g),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(D, g=g),
+                p + "norm1.bias": r(D, g=g),
+                p + "attn.qkv.weight": r(3 * D, D, scale=0.2, g=g),
+                p + "attn.qkv.bias": r(3 * D, g=g),
+                p + "attn.mha.in_proj_weight": r(3 * D, D, scale=0.2, g=g),
+                p + "attn.mha.in_proj_bias": r(3 * D, g=g),
+                p + "attn.mha.out_proj.weight": r(D, D, scale=0.2, g=g),
+                p + "attn.mha.out_proj.bias": r(D, g=g),
+                p + "attn.proj.weight": r(D, D, scale=0.2, g=g),
+                p + "attn.proj.bias": r(D, g=g),
+                p + "norm2.weight": 1 + r(D, g=g),
+                p + "norm2.bias": r(D, g=g),
+                p + "mlp.fc2.weight": r(D, hidden, scale=0.2, g=g),
+                p + "mlp.fc2.bias": r(D, g=g),
+            }
+        )
         if mlp == "gelu":
-            sd.update({p + "mlp.fc1.weight": r(hidden, D, scale=0.2, g=g), p + "mlp.fc1.bias": r(hidden, g=g)})
+            sd.update(
+                {p + "mlp.fc1.weight": r(hidden, D, scale=0.2, g=g), p + "mlp.fc1.bias": r(hidden, g=g)}
+            )
         else:
-            sd.update({
-                p + "mlp.fc1_g.weight": r(hidden, D, scale=0.2, g=g), p + "mlp.fc1_g.bias": r(hidden, g=g),
-                p + "mlp.fc1_x.weight": r(hidden, D, scale=0.2, g=g), p + "mlp.fc1_x.bias": r(hidden, g=g),
-            })
+            sd.update(
+                {
+                    p + "mlp.fc1_g.weight": r(hidden, D, scale=0.2, g=g),
+                    p + "mlp.fc1_g.bias": r(hidden, g=g),
+                    p + "mlp.fc1_x.weight": r(hidden, D, scale=0.2, g=g),
+                    p + "mlp.fc1_x.bias": r(hidden, g=g),
+                }
+            )
             if mlp == "swiglu_norm":
                 sd.update({p + "mlp.norm.weight": 1 + r(hidden, g=g), p + "mlp.norm.bias": r(hidden, g=g)})
     return sd
@@ -118,13 +133,16 @@ def otis_public_state(D=64, depth=2, n_time=40, lead_rows=32, mlp="gelu", hidden
 
 def save_otis(path, sd, offsets=None):
     offsets = offsets if offsets is not None else {"eeg": 0, "ecg": 19}
-    torch.save({
-        "model": sd,
-        "domains": {"ecg": torch.Size([1, 12, 2500]), "eeg": torch.Size([1, 19, 3000])},
-        "domain_offsets": offsets,
-        "args": argparse.Namespace(model="otis_tinyDeep_dec160d4b_patchX", input_size=(1, 12, 1000)),
-        "epoch": 3,
-    }, path)
+    torch.save(
+        {
+            "model": sd,
+            "domains": {"ecg": torch.Size([1, 12, 2500]), "eeg": torch.Size([1, 19, 3000])},
+            "domain_offsets": offsets,
+            "args": argparse.Namespace(model="otis_tinyDeep_dec160d4b_patchX", input_size=(1, 12, 1000)),
+            "epoch": 3,
+        },
+        path,
+    )
 
 
 def interp_reference(table: np.ndarray, n: int) -> np.ndarray:
@@ -158,8 +176,10 @@ def otis_reference(sd, table, x, lead_ids, heads, mlp):
         y = ln(h, sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
         qkv = lin(y, sd, p + "attn.qkv")
         w_in, b_in = sd[p + "attn.mha.in_proj_weight"], sd[p + "attn.mha.in_proj_bias"]
-        q, k, v = (qkv[..., s * D : (s + 1) * D] @ w_in[s * D : (s + 1) * D].T + b_in[s * D : (s + 1) * D]
-                   for s in range(3))
+        q, k, v = (
+            qkv[..., s * D : (s + 1) * D] @ w_in[s * D : (s + 1) * D].T + b_in[s * D : (s + 1) * D]
+            for s in range(3)
+        )
         a = heads_attention(q, k, v, heads)
         h = h + lin(lin(a, sd, p + "attn.mha.out_proj"), sd, p + "attn.proj")
         y = ln(h, sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
@@ -190,7 +210,9 @@ def test_otis_public_checkpoint_loads_interpolates_and_matches_reference(tmp_pat
     for k in mapped:
         if k != "pos_embed_x":
             assert torch.equal(own[k], sd[k]), k
-    assert set(own) - set(mapped) == set(), f"encoder keys not taken from the checkpoint: {set(own) - set(mapped)}"
+    assert set(own) - set(mapped) == set(), (
+        f"encoder keys not taken from the checkpoint: {set(own) - set(mapped)}"
+    )
     assert enc.lead_ids.tolist() == [1 + 19 + i for i in range(12)]
     x = torch.randn(2, 12, 1500, generator=torch.Generator().manual_seed(5))
     ref = otis_reference(sd, table, x, enc.lead_ids, heads=2, mlp=mlp)
@@ -211,7 +233,10 @@ def test_otis_longer_checkpoint_table_is_kept_and_model_instance_path(tmp_path):
     x = torch.randn(1, 12, 1500)
     with torch.no_grad():
         torch.testing.assert_close(
-            enc(x).to(DT), otis_reference(sd, sd["pos_embed_x"][0], x, enc.lead_ids, 2, "gelu"), atol=2e-4, rtol=1e-4
+            enc(x).to(DT),
+            otis_reference(sd, sd["pos_embed_x"][0], x, enc.lead_ids, 2, "gelu"),
+            atol=2e-4,
+            rtol=1e-4,
         )
     # the encoder's own loader and the config path give the same model
     via_method = model.load_pretrained(str(path)).eval()
@@ -241,8 +266,13 @@ def test_otis_missing_keys_and_unknown_domain_are_refused(tmp_path):
 
 
 def bn_state(prefix, n, g):
-    return {prefix + "weight": 1 + r(n, g=g), prefix + "bias": r(n, g=g), prefix + "running_mean": r(n, g=g),
-            prefix + "running_var": 1 + r(n, g=g).abs(), prefix + "num_batches_tracked": torch.tensor(7)}
+    return {
+        prefix + "weight": 1 + r(n, g=g),
+        prefix + "bias": r(n, g=g),
+        prefix + "running_mean": r(n, g=g),
+        prefix + "running_var": 1 + r(n, g=g).abs(),
+        prefix + "num_batches_tracked": torch.tensor(7),
+    }
 
 
 def echoingecg_public_state(layers=(2, 1, 1, 1), init_dim=8, embed=32, gpo=8, seed=0):
@@ -251,7 +281,7 @@ def echoingecg_public_state(layers=(2, 1, 1, 1), init_dim=8, embed=32, gpo=8, se
     e = "ecg_encoder."
     sd = {e + "conv1.weight": r(init_dim, 12, 7, scale=0.3, g=g), **bn_state(e + "bn1.", init_dim, g)}
     ni = init_dim
-    for li, (n, f) in enumerate(zip(layers, (2, 4, 8, 16)), start=1):
+    for li, (n, f) in enumerate(zip(layers, (2, 4, 8, 16), strict=True), start=1):
         nf = init_dim * f
         for bi in range(n):
             p = f"{e}layer{li}.{bi}."
@@ -285,8 +315,9 @@ def conv1d_ref(x, w, stride, pad):
 
 
 def bn_ref(x, sd, p):
-    return ((x - sd[p + "running_mean"][:, None]) / torch.sqrt(sd[p + "running_var"][:, None] + 1e-5)
-            * sd[p + "weight"][:, None] + sd[p + "bias"][:, None])
+    return (x - sd[p + "running_mean"][:, None]) / torch.sqrt(sd[p + "running_var"][:, None] + 1e-5) * sd[
+        p + "weight"
+    ][:, None] + sd[p + "bias"][:, None]
 
 
 def gru_ref(xs, sd, p, sfx, hidden):
@@ -360,22 +391,34 @@ def test_echoingecg_public_checkpoint_loads_and_matches_reference(tmp_path):
 def dinov2_public_state(D=64, depth=2, patch=8, grid=8, chunked=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     sd = {
-        "cls_token": r(1, 1, D, g=g), "pos_embed": r(1, 1 + grid * grid, D, g=g), "mask_token": r(1, D, g=g),
-        "patch_embed.proj.weight": r(D, 3, patch, patch, g=g), "patch_embed.proj.bias": r(D, g=g),
-        "norm.weight": 1 + r(D, g=g), "norm.bias": r(D, g=g),
+        "cls_token": r(1, 1, D, g=g),
+        "pos_embed": r(1, 1 + grid * grid, D, g=g),
+        "mask_token": r(1, D, g=g),
+        "patch_embed.proj.weight": r(D, 3, patch, patch, g=g),
+        "patch_embed.proj.bias": r(D, g=g),
+        "norm.weight": 1 + r(D, g=g),
+        "norm.bias": r(D, g=g),
     }
     for i in range(depth):
         p = f"blocks.0.{i}." if chunked else f"blocks.{i}."
-        sd.update({
-            p + "norm1.weight": 1 + r(D, g=g), p + "norm1.bias": r(D, g=g),
-            p + "attn.qkv.weight": r(3 * D, D, scale=0.2, g=g), p + "attn.qkv.bias": r(3 * D, g=g),
-            p + "attn.proj.weight": r(D, D, scale=0.2, g=g), p + "attn.proj.bias": r(D, g=g),
-            p + "ls1.gamma": 1 + r(D, g=g),
-            p + "norm2.weight": 1 + r(D, g=g), p + "norm2.bias": r(D, g=g),
-            p + "mlp.fc1.weight": r(4 * D, D, scale=0.2, g=g), p + "mlp.fc1.bias": r(4 * D, g=g),
-            p + "mlp.fc2.weight": r(D, 4 * D, scale=0.2, g=g), p + "mlp.fc2.bias": r(D, g=g),
-            p + "ls2.gamma": 1 + r(D, g=g),
-        })
+        sd.update(
+            {
+                p + "norm1.weight": 1 + r(D, g=g),
+                p + "norm1.bias": r(D, g=g),
+                p + "attn.qkv.weight": r(3 * D, D, scale=0.2, g=g),
+                p + "attn.qkv.bias": r(3 * D, g=g),
+                p + "attn.proj.weight": r(D, D, scale=0.2, g=g),
+                p + "attn.proj.bias": r(D, g=g),
+                p + "ls1.gamma": 1 + r(D, g=g),
+                p + "norm2.weight": 1 + r(D, g=g),
+                p + "norm2.bias": r(D, g=g),
+                p + "mlp.fc1.weight": r(4 * D, D, scale=0.2, g=g),
+                p + "mlp.fc1.bias": r(4 * D, g=g),
+                p + "mlp.fc2.weight": r(D, 4 * D, scale=0.2, g=g),
+                p + "mlp.fc2.bias": r(D, g=g),
+                p + "ls2.gamma": 1 + r(D, g=g),
+            }
+        )
     return sd
 
 
@@ -407,8 +450,10 @@ def test_dinov2_checkpoint_loads_and_matches_reference(tmp_path, chunked):
     path = tmp_path / "dinov2.pth"
     torch.save(sd, path)
     enc = load_dinov2_checkpoint(create_frame_encoder("dinov2_tiny", feature_dim=16), str(path)).eval()
-    flat = {k.replace("blocks.0.", "blocks.", 1) if chunked and k.startswith("blocks.0.") else k: v
-            for k, v in sd.items()}
+    flat = {
+        k.replace("blocks.0.", "blocks.", 1) if chunked and k.startswith("blocks.0.") else k: v
+        for k, v in sd.items()
+    }
     own = enc.state_dict()
     assert set(own) - set(flat) == {"proj.weight", "proj.bias"}
     for k, v in flat.items():

@@ -49,7 +49,9 @@ def ecg_batch(enc: ECGEncoder, B: int = 2, seed: int = 0) -> torch.Tensor:
 
 
 def assert_all_grads(module: torch.nn.Module) -> None:
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    missing = [
+        n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
     assert not missing, f"parameters without gradient: {missing}"
 
 
@@ -186,7 +188,9 @@ def test_frame_encoder_contract(name):
 def test_prepare_frames_normalises_per_channel():
     x = prepare_frames(torch.full((2, 30, 30), 0.5), 16)
     for c in range(3):
-        torch.testing.assert_close(x[:, c], torch.full((2, 16, 16), (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]))
+        torch.testing.assert_close(
+            x[:, c], torch.full((2, 16, 16), (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+        )
 
 
 def agg_inputs(B=2, V=3, P=5, F=16, seed=0):
@@ -324,8 +328,10 @@ def test_build_downstream_model_modes():
     probe = build_downstream_model(cfg, enc)
     assert probe.freeze_encoder and count_parameters(probe.encoder, trainable_only=True) == 0
     assert probe.head.n_out == 1
-    ft = build_downstream_model(apply_overrides(cfg, {"downstream.mode": "finetune", "downstream.task": "echonext"}),
-                                create_ecg_encoder("otis_tiny"))
+    ft = build_downstream_model(
+        apply_overrides(cfg, {"downstream.mode": "finetune", "downstream.task": "echonext"}),
+        create_ecg_encoder("otis_tiny"),
+    )
     assert not ft.freeze_encoder and ft.head.n_out == 12
     assert count_parameters(ft.encoder, trainable_only=True) == count_parameters(ft.encoder)
     with pytest.raises(ValueError, match="probe"):

@@ -8,8 +8,8 @@ checkpoint per epoch. The validation score therefore depends on the sampled hype
 gives TPE something to find.
 
 For the tests the loop also writes, per rank and epoch, the facts that prove DDP is real (`facts`
-JSON lines) and an epoch event log (`events.log`); and it can sleep after each report so that a test
-can kill a worker mid-run.
+JSON lines) and an epoch event log (`events.log`); and it waits after each report while a "hold" file
+exists, so that a test can kill a worker or interrupt a sweep at a known point.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             seen += len(xb)
-            loss_sum += float(loss) * len(xb)
+            loss_sum += float(loss.detach()) * len(xb)
 
         # validation: each rank scores its own (unequal) shard; weighted all-reduce and gather agree
         model.eval()
@@ -191,12 +191,19 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
             },
         )
         _append(log_dir and log_dir / "events.log", f"end epoch={epoch} rank={info.rank} pid={os.getpid()}")
-        time.sleep(float(config.get("sleep_after_report_s", 0.0)))
+        _hold(config.get("hold_file"), float(config.get("hold_max_s", 60.0)))
     return metrics
 
 
-def toy_train_fn(cfg: Config, run_id: str | None, log_dir: str | None = None) -> Any:
+def _hold(path: str | None, max_s: float) -> None:
+    """Wait after a report while `path` exists: a test kills a worker or interrupts a sweep meanwhile."""
+    t0 = time.monotonic()
+    while path and os.path.exists(path) and time.monotonic() - t0 < max_s:
+        time.sleep(0.1)
+
+
+def toy_train_fn(cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None) -> Any:
     """The driver a sweep calls per trial (and a single run calls once): fit the toy loop."""
     uri = resolve_tracking_uri(cfg) if run_id else None
-    loop_config = {"log_dir": log_dir, **loop_tracking(uri, run_id)}
+    loop_config = {"log_dir": log_dir, "hold_file": hold_file, **loop_tracking(uri, run_id)}
     return fit(toy_loop, cfg, stage="toy", loop_config=loop_config, metric=METRIC, mode="max")

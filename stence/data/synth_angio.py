@@ -157,19 +157,21 @@ def _samples(tree: CoronaryTree, lesions: Mapping[int, float], view: View, size:
                 extra = total * 0.45 * (deg - 85.0) / 15.0  # late filling (TIMI 2 flow)
                 arrival = np.where(distal, arrival + extra, arrival)
         end_arrival[seg] = float(arrival[-1])
-        end_delay[seg] = float(arrival[-1] - (a0 + s[-1]))
-        xy.append((p3 @ rot.T)[:, :2])
+        end_delay[seg] = float(arrival[-1] - (a0 + s[-1])) if np.isfinite(arrival[-1]) else np.inf
+        seg_xy, r, arrival = _densify((p3 @ rot.T)[:, :2] * scale + size / 2.0, r, arrival, max_step=0.5)
+        xy.append(seg_xy)
         rad.append(r)
         arr.append(arrival)
     cath = _bezier(np.asarray(OSTIA["lca"]), np.asarray(_CATHETER[0]), np.asarray(_CATHETER[1]), 40)
-    xy.append((cath @ rot.T)[:, :2])
-    rad.append(np.full(40, 0.8))
-    arr.append(np.zeros(40))
+    cath_xy = _densify((cath @ rot.T)[:, :2] * scale + size / 2.0, max_step=0.5)[0]
+    xy.append(cath_xy)
+    rad.append(np.full(len(cath_xy), 0.8))
+    arr.append(np.zeros(len(cath_xy)))
     radius = np.concatenate(rad)
     # opacity grows with the lumen (longer X-ray path through contrast)
     opacity = np.clip(0.45 + 0.25 * radius, 0.0, 1.0)
     return _Samples(
-        xy=np.concatenate(xy) * scale + size / 2.0,
+        xy=np.concatenate(xy),
         radius=radius * px,
         opacity=opacity,
         arrival=np.concatenate(arr),
@@ -177,27 +179,22 @@ def _samples(tree: CoronaryTree, lesions: Mapping[int, float], view: View, size:
     )
 
 
-def _upsample(s: _Samples, max_step: float = 0.5) -> _Samples:
-    """Insert samples so neighbours are at most `max_step` pixels apart (large images)."""
-    step = np.linalg.norm(np.diff(s.xy, axis=0), axis=1).max(initial=0.0)
+def _densify(xy: np.ndarray, *values: np.ndarray, max_step: float = 0.5) -> list[np.ndarray]:
+    """Resample one polyline so neighbours are at most `max_step` pixels apart (large images)."""
+    step = float(np.linalg.norm(np.diff(xy, axis=0), axis=1).max(initial=0.0))
     k = int(np.ceil(step / max_step))
     if k <= 1:
-        return s
-    idx = np.arange(len(s.xy) - 1)
-    f = np.linspace(0.0, 1.0, k, endpoint=False)
-    src = (idx[:, None] + f[None, :]).ravel()
-    src = np.r_[src, len(s.xy) - 1]
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, len(s.xy) - 1)
-    w = (src - lo)[:, None]
-
-    def lerp(a: np.ndarray) -> np.ndarray:
-        a2 = a if a.ndim == 2 else a[:, None]
-        out = a2[lo] * (1 - w) + a2[hi] * w
-        return out if a.ndim == 2 else out[:, 0]
-
-    arr = np.where(np.isfinite(s.arrival[lo]) & np.isfinite(s.arrival[hi]), lerp(np.nan_to_num(s.arrival)), np.inf)
-    return _Samples(lerp(s.xy), lerp(s.radius), lerp(s.opacity), arr, s.length)
+        return [xy, *values]
+    n = len(xy)
+    src = np.linspace(0.0, n - 1.0, (n - 1) * k + 1)
+    base = np.arange(n, dtype=np.float64)
+    out = [np.stack([np.interp(src, base, xy[:, j]) for j in range(2)], axis=1)]
+    for v in values:
+        finite = np.isfinite(v)
+        w = np.interp(src, base, np.where(finite, v, 0.0))
+        ok = np.interp(src, base, finite.astype(np.float64)) > 0.999
+        out.append(np.where(ok, w, np.inf))
+    return out
 
 
 def vessel_layers(
@@ -207,7 +204,7 @@ def vessel_layers(
 
     Opacity is for a fully filled vessel; pixels reached only by never-filled samples get opacity 0.
     """
-    s = _upsample(_samples(tree, lesions, view, size))
+    s = _samples(tree, lesions, view, size)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     grid = np.stack([xx.ravel(), yy.ravel()], axis=1)  # (P, 2)
     filled = np.isfinite(s.arrival)

@@ -32,8 +32,14 @@ class SegmentMILAggregator(nn.Module):
     ):
         super().__init__()
         self.init_kwargs: dict[str, Any] = dict(
-            feature_dim=feature_dim, d=d, heads=heads, ffn=ffn, layers=layers, dropout=dropout,
-            angulation_embedding=angulation_embedding, frozen_no_cls=frozen_no_cls,
+            feature_dim=feature_dim,
+            d=d,
+            heads=heads,
+            ffn=ffn,
+            layers=layers,
+            dropout=dropout,
+            angulation_embedding=angulation_embedding,
+            frozen_no_cls=frozen_no_cls,
         )
         self.d = d
         self.in_proj = nn.Identity() if feature_dim == d else nn.Linear(feature_dim, d)

@@ -84,7 +84,12 @@ class ECGEncoder(nn.Module):
     @property
     def input_spec(self) -> dict[str, Any]:
         """What the encoder expects: sampling rate, window length, input lead order, weight lead order."""
-        return {"fs": self.fs, "n_samples": self.n_samples, "leads": list(self.leads), "lead_order": self.lead_order}
+        return {
+            "fs": self.fs,
+            "n_samples": self.n_samples,
+            "leads": list(self.leads),
+            "lead_order": self.lead_order,
+        }
 
     def to_model_order(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, T) in input order -> (B, L, T) in the order the weights were trained with."""

@@ -44,18 +44,25 @@ def _arch(encoder: ECGEncoder) -> dict[str, Any]:
     return {"name": arch["name"], "overrides": dict(arch.get("overrides", {}))}
 
 
-def save_encoder(path: str | Path, encoder: ECGEncoder, cfg_dict: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+def save_encoder(
+    path: str | Path,
+    encoder: ECGEncoder,
+    cfg_dict: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write an ECG encoder with its resolved config, input spec and registry architecture."""
-    _write(path, {
-        "kind": "ecg_encoder",
-        "format_version": FORMAT_VERSION,
-        "arch": _arch(encoder),
-        "input_spec": encoder.input_spec,
-        "config": cfg_dict or {},
-        "state_dict": encoder.state_dict(),
-        "extra": extra or {},
-    })
+    _write(
+        path,
+        {
+            "kind": "ecg_encoder",
+            "format_version": FORMAT_VERSION,
+            "arch": _arch(encoder),
+            "input_spec": encoder.input_spec,
+            "config": cfg_dict or {},
+            "state_dict": encoder.state_dict(),
+            "extra": extra or {},
+        },
+    )
 
 
 def _rebuild_encoder(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> ECGEncoder:
@@ -72,22 +79,29 @@ def load_encoder(path: str | Path) -> ECGEncoder:
     return _rebuild_encoder(payload["arch"], payload["state_dict"])
 
 
-def save_stence(path: str | Path, model: StenceModel, cfg_dict: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> None:
+def save_stence(
+    path: str | Path,
+    model: StenceModel,
+    cfg_dict: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write the whole two-tower model (both towers, heads, temperature) so it rebuilds from the file."""
-    _write(path, {
-        "kind": "stence",
-        "format_version": FORMAT_VERSION,
-        "arch": {
-            "ecg": _arch(model.ecg_encoder),
-            "aggregator": dict(model.aggregator.init_kwargs),
-            "stence": dict(model.init_kwargs),
+    _write(
+        path,
+        {
+            "kind": "stence",
+            "format_version": FORMAT_VERSION,
+            "arch": {
+                "ecg": _arch(model.ecg_encoder),
+                "aggregator": dict(model.aggregator.init_kwargs),
+                "stence": dict(model.init_kwargs),
+            },
+            "input_spec": model.ecg_encoder.input_spec,
+            "config": cfg_dict or {},
+            "state_dict": model.state_dict(),
+            "extra": extra or {},
         },
-        "input_spec": model.ecg_encoder.input_spec,
-        "config": cfg_dict or {},
-        "state_dict": model.state_dict(),
-        "extra": extra or {},
-    })
+    )
 
 
 def load_stence(path: str | Path) -> StenceModel:
@@ -100,17 +114,24 @@ def load_stence(path: str | Path) -> StenceModel:
     return model
 
 
-def save_aggregator(path: str | Path, aggregator: SegmentMILAggregator, cfg_dict: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_aggregator(
+    path: str | Path,
+    aggregator: SegmentMILAggregator,
+    cfg_dict: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write a stage-A aggregator (used to initialise stage B through `model.angio_checkpoint`)."""
-    _write(path, {
-        "kind": "aggregator",
-        "format_version": FORMAT_VERSION,
-        "arch": dict(aggregator.init_kwargs),
-        "config": cfg_dict or {},
-        "state_dict": aggregator.state_dict(),
-        "extra": extra or {},
-    })
+    _write(
+        path,
+        {
+            "kind": "aggregator",
+            "format_version": FORMAT_VERSION,
+            "arch": dict(aggregator.init_kwargs),
+            "config": cfg_dict or {},
+            "state_dict": aggregator.state_dict(),
+            "extra": extra or {},
+        },
+    )
 
 
 def load_aggregator(path: str | Path) -> SegmentMILAggregator:

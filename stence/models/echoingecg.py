@@ -109,7 +109,9 @@ class PolyphaseResample(nn.Module):
         max_rate = max(self.up, self.down)
         half = 10 * max_rate
         h = sps.firwin(2 * half + 1, 1.0 / max_rate, window=("kaiser", 5.0)) * self.up
-        self.register_buffer("taps", torch.tensor(h[::-1].copy(), dtype=torch.float32)[None, None], persistent=False)
+        self.register_buffer(
+            "taps", torch.tensor(h[::-1].copy(), dtype=torch.float32)[None, None], persistent=False
+        )
         self.half = half
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +124,14 @@ class PolyphaseResample(nn.Module):
         return y[..., :n_out].reshape(B, L, n_out)
 
 
-def echoingecg_native(sig: np.ndarray, fs: float, center: np.ndarray | None = None,
-                      scale: np.ndarray | None = None, seconds: float = 10.0, target_fs: int = 100) -> np.ndarray:
+def echoingecg_native(
+    sig: np.ndarray,
+    fs: float,
+    center: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    seconds: float = 10.0,
+    target_fs: int = 100,
+) -> np.ndarray:
     """(12, T) at `fs` -> (12, seconds * 100) float32 at 100 Hz: resample, crop/zero-pad, per-lead scale."""
     g = gcd(int(fs), target_fs)
     x = sps.resample_poly(np.asarray(sig, dtype=np.float64), target_fs // g, int(fs) // g, axis=-1)
@@ -155,8 +163,15 @@ class EchoingECGEncoder(ECGEncoder):
         super().__init__(fs, n_samples, leads, lead_order)
         n_leads = len(self.leads)
         self.init_kwargs: dict[str, Any] = dict(
-            layers=list(layers), init_dim=init_dim, factor_dim=list(factor_dim), embed_size=embed_size,
-            gpo_dim=gpo_dim, fs=fs, n_samples=n_samples, native_fs=native_fs, leads=list(self.leads),
+            layers=list(layers),
+            init_dim=init_dim,
+            factor_dim=list(factor_dim),
+            embed_size=embed_size,
+            gpo_dim=gpo_dim,
+            fs=fs,
+            n_samples=n_samples,
+            native_fs=native_fs,
+            leads=list(self.leads),
             lead_order=lead_order,
         )
         self.embed_dim = embed_size
@@ -166,7 +181,7 @@ class EchoingECGEncoder(ECGEncoder):
         self.bn1 = nn.BatchNorm1d(init_dim)
         widths = [init_dim * f for f in factor_dim]
         in_planes = init_dim
-        for i, (width, n, stride) in enumerate(zip(widths, layers, (1, 2, 2, 2)), start=1):
+        for i, (width, n, stride) in enumerate(zip(widths, layers, (1, 2, 2, 2), strict=True), start=1):
             blocks = []
             for s in [stride] + [1] * (n - 1):
                 blocks.append(ResBlock1D(in_planes, width, s))
@@ -175,7 +190,9 @@ class EchoingECGEncoder(ECGEncoder):
         self.linear = nn.Linear(widths[-1], embed_size)
         self.gpool = GPO(gpo_dim, gpo_dim)
 
-    def set_scaler(self, center: Sequence[float] | torch.Tensor, scale: Sequence[float] | torch.Tensor) -> None:
+    def set_scaler(
+        self, center: Sequence[float] | torch.Tensor, scale: Sequence[float] | torch.Tensor
+    ) -> None:
         """Install the per-lead scaler (in the weights' lead order) that the public model was trained with."""
         with torch.no_grad():
             self.input_scaler.center.copy_(torch.as_tensor(center, dtype=torch.float32))
@@ -208,13 +225,18 @@ def echoingecg_tiny(**kw: Any) -> EchoingECGEncoder:
     return EchoingECGEncoder(**{"layers": (1, 1, 1, 1), "init_dim": 8, "embed_size": 32, "gpo_dim": 8, **kw})
 
 
-def load_echoingecg_checkpoint(model_or_name: EchoingECGEncoder | str | None, path: str,
-                               **overrides: Any) -> EchoingECGEncoder:
+def load_echoingecg_checkpoint(
+    model_or_name: EchoingECGEncoder | str | None, path: str, **overrides: Any
+) -> EchoingECGEncoder:
     """Load `echoingecg.pt` (keys `ecg_encoder.*`; text and std branches ignored) or a bare encoder state."""
     raw = torch.load(path, map_location="cpu", weights_only=True)
     raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
     prefixed = any(k.startswith("ecg_encoder.") for k in raw)
-    sd = {k.removeprefix("ecg_encoder."): v for k, v in raw.items() if k.startswith("ecg_encoder.") or not prefixed}
+    sd = {
+        k.removeprefix("ecg_encoder."): v
+        for k, v in raw.items()
+        if k.startswith("ecg_encoder.") or not prefixed
+    }
     sd = {k: v for k, v in sd.items() if not k.startswith(("std_linear.", "std_gpool."))}
     init_dim = sd["conv1.weight"].shape[0]
     layers = [len({m.group(1) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}) for i in range(1, 5)]

@@ -87,13 +87,29 @@ class Block(nn.Module):
 class FrameEncoder(nn.Module):
     """ViT with DINOv2 keys: images (N, 3, S, S) -> patch features (N, (S/p)^2, feature_dim)."""
 
-    def __init__(self, img_size: int = 518, patch_size: int = 14, embed_dim: int = 384, depth: int = 12,
-                 num_heads: int = 6, mlp_ratio: float = 4.0, feature_dim: int = 512, ls_init: float = 1.0,
-                 drop_path: float = 0.0):
+    def __init__(
+        self,
+        img_size: int = 518,
+        patch_size: int = 14,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        feature_dim: int = 512,
+        ls_init: float = 1.0,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.init_kwargs: dict[str, Any] = dict(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, feature_dim=feature_dim, ls_init=ls_init, drop_path=drop_path,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            feature_dim=feature_dim,
+            ls_init=ls_init,
+            drop_path=drop_path,
         )
         self.arch: dict[str, Any] = {"name": type(self).__name__, "overrides": {}}
         self.img_size, self.patch_size = img_size, patch_size
@@ -132,15 +148,33 @@ class FrameEncoder(nn.Module):
 @register_frame_encoder("dinov2_vits14")
 def dinov2_vits14(**kw: Any) -> FrameEncoder:
     """DINOv2 ViT-S/14 at 518 px: 37 x 37 patches, 384-d, projected to feature_dim (paper: 512)."""
-    return FrameEncoder(**{"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
-                           "feature_dim": 512, **kw})
+    return FrameEncoder(
+        **{
+            "img_size": 518,
+            "patch_size": 14,
+            "embed_dim": 384,
+            "depth": 12,
+            "num_heads": 6,
+            "feature_dim": 512,
+            **kw,
+        }
+    )
 
 
 @register_frame_encoder("dinov2_tiny")
 def dinov2_tiny(**kw: Any) -> FrameEncoder:
     """CPU preset: 64 px, patch 8 (8 x 8 patches), D 64, depth 2, 2 heads."""
-    return FrameEncoder(**{"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                           "feature_dim": 64, **kw})
+    return FrameEncoder(
+        **{
+            "img_size": 64,
+            "patch_size": 8,
+            "embed_dim": 64,
+            "depth": 2,
+            "num_heads": 2,
+            "feature_dim": 64,
+            **kw,
+        }
+    )
 
 
 def prepare_frames(frames: torch.Tensor, size: int) -> torch.Tensor:

@@ -12,7 +12,9 @@ class ProjectionHead(nn.Sequential):
     """LayerNorm(F) -> Linear(F, F) -> ReLU -> Linear(F, out): (B, F) -> (B, out)."""
 
     def __init__(self, in_dim: int, out_dim: int = 256):
-        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim))
+        super().__init__(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim)
+        )
 
 
 class ClassifierHead(nn.Module):

@@ -10,7 +10,6 @@ zero). The public attention is Linear `qkv` -> `nn.MultiheadAttention` (with its
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -90,7 +89,10 @@ class OtisAttention(nn.Module):
         w_out, b_out = self.mha.out_proj.weight, self.mha.out_proj.bias
         if self.impl == "sdpa":
             qkv = self.qkv(x)  # (B, N, 3D)
-            q, k, v = (F.linear(t, w, b) for t, w, b in zip(qkv.chunk(3, -1), w_in.chunk(3), b_in.chunk(3)))
+            q, k, v = (
+                F.linear(t, w, b)
+                for t, w, b in zip(qkv.chunk(3, -1), w_in.chunk(3), b_in.chunk(3), strict=True)
+            )
             return self.proj(F.linear(self._attend(q, k, v), w_out, b_out))
         # fused: in_s(qkv_s(x)) = (W_in_s W_s) x + (W_in_s b_s + b_in_s) for s in q, k, v
         D = x.shape[-1]
@@ -135,8 +137,16 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block (LayerNorm eps 1e-6) with stochastic depth."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, mlp: str, mlp_norm: bool, drop_path: float,
-                 attn_impl: str):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        hidden: int,
+        mlp: str,
+        mlp_norm: bool,
+        drop_path: float,
+        attn_impl: str,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = OtisAttention(dim, num_heads, attn_impl)
@@ -181,13 +191,28 @@ class OTISEncoder(ECGEncoder):
         lead_rows = lead_rows or 1 + n_leads
         time_rows = time_rows or n_samples // patch_width
         if 1 + domain_offset + n_leads > lead_rows:
-            raise ValueError(f"lead table of {lead_rows} rows cannot hold offset {domain_offset} + {n_leads} leads")
+            raise ValueError(
+                f"lead table of {lead_rows} rows cannot hold offset {domain_offset} + {n_leads} leads"
+            )
         hidden = mlp_hidden or int(embed_dim * mlp_ratio)
         self.init_kwargs: dict[str, Any] = dict(
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, mlp=mlp,
-            mlp_hidden=hidden, mlp_norm=mlp_norm, patch_width=patch_width, fs=fs, n_samples=n_samples,
-            leads=list(self.leads), lead_order=lead_order, lead_rows=lead_rows, domain_offset=domain_offset,
-            time_rows=time_rows, drop_path=drop_path, attn_impl=attn_impl,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            mlp=mlp,
+            mlp_hidden=hidden,
+            mlp_norm=mlp_norm,
+            patch_width=patch_width,
+            fs=fs,
+            n_samples=n_samples,
+            leads=list(self.leads),
+            lead_order=lead_order,
+            lead_rows=lead_rows,
+            domain_offset=domain_offset,
+            time_rows=time_rows,
+            drop_path=drop_path,
+            attn_impl=attn_impl,
         )
         self.embed_dim = embed_dim
         self.patch_width = patch_width
@@ -280,8 +305,18 @@ def otis_huge(**kw: Any) -> OTISEncoder:
 # public checkpoints
 
 # pretraining-only parts (decoder, projector/predictor, top-level MLP head) and fine-tuning heads
-_IGNORED_PREFIXES = ("head.", "fc_norm.", "decoder", "mask_token", "projector.", "predictor.", "mlp.", "mlp_",
-                     "attention_pool.", "pos_embed.")
+_IGNORED_PREFIXES = (
+    "head.",
+    "fc_norm.",
+    "decoder",
+    "mask_token",
+    "projector.",
+    "predictor.",
+    "mlp.",
+    "mlp_",
+    "attention_pool.",
+    "pos_embed.",
+)
 
 
 def interpolate_time_table(table: torch.Tensor, n: int) -> torch.Tensor:
@@ -311,8 +346,9 @@ def _size_from_args(args: Any, embed_dim: int) -> dict[str, int]:
     raise ValueError(f"no OTIS size with embed_dim {embed_dim}; pass a model with the right num_heads")
 
 
-def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, domain: str = "ecg",
-                         **overrides: Any) -> OTISEncoder:
+def load_otis_checkpoint(
+    model_or_name: OTISEncoder | str | None, path: str, domain: str = "ecg", **overrides: Any
+) -> OTISEncoder:
     """Load a public OTIS checkpoint; return an encoder shaped like it (time/lead tables, MLP kind).
 
     `model_or_name`: an encoder (its settings are kept, tables and MLP follow the checkpoint), a registry
@@ -327,8 +363,11 @@ def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, dom
         "patch_width": sd["patch_embed.proj.weight"].shape[-1],
     }
     if "blocks.0.mlp.fc1_g.weight" in sd:
-        derived.update(mlp="swiglu", mlp_hidden=sd["blocks.0.mlp.fc1_g.weight"].shape[0],
-                       mlp_norm="blocks.0.mlp.norm.weight" in sd)
+        derived.update(
+            mlp="swiglu",
+            mlp_hidden=sd["blocks.0.mlp.fc1_g.weight"].shape[0],
+            mlp_norm="blocks.0.mlp.norm.weight" in sd,
+        )
     else:
         derived.update(mlp="gelu", mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0], mlp_norm=False)
 
@@ -336,7 +375,9 @@ def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, dom
         base_kwargs = {**model_or_name.init_kwargs, **overrides}
         for key in ("embed_dim", "depth"):
             if base_kwargs[key] != derived[key]:
-                raise ValueError(f"{path}: checkpoint {key} {derived[key]} != encoder {key} {base_kwargs[key]}")
+                raise ValueError(
+                    f"{path}: checkpoint {key} {derived[key]} != encoder {key} {base_kwargs[key]}"
+                )
         arch = dict(model_or_name.arch)
     elif isinstance(model_or_name, str):
         from stence.models.registry import create_ecg_encoder
@@ -345,7 +386,10 @@ def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, dom
         base_kwargs, arch = dict(probe.init_kwargs), dict(probe.arch)
     else:
         base_kwargs = {**_size_from_args(ckpt.get("args"), D), **overrides}
-        arch = {"name": "otis_" + next(k for k, v in OTIS_SIZES.items() if v["embed_dim"] == D), "overrides": {}}
+        arch = {
+            "name": "otis_" + next(k for k, v in OTIS_SIZES.items() if v["embed_dim"] == D),
+            "overrides": {},
+        }
     kwargs = {**base_kwargs, **derived}
     n_leads = len(kwargs.get("leads", STANDARD_LEADS))
 
@@ -371,12 +415,30 @@ def load_otis_checkpoint(model_or_name: OTISEncoder | str | None, path: str, dom
         kwargs["domain_offset"] = offset
         domains = ckpt.get("domains") or {}
         if domain in domains and tuple(domains[domain])[-2] < n_leads:
-            raise ValueError(f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}")
+            raise ValueError(
+                f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}"
+            )
 
     model = OTISEncoder(**kwargs)
-    model.arch = {"name": arch["name"], "overrides": {**arch.get("overrides", {}), **{
-        k: kwargs[k] for k in ("mlp", "mlp_hidden", "mlp_norm", "patch_width", "lead_rows", "domain_offset",
-                               "time_rows") if k in kwargs}}}
+    model.arch = {
+        "name": arch["name"],
+        "overrides": {
+            **arch.get("overrides", {}),
+            **{
+                k: kwargs[k]
+                for k in (
+                    "mlp",
+                    "mlp_hidden",
+                    "mlp_norm",
+                    "patch_width",
+                    "lead_rows",
+                    "domain_offset",
+                    "time_rows",
+                )
+                if k in kwargs
+            },
+        },
+    }
     own = model.state_dict()
     load = {k: v for k, v in sd.items() if k in own}
     for k, v in load.items():

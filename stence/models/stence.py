@@ -18,8 +18,14 @@ MAX_LOGIT_SCALE = 100.0  # CLIP's cap on 1 / temperature
 class StenceModel(nn.Module):
     """Returns open_clip-style outputs: normalised features of both towers, stenosis logits, logit scale."""
 
-    def __init__(self, ecg_encoder: ECGEncoder, aggregator: SegmentMILAggregator, proj_dim: int = 256,
-                 temperature: float = 0.2, learnable: bool = False):
+    def __init__(
+        self,
+        ecg_encoder: ECGEncoder,
+        aggregator: SegmentMILAggregator,
+        proj_dim: int = 256,
+        temperature: float = 0.2,
+        learnable: bool = False,
+    ):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -38,8 +44,9 @@ class StenceModel(nn.Module):
         """(B, 12, T) -> (B, proj_dim), L2-normalised."""
         return F.normalize(self.ecg_proj(self.ecg_encoder(ecg)), dim=-1)
 
-    def encode_angio(self, angio_feats: torch.Tensor, view_mask: torch.Tensor,
-                     angles: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def encode_angio(
+        self, angio_feats: torch.Tensor, view_mask: torch.Tensor, angles: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Study features (B, V, P, F) -> {"angio_features" (B, proj_dim) normalised, "stenosis_logits"}."""
         agg = self.aggregator(angio_feats, view_mask, angles)
         return {

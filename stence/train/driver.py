@@ -60,6 +60,17 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
+def shutdown_ray() -> None:
+    """ray.shutdown(), forgetting the address ensure_ray exported for its own local instance."""
+    import ray
+
+    global _OWN_ADDRESS
+    ray.shutdown()
+    if _OWN_ADDRESS and os.environ.get("RAY_ADDRESS") == _OWN_ADDRESS:
+        os.environ.pop("RAY_ADDRESS")
+    _OWN_ADDRESS = None
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -183,5 +194,6 @@ __all__ = [
     "ensure_ray",
     "fit",
     "run_name_for",
+    "shutdown_ray",
     "tune_trial_id",
 ]

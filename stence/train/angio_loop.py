@@ -1,0 +1,116 @@
+"""Stage A, per-worker loop: the angiography aggregator learns the 11 stenosis targets from cached
+patch features (the SegmentMIL-style model of the method). Validation reports patient, artery and
+segment AUROC; checkpoints are ranked by the patient-level AUROC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stence.data.cohort_io import Cohort
+from stence.data.datasets import StudyDataset, collate_paired
+from stence.data.feature_store import FeatureStore
+from stence.data.labels import TARGET_NAMES
+from stence.eval.metrics import auroc
+from stence.losses import stenosis_loss
+from stence.models.registry import build_aggregator
+from stence.train.common import (
+    autocast,
+    gather_outputs,
+    loop_setup,
+    set_epoch,
+    shard_loader,
+    to_device,
+    train_loader,
+    unwrap,
+    wrap_model,
+)
+from stence.train.schedule import param_groups, warmup_cosine
+from stence.train.worker import all_reduce_mean, load_latest_state, print0, report
+
+ANGIO_METRIC = "val/auroc_patient"
+
+
+def target_aurocs(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Per-target AUROC, plus the artery and segment means (undefined targets are left out of means)."""
+    out = {}
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            per = {n: auroc(targets[:, i], scores[:, i]) for i, n in enumerate(TARGET_NAMES)}
+    out["val/auroc_patient"] = per["patient"]
+    out["val/auroc_artery"] = float(np.nanmean([per["rca"], per["lca"]]))
+    seg = [per[n] for n in TARGET_NAMES[3:] if np.isfinite(per[n])]
+    out["val/auroc_segment"] = float(np.mean(seg)) if seg else float("nan")
+    out.update({f"val/auroc_{n}": v for n, v in per.items() if n not in ("patient",)})
+    return out
+
+
+def angio_loop(loop_config: dict[str, Any]) -> None:
+    ctx = loop_setup(loop_config)
+    cfg, info, tracker = ctx.cfg, ctx.info, ctx.tracker
+    cohort = Cohort.open(cfg.data.cohort)
+    store = FeatureStore.open(loop_config["features_dir"])
+    train_ds = StudyDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed)
+    val_ds = StudyDataset(cohort, "val", cfg.data, store, train=False)
+    loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed)
+    model = wrap_model(build_aggregator(cfg), info)
+    core = unwrap(model)
+    opt = torch.optim.AdamW(param_groups(core, cfg.optim.lr_angio, cfg.optim.weight_decay), lr=cfg.optim.lr_angio)
+    steps = max(1, len(loader))
+    sched = warmup_cosine(opt, cfg.optim.warmup_epochs * steps, cfg.optim.epochs * steps, cfg.optim.warmup_start,
+                          cfg.optim.min_lr)
+    start = 0
+    state = load_latest_state(map_location=info.device)
+    if state is not None:
+        core.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        start = int(state["epoch"])
+        print0(f"resuming from epoch {start}")
+
+    for epoch in range(start, cfg.optim.epochs):
+        set_epoch(sampler, [train_ds], epoch, cfg.train.seed)
+        model.train()
+        total, n = 0.0, 0
+        for batch in loader:
+            batch = to_device(batch, info.device)
+            with autocast(info):
+                out = model(batch["angio_feats"], batch["view_mask"], batch["angles"])
+                loss = stenosis_loss(out["stenosis_logits"].float(), batch["targets"])["sten_loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(batch["targets"])
+            n += len(batch["targets"])
+        metrics = all_reduce_mean({"train/sten_loss": total / max(n, 1)}, weight=n)
+
+        model.eval()
+        with torch.no_grad():
+            def val_batches():
+                for b in shard_loader(val_ds, cfg.optim.batch_size, info, collate_paired):
+                    b = to_device(b, info.device)
+                    with autocast(info):
+                        logits = core(b["angio_feats"], b["view_mask"], b["angles"])["stenosis_logits"].float()
+                    yield {"index": b["index"].cpu().numpy(), "p": torch.sigmoid(logits).cpu().numpy(),
+                           "y": b["targets"].cpu().numpy()}
+            val = gather_outputs(val_batches())
+        metrics.update(target_aurocs(val["y"], val["p"]))
+        metrics["epoch"] = epoch + 1
+        tracker.log_metrics(metrics, step=epoch + 1)
+        print0(f"epoch {epoch + 1}/{cfg.optim.epochs} loss={metrics['train/sten_loss']:.4f} "
+               f"patient={metrics['val/auroc_patient']:.3f} artery={metrics['val/auroc_artery']:.3f} "
+               f"segment={metrics['val/auroc_segment']:.3f}")
+        ckpt = None
+        if info.rank == 0:
+            ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "config": loop_config["config"]}
+        report(metrics, ckpt)

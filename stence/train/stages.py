@@ -1,0 +1,166 @@
+"""Driver side of every stage: prepare inputs, `fit` the per-worker loop on Ray Train, export the selected
+model, evaluate with confidence intervals, and track it all in MLflow.
+
+`stence pretrain` calls `run_pretrain` once; a sweep calls the very same function per trial.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stence.config import Config, to_dict
+from stence.train.driver import absolute_storage, fit
+from stence.train.tracking import Tracker, loop_tracking, resolve_tracking_uri, start_run
+from stence.train.worker import load_state
+
+
+def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str) -> tuple[str | None, str | None, bool]:
+    """(uri, run_id, owned): reuse a given run (a sweep trial) or start one for a single command."""
+    if not cfg.tracking.enabled:
+        return None, None, False
+    uri = resolve_tracking_uri(cfg)
+    if run_id:
+        return uri, run_id, False
+    return uri, start_run(cfg, run_name, tags={"stence.stage": stage}), True
+
+
+def _finish(uri: str | None, run_id: str | None, owned: bool, ok: bool) -> None:
+    if uri and run_id and owned:
+        Tracker(uri, run_id).end("FINISHED" if ok else "FAILED")
+
+
+def _output_dir(cfg: Config, stage: str, run_name: str) -> Path:
+    out = Path(absolute_storage(cfg.train.storage_path)) / "exports" / f"{stage}-{run_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _best_state(result: Any, metric: str, mode: str = "max") -> tuple[dict, dict]:
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("training reported no checkpoint")
+    best_metrics = {}
+    for c, m in result.best_checkpoints or []:
+        if c.path == ckpt.path:
+            best_metrics = m
+    return load_state(ckpt, weights_only=True), best_metrics
+
+
+def _features(cfg: Config) -> str:
+    from stence.train.features import extract_features
+
+    return str(extract_features(cfg).root)
+
+
+def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
+    """Stage A: train the aggregator on the 11 stenosis targets; export the best as aggregator.pt."""
+    from stence.models.checkpoint import save_aggregator
+    from stence.models.registry import build_aggregator
+    from stence.train.angio_loop import ANGIO_METRIC, angio_loop
+
+    name = cfg.train.name
+    uri, run_id, owned = _tracker(cfg, run_id, f"angio-{name}", "angio")
+    ok = False
+    try:
+        feats = _features(cfg)
+        result = fit(angio_loop, cfg, stage="angio", metric=ANGIO_METRIC,
+                     loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
+        state, best = _best_state(result, ANGIO_METRIC)
+        agg = build_aggregator(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
+        agg.load_state_dict(state["model"])
+        path = _output_dir(cfg, "angio", name) / "aggregator.pt"
+        save_aggregator(path, agg, to_dict(cfg), extra={"metrics": best})
+        if uri and run_id:
+            Tracker(uri, run_id).log_artifact(path)
+        ok = True
+        return {"checkpoint": str(path), "metrics": best, "run_id": run_id}
+    finally:
+        _finish(uri, run_id, owned, ok)
+
+
+def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
+    """Stage B: StenCE pretraining; exports the checkpoint with the best kNN AUROC (stence.pt) and its ECG
+    encoder (encoder.pt), both self-describing."""
+    from stence.models.checkpoint import save_encoder, save_stence
+    from stence.models.registry import build_stence_model
+    from stence.train.pretrain_loop import KNN_METRIC, pretrain_loop
+
+    name = cfg.train.name
+    uri, run_id, owned = _tracker(cfg, run_id, f"pretrain-{name}", "pretrain")
+    ok = False
+    try:
+        feats = _features(cfg)
+        result = fit(pretrain_loop, cfg, stage="pretrain", metric=KNN_METRIC,
+                     loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
+        state, best = _best_state(result, KNN_METRIC)
+        model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="", ecg_checkpoint="")))
+        model.load_state_dict(state["model"])
+        out = _output_dir(cfg, "pretrain", name)
+        extra = {"metrics": best, "epoch": int(state["epoch"])}
+        save_stence(out / "stence.pt", model, to_dict(cfg), extra=extra)
+        save_encoder(out / "encoder.pt", model.ecg_encoder, to_dict(cfg), extra=extra)
+        if uri and run_id:
+            t = Tracker(uri, run_id)
+            t.log_metrics({f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}, step=0)
+            t.set_tags({"stence.encoder_path": str(out / "encoder.pt")})
+        ok = True
+        return {"checkpoint": str(out / "stence.pt"), "encoder": str(out / "encoder.pt"), "metrics": best,
+                "run_id": run_id}
+    finally:
+        _finish(uri, run_id, owned, ok)
+
+
+def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model") -> dict[str, Any]:
+    """Stage C: probe or fine-tune on one task; test metrics with patient-level bootstrap intervals."""
+    from stence.eval.metrics import bootstrap_ci, multilabel_metrics, subgroup_metrics
+    from stence.eval.report import plot_roc
+    from stence.train.downstream_loop import DOWNSTREAM_METRIC, build_datasets, downstream_loop
+
+    d = cfg.downstream
+    name = f"{cfg.train.name}-{d.mode}-{d.task}"
+    uri, run_id, owned = _tracker(cfg, run_id, name, d.mode)
+    ok = False
+    try:
+        result = fit(downstream_loop, replace(cfg, train=replace(cfg.train, name=name)), stage=d.mode,
+                     metric=DOWNSTREAM_METRIC, loop_config=loop_tracking(uri, run_id))
+        if result.error:
+            raise RuntimeError(f"training failed: {result.error}") from result.error
+        test = {k: v.numpy() for k, v in load_state(result.checkpoint)["test"].items()}
+        test_set = build_datasets(cfg)["test"]
+        groups = test_set.patients[test["index"]] if test_set.patients is not None else None
+        out = _output_dir(cfg, d.mode, name)
+        if d.task == "echonext":
+            from stence.data.echonext import ECHONEXT_TASKS
+
+            metrics = multilabel_metrics(test["y"], test["p"], list(ECHONEXT_TASKS), groups=groups,
+                                         n_boot=d.bootstrap, seed=cfg.train.seed)
+        else:
+            y, p = test["y"][:, 0], test["p"][:, 0]
+            metrics = {d.task: bootstrap_ci(y, p, groups=groups, n_boot=d.bootstrap, seed=cfg.train.seed)}
+            rows = test_set.rows.iloc[test["index"]]
+            from stence.eval.metrics import age_band
+
+            metrics["subgroups"] = subgroup_metrics(
+                y, p, {"sex": rows["sex"].fillna("unknown").astype(str).to_numpy(),
+                       "age_band": age_band(rows["age"].to_numpy(dtype=float))},
+                groups=groups, n_boot=min(d.bootstrap, 200), seed=cfg.train.seed)
+            plot_roc({label: (y, p)}, out / "roc.png")
+        np.savez(out / "test_predictions.npz", **test, patients=groups if groups is not None else np.array([]))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        if uri and run_id:
+            t = Tracker(uri, run_id)
+            flat = {f"test/{k}": v for k, v in metrics.get(d.task, {}).items() if isinstance(v, (int, float))}
+            t.log_metrics(flat, step=d.epochs)
+            for f in out.iterdir():
+                t.log_artifact(f)
+        ok = True
+        return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run_id}
+    finally:
+        _finish(uri, run_id, owned, ok)
