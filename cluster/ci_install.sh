@@ -25,9 +25,11 @@ have_pg || { echo "ci_install.sh: PostgreSQL still missing after install" >&2; e
 if [[ $(id -u) -eq 0 ]] && ! id postgres > /dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 fi
-# The psycopg2 driver MLflow uses for postgresql+psycopg2:// lives in the virtualenv ([cluster] extra).
+# Python side, in the virtualenv: the psycopg2 driver MLflow uses for postgresql+psycopg2://, and
+# Flask-WTF, which MLflow's basic-auth app needs (the `mlflow[auth]` extra).
 py="${PYTHON:-.venv/bin/python}"
-if [[ -x "$py" ]] && ! "$py" -c "import psycopg2" 2> /dev/null; then
-  "$py" -m pip install -q "psycopg2-binary>=2.9"
+if [[ -x "$py" ]]; then
+  "$py" -c "import psycopg2" 2> /dev/null || "$py" -m pip install -q "psycopg2-binary>=2.9"
+  "$py" -c "import flask_wtf" 2> /dev/null || "$py" -m pip install -q "Flask-WTF<2"
 fi
 echo "ci_install.sh: PostgreSQL $(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -1) ready" >&2

@@ -52,20 +52,23 @@ class SubmitError(RuntimeError):
     """The job could not be submitted or followed; the message says what to do."""
 
 
-def parse_env_pairs(pairs: Iterable[str]) -> dict[str, str]:
-    """["A=1", "B=x=y"] -> {"A": "1", "B": "x=y"}; a pair without "=" is an error."""
+def parse_env_pairs(pairs: Iterable[str], flag: str = "--env") -> dict[str, str]:
+    """["A=1", "B=x=y"] -> {"A": "1", "B": "x=y"}; a pair without "=" is an error naming `flag`."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise SubmitError(f"--env {pair!r} is not of the form NAME=VALUE")
+            raise SubmitError(f"{flag} {pair!r} is not of the form NAME=VALUE")
         out[key.strip()] = value
     return out
 
 
 def pinned_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
     """The package's own pinned dependency list, for a `pip` runtime environment."""
-    import tomllib  # Python >= 3.11; the cluster image is 3.11
+    try:
+        import tomllib
+    except ImportError as e:  # Python 3.10
+        raise SubmitError("--pip pinned needs Python >= 3.11 (tomllib); pass a requirements file") from e
 
     data = tomllib.loads(pyproject.read_text())
     return list(data["project"]["dependencies"])

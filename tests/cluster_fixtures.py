@@ -356,6 +356,15 @@ class RayCluster:
         r.raise_for_status()
         return list(r.json()["data"]["result"]["result"])
 
+    def actors(self) -> list[dict[str, Any]]:
+        """ALIVE actors (class name, node id) as the State API sees them."""
+        r = requests.get(f"{self.dashboard_url}/api/v0/actors",
+                         params={"detail": "1", "limit": "1000", "filter_keys": "state",
+                                 "filter_predicates": "=", "filter_values": "ALIVE"},
+                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"}, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["data"]["result"]["result"])
+
     def alive(self) -> dict[str, dict[str, Any]]:
         """ALIVE nodes by node name."""
         return {n["node_name"]: n for n in self.nodes() if n.get("state") == "ALIVE"}

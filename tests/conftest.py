@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_fixture import ray_session  # noqa: F401
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("STENCE_SALT", "test-site-secret")
 

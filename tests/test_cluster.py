@@ -219,6 +219,10 @@ def test_stop_a_running_job(stack: Stack) -> None:
     while status(stack, job_id)["status"] != "STOPPED":
         assert time.monotonic() < deadline, status(stack, job_id)
         time.sleep(1)
+    text = run_cli(["cluster", "status", job_id, "--address", stack.ray.dashboard_url], stack.job_env()).stdout
+    assert text.startswith(f"{job_id}: STOPPED")
+    listed = run_cli(["cluster", "list", "--address", stack.ray.dashboard_url], stack.job_env()).stdout
+    assert any(line.split()[:2] == [job_id, "STOPPED"] for line in listed.splitlines())
 
 
 def test_mlflow_server_checks_the_host_header(stack: Stack) -> None:
@@ -232,6 +236,7 @@ def test_mlflow_server_checks_the_host_header(stack: Stack) -> None:
 
 def test_mlflow_basic_auth(stack: Stack) -> None:
     """serve.sh with MLFLOW_BASIC_AUTH=1: users in their own database, anonymous requests refused."""
+    pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF): cluster/ci_install.sh")
     password = "admin-secret-123"
     server = MlflowServer(stack.root, stack.pg.uri("mlflow"), name="mlflow-auth", MLFLOW_BASIC_AUTH="1",
                           MLFLOW_AUTH_DATABASE_URI=stack.pg.uri("mlflow_auth"),
@@ -265,17 +270,21 @@ def _runs(stack: Stack, experiment_id: str) -> list[dict]:
     return list(r.json().get("runs", []))
 
 
-def test_cluster_sweep(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.timeout(2400)
+def test_cluster_sweep(stack: Stack) -> None:
     """`stence tune --space smoke --num-samples 2` as a job; node2 is stopped once mid-sweep."""
-    missing = _commands_present("tune", "synth", "ingest")
+    missing = _commands_present("tune", "synth", "ingest", "features")
     if missing:
         pytest.skip(f"stence {', '.join(missing)} not written yet (stence/commands/<name>.py missing)")
     env = stack.job_env()
     shared = stack.root / "shared"  # what NFS/S3 is on a real cluster: every node sees the same path
     raw, cohort = shared / "raw", shared / "cohort"
-    for args in (["synth", str(raw), "--size", "tiny"], ["ingest", str(raw), "--out", str(cohort)]):
+    for args in (["synth", str(raw), "--size", "tiny"], ["ingest", str(raw), "--out", str(cohort), "--processes", "1"]):
         r = run_cli(args, env, timeout_s=600)
         assert r.returncode == 0, f"stence {args[0]} failed:\n{r.stdout}\n{r.stderr}"
+    # the angiography features are extracted on the cluster too (Ray Data), into the shared cohort
+    job_id, out = submit(stack, ["stence", "features", "--set", f"data.cohort={cohort}"], "--wait")
+    assert f"job {job_id}: SUCCEEDED" in out, job_logs(stack, job_id)[-5000:]
 
     sweep = [
         "stence", "tune", "--space", "smoke", "--num-samples", "2",
@@ -300,8 +309,12 @@ def test_cluster_sweep(stack: Stack, tmp_path: Path) -> None:
                    for r in runs):
                 break
         time.sleep(3)
+    node2 = stack.ray.alive()["node2"]["node_id"]
+    on_node2 = [a["class_name"] for a in stack.ray.actors() if a.get("node_id") == node2]
+    assert on_node2, "nothing of the sweep runs on node2: stopping it would prove nothing"
     stack.ray.stop_node("node2")
     assert "node2" not in stack.ray.alive()
+    print(f"stopped node2 while it ran {sorted(set(on_node2))}")
 
     deadline = time.monotonic() + 1500
     while (st := status(stack, job_id)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):

@@ -133,11 +133,14 @@ class ChildRunCloser(tune.Callback):
             Tracker(self.uri, run_id).end("FAILED")
 
 
-def _searcher(fixed: bool, points: list[dict], metric: str, mode: str, seed: int, n_startup: int) -> Any:
+def _searcher(
+    fixed: bool, points: list[dict], metric: str, mode: str, seed: int, n_startup: int, max_concurrent: int
+) -> Any:
     if fixed:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed)
+        # TuneConfig(max_concurrent_trials) is ignored (with a warning) for a variant generator
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -265,14 +268,15 @@ def run_sweep(
             run_callbacks = list(callbacks or [])
             if parent_run_id:
                 run_callbacks.insert(0, ChildRunCloser(uri, base.tracking.experiment, sweep_name))
+            k = max_concurrent or default_concurrency(base)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    search_alg=_searcher(fixed, points, metric, mode, seed, n_startup),
+                    search_alg=_searcher(fixed, points, metric, mode, seed, n_startup, k),
                     scheduler=_scheduler(scheduler, metric, mode, max_t, reduction_factor),
                     num_samples=num_samples,
-                    max_concurrent_trials=max_concurrent or default_concurrency(base),
+                    max_concurrent_trials=None if fixed else k,
                 ),
                 run_config=tune.RunConfig(
                     name=sweep_name, storage_path=str(path.parent), callbacks=run_callbacks

@@ -16,6 +16,8 @@
 #   MLFLOW_AUTH_ADMIN_PASSWORD    required with basic auth on first start (creates the admin user)
 #   MLFLOW_AUTH_ADMIN_USERNAME    default admin
 #   MLFLOW_AUTH_DEFAULT_PERMISSION default READ
+#   MLFLOW_FLASK_SERVER_SECRET_KEY CSRF key of the auth app; the same on every replica. Unset: one is
+#                                 generated once and kept in MLFLOW_STATE_DIR (fine for one server)
 #   MLFLOW_STATE_DIR              where the generated basic_auth.ini lives (default /var/lib/stence-mlflow)
 #   MLFLOW_BIN                    mlflow executable (default: mlflow on PATH)
 #   MLFLOW_SERVER_EXTRA_ARGS      appended to the command line, word-split
@@ -77,6 +79,12 @@ admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
   export MLFLOW_AUTH_CONFIG_PATH="$ini"
+  if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then
+    key_file="$state_dir/flask_secret_key"
+    [[ -s "$key_file" ]] || (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$key_file")
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$key_file")"
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
+  fi
   args+=(--app-name basic-auth)
 fi
 

@@ -1,12 +1,13 @@
-"""Argument helpers shared by the subcommands: --config/--set and config resolution."""
+"""Argument helpers shared by the subcommands: --config/--set, run shortcuts, config resolution."""
 
 from __future__ import annotations
 
 import argparse
 
-from stence.config import Config, ConfigError, load_config
+from stence.config import Config, ConfigError, apply_overrides, load_config
 
 RAW = argparse.RawDescriptionHelpFormatter
+RUN_FLAGS = (("workers", "train.workers"), ("gpus", "train.gpus"), ("name", "train.name"))
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,8 +22,18 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--workers / --gpus / --name shortcuts for train.* (they override --set)."""
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (0 = in-process local mode)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per worker")
+    p.add_argument("--name", default=None, help="run name (the same name resumes the run)")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults <- --config YAML <- --set overrides <- run shortcuts."""
     try:
-        return load_config(getattr(args, "config", None), list(getattr(args, "set", []) or []))
+        cfg = load_config(getattr(args, "config", None), list(getattr(args, "set", []) or []))
+        extra = {key: getattr(args, flag) for flag, key in RUN_FLAGS if getattr(args, flag, None) is not None}
+        return apply_overrides(cfg, extra)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e

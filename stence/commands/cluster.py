@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from stence.commands._common import RAW
 
@@ -88,7 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=run_list)
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202 - JobSubmissionClient, imported lazily
+def _client(args: argparse.Namespace) -> Any:
+    """A JobSubmissionClient (imported lazily), after warning about missing token-auth settings."""
     from cluster.submit import auth_problems, make_client
 
     for problem in auth_problems():
@@ -109,6 +111,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     try:
+        sj.build_entrypoint(command)  # nothing to run is an error before any connection is made
         pip = None
         if args.pip == "pinned":
             pip = sj.pinned_requirements()
@@ -117,14 +120,12 @@ def run_submit(args: argparse.Namespace) -> int:
         runtime_env = sj.build_runtime_env(
             extra_env=sj.parse_env_pairs(args.env), pip=pip, py_executable=args.py_executable
         )
-        resources = {k: float(v) for k, v in sj.parse_env_pairs(args.driver_resource).items()}
+        resources = {k: float(v) for k, v in sj.parse_env_pairs(args.driver_resource, "--driver-resource").items()}
         client = _client(args)
         job_id = sj.submit(
             client, command, runtime_env, submission_id=args.submission_id, entrypoint_resources=resources
         )
-    except (sj.SubmitError, ValueError, OSError) as e:
-        return _fail(e)
-    except RuntimeError as e:  # the job server refused the submission
+    except (RuntimeError, ValueError, OSError) as e:  # SubmitError, or the job server refused the job
         return _fail(e)
     print(f"submitted {job_id}")
     passed = sorted(runtime_env["env_vars"])
@@ -197,7 +198,9 @@ def run_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     for r in rows:
-        print(f"{r['submission_id'] or '-':<32} {r['status']:<10} {sj.format_time(r['start_time'])}  {r['entrypoint']}")
+        lines = (r["entrypoint"] or "").splitlines() or [""]
+        entry = lines[0][:90] + (" ..." if len(lines) > 1 or len(lines[0]) > 90 else "")
+        print(f"{r['submission_id'] or '-':<32} {r['status']:<10} {sj.format_time(r['start_time'])}  {entry}")
     if not rows:
         print("no jobs")
     return 0

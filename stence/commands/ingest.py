@@ -26,11 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stence.data.ingest import NothingUsableError, ingest
+    from stence.data.pseudonym import SaltError
 
     cfg = config_from_args(args)
     try:
         report = ingest(args.raw, args.out, cfg, processes=args.processes)
-    except NothingUsableError as e:
+    except (NothingUsableError, SaltError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
         return 1
     print(report.summary())

@@ -19,6 +19,8 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # Prefix per kind of identifier; other kinds use their first letter, upper-cased.
@@ -165,15 +167,42 @@ def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[
     if not patterns:
         return []
     overlap = max(len(p) for pats in patterns.values() for p in pats) - 1
+    index = _PrefixIndex(patterns)
     hits: list[tuple[str, str]] = []
     for path in _iter_files(paths):
-        remaining = dict(patterns)
+        found: set[str] = set()
         for stream in itertools.chain(_chunks(path, overlap), _decoded_streams(path)):
-            lowered = stream.lower()  # ASCII case-insensitivity; non-ASCII case via the needle's forms
-            for needle, pats in list(remaining.items()):
-                if any(p in stream or p in lowered for p in pats):
-                    hits.append((str(path), needle))
-                    del remaining[needle]
-            if not remaining:
+            found |= index.search(stream.lower())  # ASCII case-insensitive; non-ASCII via the needle's forms
+            if len(found) == len(patterns):
                 break
+        hits += [(str(path), n) for n in patterns if n in found]
     return hits
+
+
+class _PrefixIndex:
+    """Finds which needles occur in a byte string in one pass: every 4-byte window of the data is looked
+    up (vectorised) among the needles' 4-byte prefixes, and only those rare candidate positions are
+    compared in full. Scanning for thousands of identifiers costs about as much as scanning for one."""
+
+    def __init__(self, patterns: dict[str, list[bytes]]):
+        self.by_prefix: dict[int, list[tuple[bytes, str]]] = {}
+        for needle, pats in patterns.items():
+            for p in {q.lower() for q in pats}:
+                key = int.from_bytes(p[:4], "little")
+                self.by_prefix.setdefault(key, []).append((p, needle))
+        keys = np.array(sorted(self.by_prefix), dtype=np.uint32)
+        self.table = np.zeros(1 << 24, dtype=bool)  # a 16 MB direct lookup on the low 3 bytes
+        self.table[keys & 0xFFFFFF] = True
+
+    def search(self, data: bytes) -> set[str]:
+        a = np.frombuffer(data, dtype=np.uint8)
+        if len(a) < 4:
+            return set()
+        low3 = a[:-3].astype(np.uint32) | (a[1:-2].astype(np.uint32) << 8) | (a[2:-1].astype(np.uint32) << 16)
+        found: set[str] = set()
+        for pos in np.flatnonzero(self.table[low3]):  # (N-3,) windows whose first 3 bytes start a needle
+            key = int(low3[pos]) | (int(a[pos + 3]) << 24)
+            for p, needle in self.by_prefix.get(key, ()):
+                if data.startswith(p, int(pos)):
+                    found.add(needle)
+        return found

@@ -54,7 +54,7 @@ STANDARD_VIEWS: tuple[tuple[float, float], ...] = (
     (45.0, 0.0), (-30.0, -25.0), (40.0, 25.0), (-30.0, 30.0),
     (50.0, -30.0), (0.0, 40.0), (0.0, -30.0), (90.0, 0.0),
 )  # fmt: skip
-LESION_HALF_LENGTH = 0.16  # lesion half-length as a fraction of its segment
+LESION_HALF_LENGTH = 0.2  # lesion half-length as a fraction of its segment
 _SAMPLES_PER_SEGMENT = 40
 _CATHETER = ((0.05, -1.1, 0.15), (-0.05, -2.2, 0.1))
 
@@ -133,7 +133,9 @@ def _samples(tree: CoronaryTree, lesions: Mapping[int, float], view: View, size:
     end_delay: dict[int, float] = {}
     xy, rad, arr = [], [], []
     # unobstructed length first: it sets the delay unit
-    seg_len = {s: np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))] for s, p in tree.points.items()}
+    seg_len = {
+        s: np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))] for s, p in tree.points.items()
+    }
     base_end: dict[int, float] = {}
     for seg, parent in SEGMENT_PARENT.items():
         base_end[seg] = (0.0 if parent is None else base_end[parent]) + seg_len[seg][-1]
@@ -205,22 +207,21 @@ def vessel_layers(
     Opacity is for a fully filled vessel; pixels reached only by never-filled samples get opacity 0.
     """
     s = _samples(tree, lesions, view, size)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    grid = np.stack([xx.ravel(), yy.ravel()], axis=1)  # (P, 2)
     filled = np.isfinite(s.arrival)
-    pts = s.xy[filled].astype(np.float32)
-    rad = s.radius[filled].astype(np.float32)
-    opa = s.opacity[filled].astype(np.float32)
-    arr = s.arrival[filled].astype(np.float32)
-    opacity = np.zeros(len(grid), np.float32)
-    arrival = np.full(len(grid), np.inf, np.float32)
-    chunk = max(1, 2_000_000 // max(1, len(pts)))
-    for i in range(0, len(grid), chunk):
-        g = grid[i : i + chunk]
-        d = np.sqrt(((g[:, None, :] - pts[None, :, :]) ** 2).sum(-1))  # (p, S)
-        cov = np.clip(rad[None, :] - d + 0.5, 0.0, 1.0)  # anti-aliased disc coverage
-        opacity[i : i + chunk] = (cov * opa[None, :]).max(axis=1, initial=0.0)
-        arrival[i : i + chunk] = np.where(cov > 0, arr[None, :], np.inf).min(axis=1, initial=np.inf)
+    pts, rad, opa, arr = s.xy[filled], s.radius[filled], s.opacity[filled], s.arrival[filled]
+    opacity = np.zeros(size * size)
+    arrival = np.full(size * size, np.inf)
+    # splat every sample onto the pixels of a small window around it
+    half = int(np.ceil(rad.max(initial=0.0) + 1.0))
+    oy, ox = (o.ravel() for o in np.mgrid[-half : half + 1, -half : half + 1])  # (O,)
+    col = np.floor(pts[:, 0]).astype(np.int64)[:, None] + ox[None, :]  # (S, O)
+    row = np.floor(pts[:, 1]).astype(np.int64)[:, None] + oy[None, :]  # (S, O)
+    dist = np.hypot(col + 0.5 - pts[:, :1], row + 0.5 - pts[:, 1:])  # (S, O)
+    cov = np.clip(rad[:, None] - dist + 0.5, 0.0, 1.0)  # anti-aliased disc coverage
+    ok = (cov > 0) & (col >= 0) & (col < size) & (row >= 0) & (row < size)
+    flat = (row * size + col)[ok]
+    np.maximum.at(opacity, flat, (cov * opa[:, None])[ok])
+    np.minimum.at(arrival, flat, np.broadcast_to(arr[:, None], cov.shape)[ok])
     return opacity.reshape(size, size), arrival.reshape(size, size), s.length
 
 

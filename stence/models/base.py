@@ -8,7 +8,7 @@ into that order itself, so callers never reorder leads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -140,9 +140,28 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def check_missing(missing: Iterable[str], allowed_prefixes: Sequence[str], what: str) -> None:
-    """Raise listing missing checkpoint keys other than the allowed (head / positional) ones."""
-    bad = sorted(k for k in missing if not any(k.startswith(p) for p in allowed_prefixes))
+def load_matching(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    ignore: Sequence[str] = (),
+    may_miss: Sequence[str] = (),
+) -> None:
+    """Load a foreign state dict with strict=False, but refuse anything that is silently wrong:
+    keys the module cannot place (unless under `ignore`), shape mismatches, and missing keys other
+    than those under `may_miss` (heads, positional tables, new projections). Errors list the keys."""
+    own = module.state_dict()
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(tuple(ignore)))
+    if unexpected:
+        raise ValueError(f"{what}: checkpoint keys the model cannot place: {unexpected}")
+    load = {k: v for k, v in state.items() if k in own}
+    wrong = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in load.items() if v.shape != own[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{what}: shape mismatch: {wrong}")
+    missing = module.load_state_dict(load, strict=False).missing_keys
+    bad = sorted(k for k in missing if not k.startswith(tuple(may_miss)))
     if bad:
         raise ValueError(f"{what}: checkpoint lacks {len(bad)} required key(s): {bad}")
 

@@ -22,7 +22,7 @@ from scipy import signal as sps
 from torch import nn
 
 from stence.config import STANDARD_LEADS
-from stence.models.base import ECGEncoder, check_missing
+from stence.models.base import ECGEncoder, load_matching
 from stence.models.registry import register_ecg_encoder
 
 RESNET101_LAYERS = (3, 4, 23, 3)
@@ -258,13 +258,5 @@ def load_echoingecg_checkpoint(
         base, arch = dict(overrides), {"name": "echoingecg", "overrides": {}}
     model = EchoingECGEncoder(**{**base, **derived})
     model.arch = {"name": arch["name"], "overrides": {**arch.get("overrides", {}), **derived}}
-    own = model.state_dict()
-    unexpected = sorted(k for k in sd if k not in own)
-    if unexpected:
-        raise ValueError(f"{path}: checkpoint keys the encoder cannot place: {unexpected}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, encoder expects {tuple(own[k].shape)}")
-    result = model.load_state_dict(sd, strict=False)
-    check_missing(result.missing_keys, ("input_scaler.",), f"EchoingECG {path}")
+    load_matching(model, sd, f"EchoingECG {path}", may_miss=("input_scaler.",))
     return model

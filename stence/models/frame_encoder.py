@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stence.models.base import DropPath, check_missing
+from stence.models.base import DropPath, load_matching
 from stence.models.registry import register_frame_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -214,14 +214,5 @@ def load_dinov2_checkpoint(model: FrameEncoder, path: str) -> FrameEncoder:
         sd[k] = v
     if "pos_embed" in sd:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.grid)
-    own = model.state_dict()
-    unexpected = sorted(k for k in sd if k not in own and not k.startswith("head."))
-    if unexpected:
-        raise ValueError(f"{path}: checkpoint keys the frame encoder cannot place: {unexpected}")
-    load = {k: v for k, v in sd.items() if k in own}
-    for k, v in load.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, encoder expects {tuple(own[k].shape)}")
-    result = model.load_state_dict(load, strict=False)
-    check_missing(result.missing_keys, ("proj.",), f"DINOv2 {path}")
+    load_matching(model, sd, f"DINOv2 {path}", ignore=("head.",), may_miss=("proj.",))
     return model

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stence.config import STANDARD_LEADS
-from stence.models.base import DropPath, ECGEncoder, check_missing
+from stence.models.base import DropPath, ECGEncoder, load_matching
 from stence.models.registry import register_ecg_encoder
 
 OTIS_SIZES: dict[str, dict[str, int]] = {
@@ -346,107 +346,105 @@ def _size_from_args(args: Any, embed_dim: int) -> dict[str, int]:
     raise ValueError(f"no OTIS size with embed_dim {embed_dim}; pass a model with the right num_heads")
 
 
+def _arch_from_state(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Width, depth, patch width and MLP kind as the checkpoint's tensors say."""
+    derived: dict[str, Any] = {
+        "embed_dim": sd["cls_token"].shape[-1],
+        "depth": len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}),
+        "patch_width": sd["patch_embed.proj.weight"].shape[-1],
+    }
+    if "blocks.0.mlp.fc1_g.weight" in sd:  # newer OTIS checkpoints: SwiGLU
+        hidden, norm = sd["blocks.0.mlp.fc1_g.weight"].shape[0], "blocks.0.mlp.norm.weight" in sd
+        return {**derived, "mlp": "swiglu", "mlp_hidden": hidden, "mlp_norm": norm}
+    return {**derived, "mlp": "gelu", "mlp_hidden": sd["blocks.0.mlp.fc1.weight"].shape[0], "mlp_norm": False}
+
+
+def _starting_point(
+    model_or_name: OTISEncoder | str | None,
+    ckpt: dict[str, Any],
+    derived: dict[str, Any],
+    overrides: dict[str, Any],
+    path: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor kwargs and registry arch before the checkpoint's shapes are applied."""
+    if isinstance(model_or_name, OTISEncoder):
+        kwargs = {**model_or_name.init_kwargs, **overrides}
+        for key in ("embed_dim", "depth"):
+            if kwargs[key] != derived[key]:
+                raise ValueError(f"{path}: checkpoint {key} {derived[key]} != encoder {key} {kwargs[key]}")
+        arch = model_or_name.arch
+        return kwargs, {"name": arch["name"], "overrides": {**arch.get("overrides", {}), **overrides}}
+    if isinstance(model_or_name, str):
+        from stence.models.registry import create_ecg_encoder
+
+        probe = create_ecg_encoder(model_or_name, **overrides)
+        return dict(probe.init_kwargs), dict(probe.arch)
+    size = _size_from_args(ckpt.get("args"), derived["embed_dim"])
+    name = "otis_" + next(k for k, v in OTIS_SIZES.items() if v == size)
+    return {**size, **overrides}, {"name": name, "overrides": dict(overrides)}
+
+
+def _fit_tables(
+    sd: dict[str, torch.Tensor], ckpt: dict[str, Any], kwargs: dict[str, Any], domain: str, path: str
+) -> None:
+    """Time table (interpolated if the window is longer) and lead table + domain offset from the checkpoint."""
+    want_rows = kwargs["n_samples"] // kwargs["patch_width"]
+    if "pos_embed_x" in sd:
+        if sd["pos_embed_x"].shape[1] - 1 < want_rows:
+            sd["pos_embed_x"] = interpolate_time_table(sd["pos_embed_x"], want_rows)
+        kwargs["time_rows"] = sd["pos_embed_x"].shape[1] - 1
+    if "pos_embed_y.weight" not in sd:
+        return
+    offsets = dict(ckpt.get("domain_offsets") or {})
+    if domain in offsets:
+        offset = int(offsets[domain])
+    elif len(offsets) > 1 and sum(offsets.values()) == 0:
+        offset = 0  # domain-agnostic lead table
+    else:
+        raise ValueError(f"{path}: no {domain!r} domain in checkpoint domains {sorted(offsets)}")
+    n_leads = len(kwargs.get("leads", STANDARD_LEADS))
+    domains = ckpt.get("domains") or {}
+    if domain in domains and tuple(domains[domain])[-2] < n_leads:
+        raise ValueError(f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}")
+    kwargs["lead_rows"] = sd["pos_embed_y.weight"].shape[0]
+    kwargs["domain_offset"] = offset
+
+
+_SHAPE_KEYS = (
+    "embed_dim",
+    "depth",
+    "mlp",
+    "mlp_hidden",
+    "mlp_norm",
+    "patch_width",
+    "lead_rows",
+    "domain_offset",
+    "time_rows",
+)
+
+
 def load_otis_checkpoint(
     model_or_name: OTISEncoder | str | None, path: str, domain: str = "ecg", **overrides: Any
 ) -> OTISEncoder:
     """Load a public OTIS checkpoint; return an encoder shaped like it (time/lead tables, MLP kind).
 
     `model_or_name`: an encoder (its settings are kept, tables and MLP follow the checkpoint), a registry
-    name (built with `overrides`), or None (size inferred from the checkpoint).
+    name (built with `overrides`), or None (size inferred from the checkpoint's args and width).
     """
     ckpt = _read_otis(path)
     sd = {re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()}
-    D = sd["cls_token"].shape[-1]
-    derived: dict[str, Any] = {
-        "embed_dim": D,
-        "depth": len({m.group(1) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}),
-        "patch_width": sd["patch_embed.proj.weight"].shape[-1],
-    }
-    if "blocks.0.mlp.fc1_g.weight" in sd:
-        derived.update(
-            mlp="swiglu",
-            mlp_hidden=sd["blocks.0.mlp.fc1_g.weight"].shape[0],
-            mlp_norm="blocks.0.mlp.norm.weight" in sd,
-        )
-    else:
-        derived.update(mlp="gelu", mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0], mlp_norm=False)
-
-    if isinstance(model_or_name, OTISEncoder):
-        base_kwargs = {**model_or_name.init_kwargs, **overrides}
-        for key in ("embed_dim", "depth"):
-            if base_kwargs[key] != derived[key]:
-                raise ValueError(
-                    f"{path}: checkpoint {key} {derived[key]} != encoder {key} {base_kwargs[key]}"
-                )
-        arch = dict(model_or_name.arch)
-    elif isinstance(model_or_name, str):
-        from stence.models.registry import create_ecg_encoder
-
-        probe = create_ecg_encoder(model_or_name, **overrides)
-        base_kwargs, arch = dict(probe.init_kwargs), dict(probe.arch)
-    else:
-        base_kwargs = {**_size_from_args(ckpt.get("args"), D), **overrides}
-        arch = {
-            "name": "otis_" + next(k for k, v in OTIS_SIZES.items() if v["embed_dim"] == D),
-            "overrides": {},
-        }
-    kwargs = {**base_kwargs, **derived}
-    n_leads = len(kwargs.get("leads", STANDARD_LEADS))
-
-    # time table: interpolate when the encoder's window is longer than the checkpoint's table
-    want_rows = kwargs["n_samples"] // kwargs["patch_width"]
-    if "pos_embed_x" in sd:
-        table = sd["pos_embed_x"]
-        if table.shape[1] - 1 < want_rows:
-            table = interpolate_time_table(table, want_rows)
-        sd["pos_embed_x"] = table
-        kwargs["time_rows"] = table.shape[1] - 1
-
-    # lead table and the ECG domain's offset come from the checkpoint
-    if "pos_embed_y.weight" in sd:
-        offsets = dict(ckpt.get("domain_offsets") or {})
-        if domain in offsets:
-            offset = int(offsets[domain])
-        elif len(offsets) > 1 and sum(offsets.values()) == 0:
-            offset = 0  # domain-agnostic lead table
-        else:
-            raise ValueError(f"{path}: no {domain!r} domain in checkpoint domains {sorted(offsets)}")
-        kwargs["lead_rows"] = sd["pos_embed_y.weight"].shape[0]
-        kwargs["domain_offset"] = offset
-        domains = ckpt.get("domains") or {}
-        if domain in domains and tuple(domains[domain])[-2] < n_leads:
-            raise ValueError(
-                f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}"
-            )
-
+    derived = _arch_from_state(sd)
+    kwargs, arch = _starting_point(model_or_name, ckpt, derived, overrides, path)
+    kwargs.update(derived)
+    _fit_tables(sd, ckpt, kwargs, domain, path)
     model = OTISEncoder(**kwargs)
-    model.arch = {
-        "name": arch["name"],
-        "overrides": {
-            **arch.get("overrides", {}),
-            **{
-                k: kwargs[k]
-                for k in (
-                    "mlp",
-                    "mlp_hidden",
-                    "mlp_norm",
-                    "patch_width",
-                    "lead_rows",
-                    "domain_offset",
-                    "time_rows",
-                )
-                if k in kwargs
-            },
-        },
-    }
-    own = model.state_dict()
-    load = {k: v for k, v in sd.items() if k in own}
-    for k, v in load.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, encoder expects {tuple(own[k].shape)}")
-    unexpected = sorted(k for k in sd if k not in own and not k.startswith(_IGNORED_PREFIXES))
-    if unexpected:
-        raise ValueError(f"{path}: checkpoint keys the encoder cannot place: {unexpected}")
-    result = model.load_state_dict(load, strict=False)
-    check_missing(result.missing_keys, ("head.", "fc_norm.", "pos_embed_x", "pos_embed_y."), f"OTIS {path}")
+    shapes = {k: kwargs[k] for k in _SHAPE_KEYS if k in kwargs}
+    model.arch = {"name": arch["name"], "overrides": {**arch.get("overrides", {}), **shapes}}
+    load_matching(
+        model,
+        sd,
+        f"OTIS {path}",
+        ignore=_IGNORED_PREFIXES,
+        may_miss=("head.", "fc_norm.", "pos_embed_x", "pos_embed_y."),
+    )
     return model

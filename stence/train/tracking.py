@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import yaml
 
@@ -58,7 +58,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts beside a SQLite database (<db dir>/mlartifacts/<experiment>); servers choose their own."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(unquote(urlparse(uri).path))
+    db = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))  # urlparse would keep "//" in front
     return (db.parent / "mlartifacts" / experiment).as_uri()
 
 

@@ -1,0 +1,66 @@
+"""`stence probe` / `stence finetune`: stage C on threshold tasks (or EchoNext), with 95 % bootstrap CIs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from stence.commands._common import RAW, add_config_args, add_run_args, config_from_args
+
+EXAMPLE = """example:
+  stence {cmd} --encoder runs/ray/exports/pretrain-stence/encoder.pt --tasks 0_100 0_90 lt70_ge70 le50_ge99
+  stence {cmd} --tasks 0_100 --label baseline                      # random-init baseline
+  stence {cmd} --compare results/a.json results/b.json --out results/   # Fig. 2 + table of several models"""
+
+
+def _add(sub: argparse._SubParsersAction, cmd: str) -> None:
+    p = sub.add_parser(cmd, help=f"stage C: {'linear probe' if cmd == 'probe' else 'fine-tune'} an ECG encoder",
+                       description=__doc__, epilog=EXAMPLE.format(cmd=cmd), formatter_class=RAW)
+    p.add_argument("--encoder", default="", help="encoder.pt / stence.pt (default: the configured baseline)")
+    p.add_argument("--tasks", nargs="+", default=None, help="threshold tasks (default: downstream.task)")
+    p.add_argument("--label", default=None, help="model name in tables and plots")
+    p.add_argument("--out", default=None, help="folder for results.json/.md and the Fig. 2 plot")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="only merge earlier results files into one table and Fig. 2")
+    add_config_args(p)
+    add_run_args(p)
+    p.set_defaults(func=run, mode=cmd.replace("finetune", "finetune"))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    _add(sub, "probe")
+    _add(sub, "finetune")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stence.eval.report import plot_auroc_vs_threshold, read_results, write_results
+
+    if args.compare:
+        merged: dict = {}
+        for f in args.compare:
+            merged.update(read_results(f))
+        out = Path(args.out or "runs/results")
+        j, m = write_results(merged, out)
+        plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png")
+        print(Path(m).read_text())
+        return 0
+    from stence.train.stages import run_downstream
+
+    cfg = config_from_args(args)
+    d = replace(cfg.downstream, mode=args.mode, encoder_checkpoint=args.encoder or cfg.downstream.encoder_checkpoint)
+    label = args.label or (Path(args.encoder).parent.name if args.encoder else f"{cfg.model.ecg}-baseline")
+    results: dict = {label: {}}
+    for task in args.tasks or [d.task]:
+        out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label)
+        results[label].update({k: v for k, v in out["metrics"].items() if k != "subgroups"})
+        r = out["metrics"].get(task, {})
+        if r:
+            print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
+                  f"AUPRC {r['auprc']:.3f} (n={r['n']}, positives {r['n_pos']})")
+    out_dir = Path(args.out or Path(out["out"]).parent / f"results-{label}")
+    j, m = write_results(results, out_dir)
+    plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
+    print(f"results: {j}\n{json.dumps(str(m))}")
+    return 0
