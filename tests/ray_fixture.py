@@ -2,7 +2,7 @@
 
 Starting Ray and creating an MLflow database each cost many seconds on a 2-core machine, so every test
 of the session shares them (tests tell their runs apart by experiment, name and tags).
-Import `mlflow_db` explicitly in the test modules that use it; `ray_session` is registered in conftest.
+`ray_session` is registered in conftest; test modules wrap `shared_mlflow_db` in a fixture.
 """
 
 from __future__ import annotations
@@ -26,12 +26,19 @@ def ray_session() -> Iterator[None]:
         shutdown_ray()
 
 
-@pytest.fixture(scope="session")
-def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Absolute sqlite URI of a database created once for the session."""
-    import mlflow
+_SHARED: dict[str, str] = {}
 
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    uri = f"sqlite:///{path}"
-    mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables now
-    return uri
+
+def shared_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Absolute sqlite URI of one database per test session (created on first use; tables made now).
+
+    Test modules wrap it in their own `mlflow_db` fixture."""
+    if "mlflow_db" not in _SHARED:
+        import mlflow
+
+        path = tmp_path_factory.getbasetemp() / "mlflow" / "mlflow.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables
+        _SHARED["mlflow_db"] = uri
+    return _SHARED["mlflow_db"]

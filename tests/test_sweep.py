@@ -16,11 +16,17 @@ from ray import tune
 
 from stence.config import Config, ConfigError, load_config
 from stence.train.worker import METRICS_FILE, load_state
-from tests.ray_fixture import mlflow_db  # noqa: F401
+from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
 from tune import spaces
 from tune.spaces import SPACES, build_param_space, is_fixed
 from tune.sweep import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG, default_concurrency, run_sweep
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return shared_mlflow_db(tmp_path_factory)
+
 
 # ---------------------------------------------------------------------------------------------------
 # spaces as data
@@ -70,7 +76,10 @@ TOY_SPACE = {
         "optim.lr_ecg": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
     },
     # a good point, then a bad one that ASHA (reduction factor 2) stops at the first rung
-    "points_to_evaluate": [{"loss.w_sten": 0.3, "optim.lr_ecg": 3e-2}, {"loss.w_sten": 1.0, "optim.lr_ecg": 1e-3}],
+    "points_to_evaluate": [
+        {"loss.w_sten": 0.3, "optim.lr_ecg": 3e-2},
+        {"loss.w_sten": 1.0, "optim.lr_ecg": 1e-3},
+    ],
 }
 
 
@@ -96,7 +105,10 @@ def _runs(uri: str, experiment: str) -> list:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_tpe_asha_interrupted_and_resumed(
-    ray_session: None, mlflow_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    ray_session: None,
+    mlflow_db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(spaces.SPACES, "toy", TOY_SPACE)
     arm, hold = tmp_path / "arm", tmp_path / "hold"
@@ -162,7 +174,9 @@ def test_sweep_tpe_asha_interrupted_and_resumed(
     assert result.best_checkpoint and Path(result.best_checkpoint).is_dir()
     saved = json.loads((Path(result.best_checkpoint) / METRICS_FILE).read_text())
     assert saved[METRIC] == pytest.approx(result.best_metric)
-    assert load_state(result.best_checkpoint)["config"]["loss"]["w_sten"] == result.best_overrides["loss.w_sten"]
+    assert (
+        load_state(result.best_checkpoint)["config"]["loss"]["w_sten"] == result.best_overrides["loss.w_sten"]
+    )
     assert result.best_config.loss.w_sten == result.best_overrides["loss.w_sten"]
     assert parents[0].data.tags["stence.best_trial_id"] == result.best_trial_id
     assert parents[0].data.metrics[f"best/{METRIC}"] == pytest.approx(result.best_metric)
@@ -174,13 +188,15 @@ def test_sweep_tpe_asha_interrupted_and_resumed(
 
 
 def report_variant(cfg: Config, run_id: str | None, log: str) -> None:
-    """A stand-in for the training driver that reports one result straight to Tune."""
+    """A stand-in for the training driver that reports one result straight to Tune; the learnable-tau
+    variant fails, to show a failed trial's run ends FAILED while the sweep goes on."""
     t0 = time.time()
     time.sleep(1.0)
-    score = -abs(cfg.loss.w_sten - 0.3) - 0.1 * cfg.model.frozen_no_cls - 0.2 * cfg.loss.learnable_temperature
     with open(log, "a") as f:
         f.write(f"{t0} {time.time()}\n")
-    tune.report({METRIC: score})
+    if cfg.loss.learnable_temperature:
+        raise RuntimeError("this variant fails on purpose")
+    tune.report({METRIC: -abs(cfg.loss.w_sten - 0.3) - 0.1 * cfg.model.frozen_no_cls})
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -194,7 +210,7 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ablation_runs_every_variant_once(ray_session: None, mlflow_db: str, tmp_path: Path) -> None:  # noqa: F811
+def test_ablation_runs_every_variant_once_failed_ones_end_failed(ray_session: None, mlflow_db: str, tmp_path: Path) -> None:
     cfg = load_config(None, [f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_db}",
                              "tracking.experiment=ablation", "train.workers=1"])  # fmt: skip
     assert default_concurrency(cfg) == 2  # 4 logical CPUs / (1 trial driver + 1 worker)
@@ -202,12 +218,23 @@ def test_ablation_runs_every_variant_once(ray_session: None, mlflow_db: str, tmp
     log = tmp_path / "intervals.txt"
     result = run_sweep(functools.partial(report_variant, log=str(log)), cfg, space="ablation", num_samples=1,
                        max_concurrent=None, scheduler="asha", metric=METRIC, mode="max", resume=None, seed=0)  # fmt: skip
-    assert result.complete and len(result.results) == len(variants)
-    ran = [{k: row[f"config/{k}"] for k in variants[0]} for _, row in result.results.iterrows()]
-    assert sorted(map(json.dumps, ran)) == sorted(map(json.dumps, variants))
-    assert result.best_overrides == {"loss.learnable_temperature": False, "loss.w_sten": 0.3,
-                                     "model.frozen_no_cls": False}  # fmt: skip
+    assert result.complete
+    assert result.best_overrides == {
+        "loss.learnable_temperature": False,
+        "loss.w_sten": 0.3,
+        "model.frozen_no_cls": False,
+    }
     intervals = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
     assert len(intervals) == len(variants) and _max_overlap(intervals) <= 2  # the concurrency limit holds
     runs = _runs(mlflow_db, "ablation")
-    assert len(runs) == len(variants) + 1 and {r.info.status for r in runs} == {"FINISHED"}
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r is not parent]
+    ran = [{k: r.data.params[k] for k in variants[0]} for r in children]
+    assert sorted(map(json.dumps, ran)) == sorted(
+        json.dumps({k: str(v) for k, v in x.items()}) for x in variants
+    )
+    status = {r.data.params["loss.learnable_temperature"]: set() for r in children}
+    for r in children:
+        status[r.data.params["loss.learnable_temperature"]].add(r.info.status)
+    assert status == {"False": {"FINISHED"}, "True": {"FAILED"}}
+    assert parent.info.status == "FINISHED" and parent.data.tags["stence.failed_trials"] == "1"

@@ -21,12 +21,15 @@ from stence.train.tracking import (
     start_run,
     tracker_for_loop,
 )
-from tests.ray_fixture import mlflow_db  # noqa: F401
+from tests.ray_fixture import shared_mlflow_db
 
 
-def test_resolve_tracking_uri_is_always_absolute(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return shared_mlflow_db(tmp_path_factory)
+
+
+def test_resolve_tracking_uri_is_always_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TUNE_ORIG_WORKING_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -47,8 +50,10 @@ def test_resolve_tracking_uri_is_always_absolute(
         resolve_tracking_uri(load_config(None, ["tracking.uri=./mlruns"]))
 
 
-def test_start_run_logs_config_nests_and_is_found(mlflow_db: str) -> None:  # noqa: F811
-    cfg = load_config(None, [f"tracking.uri={mlflow_db}", "tracking.experiment=tracking-test", "loss.w_sten=0.7"])
+def test_start_run_logs_config_nests_and_is_found(mlflow_db: str) -> None:
+    cfg = load_config(
+        None, [f"tracking.uri={mlflow_db}", "tracking.experiment=tracking-test", "loss.w_sten=0.7"]
+    )
     parent = start_run(cfg, "parent", tags={"stence.kind": "sweep"})
     child = start_run(cfg, "child", parent_run_id=parent, tags={"stence.trial_id": "abc_00001"},
                       params={"extra.note": "x"})  # fmt: skip
@@ -71,13 +76,15 @@ def test_start_run_logs_config_nests_and_is_found(mlflow_db: str) -> None:  # no
     assert find_run(cfg, {"stence.trial_id": "abc_00001"}) == child
     assert find_run(cfg, {"stence.trial_id": "abc_00001", "mlflow.parentRunId": parent}) == child
     assert find_run(cfg, {"stence.trial_id": "nope"}) is None
-    assert find_run(load_config(None, [f"tracking.uri={mlflow_db}", "tracking.experiment=absent"]), {}) is None
+    assert (
+        find_run(load_config(None, [f"tracking.uri={mlflow_db}", "tracking.experiment=absent"]), {}) is None
+    )
     for rid in (child, parent):
         Tracker(mlflow_db, rid).end()
         assert run_status(mlflow_db, rid) == "FINISHED"
 
 
-def test_tracker_logs_history_and_null_tracker_logs_nothing(mlflow_db: str, tmp_path: Path) -> None:  # noqa: F811
+def test_tracker_logs_history_and_null_tracker_logs_nothing(mlflow_db: str, tmp_path: Path) -> None:
     cfg = load_config(None, [f"tracking.uri={mlflow_db}", "tracking.experiment=tracker-test"])
     run_id = start_run(cfg, "r")
     assert isinstance(open_tracker(mlflow_db, run_id, rank=1), NullTracker)

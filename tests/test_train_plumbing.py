@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -32,8 +31,14 @@ from stence.train.worker import (
     seed_everything,
     worker_info,
 )
-from tests.ray_fixture import mlflow_db  # noqa: F401
-from tests.toy_loop import METRIC, N_VAL, toy_loop, toy_train_fn
+from tests.ray_fixture import shared_mlflow_db
+from tests.toy_loop import METRIC, N_VAL, collectives_probe, toy_loop, toy_train_fn
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return shared_mlflow_db(tmp_path_factory)
+
 
 # ---------------------------------------------------------------------------------------------------
 # worker helpers
@@ -49,32 +54,13 @@ def test_helpers_outside_ray_are_single_process_noops() -> None:
     assert np.array_equal(out, x) and out is not x
 
 
-def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        n = 3 if rank == 0 else 5  # unequal shards
-        rows = np.full((n, 2), rank, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None]
-        flags = np.array([rank == 0] * n)
-        res = {
-            "gathered": all_gather_arrays(rows).tolist(),
-            "flags": all_gather_arrays(flags).tolist(),
-            "sum": all_reduce_sum({"rank": rank, "one": 1.0}),
-            # local means 1.0 (3 samples) and 3.0 (5 samples): weighted global mean 2.25
-            "mean": all_reduce_mean({"m": 1.0 if rank == 0 else 3.0}, weight=n),
-        }
-        Path(out_dir, f"r{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_collectives_on_a_real_gloo_group(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_collectives_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(collectives_probe, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     expected = [[0, 0], [1, 1], [2, 2], [1, 1], [2, 2], [3, 3], [4, 4], [5, 5]]
     for rank in (0, 1):
         res = json.loads((tmp_path / f"r{rank}.json").read_text())
@@ -190,7 +176,7 @@ def _cfg(tmp_path: Path, *overrides: str) -> Config:
     )
 
 
-def test_local_mode_fit_reports_and_checkpoints(tmp_path: Path, mlflow_db: str) -> None:  # noqa: F811
+def test_local_mode_fit_reports_and_checkpoints(tmp_path: Path, mlflow_db: str) -> None:
     cfg = _cfg(tmp_path, "train.workers=0", f"tracking.uri={mlflow_db}", "tracking.experiment=local-mode")
     run_id = start_run(cfg, "local")
     result = toy_train_fn(cfg, run_id, log_dir=str(tmp_path))
@@ -202,7 +188,11 @@ def test_local_mode_fit_reports_and_checkpoints(tmp_path: Path, mlflow_db: str) 
     saved = json.loads(Path(result.checkpoint.path, METRICS_FILE).read_text())
     assert saved[METRIC] == pytest.approx(result.metrics[METRIC])
     facts = [json.loads(x) for x in (tmp_path / "facts_rank0.jsonl").read_text().splitlines()]
-    assert [f["world_size"] for f in facts] == [1, 1] and not facts[0]["ddp"] and facts[0]["tracker"] == "Tracker"
+    assert (
+        [f["world_size"] for f in facts] == [1, 1]
+        and not facts[0]["ddp"]
+        and facts[0]["tracker"] == "Tracker"
+    )
     assert facts[0]["n_gathered"] == N_VAL
     history = mlflow.MlflowClient(mlflow_db).get_metric_history(run_id, METRIC)
     assert [m.step for m in history] == [0, 1]
@@ -221,12 +211,14 @@ def _events(log_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(ray_session: None, mlflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+def ddp_run(ray_session: None, mlflow_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real 2-worker run (2 epochs) with tracking, shared by the DDP assertions below."""
     root = tmp_path_factory.mktemp("ddp")
     log_dir = root / "logs"
     log_dir.mkdir()
-    cfg = _cfg(root, "train.workers=2", f"tracking.uri={mlflow_db}", "tracking.experiment=ddp", "train.name=ddp")
+    cfg = _cfg(
+        root, "train.workers=2", f"tracking.uri={mlflow_db}", "tracking.experiment=ddp", "train.name=ddp"
+    )
     run_id = start_run(cfg, "ddp")
     t0 = time.monotonic()
     result = toy_train_fn(cfg, run_id, log_dir=str(log_dir))

@@ -124,7 +124,9 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
         print0(f"resuming after epoch {state['epoch']}")
-    _append(log_dir and log_dir / "events.log", f"begin rank={info.rank} pid={os.getpid()} start={start_epoch}")
+    _append(
+        log_dir and log_dir / "events.log", f"begin rank={info.rank} pid={os.getpid()} start={start_epoch}"
+    )
     if log_dir is not None:
         (log_dir / f"pid_rank{info.rank}.txt").write_text(str(os.getpid()))
 
@@ -202,7 +204,30 @@ def _hold(path: str | None, max_s: float) -> None:
         time.sleep(0.1)
 
 
-def toy_train_fn(cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None) -> Any:
+def collectives_probe(rank: int, world: int, port: int, out_dir: str) -> None:
+    """torch.multiprocessing entry point (kept in this light module so spawned children import little):
+    run the collective helpers on a plain gloo group with unequal shards and write what they return."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        n = 3 if rank == 0 else 5
+        rows = np.full((n, 2), rank, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None]  # (n, 2)
+        flags = np.array([rank == 0] * n)
+        res = {
+            "gathered": all_gather_arrays(rows).tolist(),
+            "flags": all_gather_arrays(flags).tolist(),
+            "sum": all_reduce_sum({"rank": rank, "one": 1.0}),
+            # local means 1.0 (3 samples) and 3.0 (5 samples): weighted global mean 2.25
+            "mean": all_reduce_mean({"m": 1.0 if rank == 0 else 3.0}, weight=n),
+        }
+        Path(out_dir, f"r{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def toy_train_fn(
+    cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None
+) -> Any:
     """The driver a sweep calls per trial (and a single run calls once): fit the toy loop."""
     uri = resolve_tracking_uri(cfg) if run_id else None
     loop_config = {"log_dir": log_dir, "hold_file": hold_file, **loop_tracking(uri, run_id)}

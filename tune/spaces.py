@@ -59,7 +59,9 @@ def _distribution(key: str, spec: dict[str, Any]) -> Any:
         return tune.randint(spec["low"], spec["high"])
     if kind == "choice":
         return tune.choice(list(spec["values"]))
-    raise ValueError(f"{key}: unknown distribution type {kind!r} (uniform, loguniform, quniform, randint, choice)")
+    raise ValueError(
+        f"{key}: unknown distribution type {kind!r} (uniform, loguniform, quniform, randint, choice)"
+    )
 
 
 def get_space(name: str) -> dict[str, Any]:
@@ -103,7 +105,9 @@ def build_param_space(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     points = _complete(space.get("points_to_evaluate", []), keys)
     extra = {k for p in space.get("points_to_evaluate", []) for k in p} - set(keys)
     if extra:
-        raise ValueError(f"space {name!r}: points_to_evaluate set keys that are not searched: {sorted(extra)}")
+        raise ValueError(
+            f"space {name!r}: points_to_evaluate set keys that are not searched: {sorted(extra)}"
+        )
     return {k: _distribution(k, spec) for k, spec in params.items()}, points
 
 

@@ -115,7 +115,9 @@ class ChildRunCloser(tune.Callback):
         self.sweep_name = sweep_name
 
     def _running_child(self, trial: Any) -> str | None:
-        run_id = find_run_by(self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name})
+        run_id = find_run_by(
+            self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name}
+        )
         if run_id and run_status(self.uri, run_id) == "RUNNING":
             return run_id
         return None
@@ -140,7 +142,9 @@ def _searcher(
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # TuneConfig(max_concurrent_trials) is ignored (with a warning) for a variant generator
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed, max_concurrent=max_concurrent)
+        return BasicVariantGenerator(
+            points_to_evaluate=points, random_state=seed, max_concurrent=max_concurrent
+        )
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -224,7 +228,12 @@ def run_sweep(
         for key, given in (("space", space), ("metric", metric), ("mode", mode)):
             if given != state[key]:
                 logger.warning("resume: using the stored %s=%r, not %r", key, state[key], given)
-        space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
+        space, metric, mode, num_samples = (
+            state["space"],
+            state["metric"],
+            state["mode"],
+            state["num_samples"],
+        )
         sweep_name, parent_run_id = state["name"], state["parent_run_id"]
         if parent_run_id:
             parent = Tracker(base.tracking.uri, parent_run_id)
@@ -236,7 +245,9 @@ def run_sweep(
         fixed = is_fixed(space)
         if fixed:
             if scheduler != "none":
-                logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end", space)
+                logger.warning(
+                    "space %r is a fixed variant list: ASHA off, every variant runs to the end", space
+                )
             scheduler, num_samples = "none", len(points)
         sweep_name = name or f"{base.train.name}-sweep-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = Path(base.train.storage_path) / sweep_name
@@ -264,7 +275,9 @@ def run_sweep(
         if resume:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
         else:
-            n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
+            n_startup = (
+                n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
+            )
             run_callbacks = list(callbacks or [])
             if parent_run_id:
                 run_callbacks.insert(0, ChildRunCloser(uri, base.tracking.experiment, sweep_name))
@@ -308,7 +321,11 @@ def _finish(grid: Any, base: Config, state: dict, path: Path, parent: Tracker | 
     df = grid.get_dataframe()
     if "trial_id" in df:
         df["mlflow_run_id"] = df["trial_id"].map(children)
-    ok = [r for r in grid if r.error is None and r.metrics_dataframe is not None and metric in r.metrics_dataframe]
+    ok = [
+        r
+        for r in grid
+        if r.error is None and r.metrics_dataframe is not None and metric in r.metrics_dataframe
+    ]
     if not ok:
         parent.set_tags({"stence.interrupted": str(not complete).lower()})
         parent.end("KILLED" if not complete else "FAILED")

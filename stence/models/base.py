@@ -45,21 +45,6 @@ def no_weight_decay_names(module: nn.Module, prefix: str = "") -> set[str]:
     return out
 
 
-def param_groups(module: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: trainable parameters with decay and without (norms, biases, embeddings, tokens)."""
-    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else no_weight_decay_names(module)
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if lr is not None:
-        for g in groups:
-            g["lr"] = lr
-    return [g for g in groups if g["params"]]
-
-
 class ECGEncoder(nn.Module):
     """Base class: subclasses build their modules and implement `forward_features` and `pool`.
 

@@ -127,7 +127,7 @@ def extract_features(cfg: Config, cohort_root: str | Path | None = None, progres
             FrameEncoderActor,
             fn_constructor_args=(str(cohort.root), to_dict(cfg)),
             batch_size=cfg.feature.batch_size,
-            concurrency=cfg.feature.actors,
+            compute=ray.data.ActorPoolStrategy(size=cfg.feature.actors),
             num_gpus=1 if use_gpu else 0,
             num_cpus=1,
             batch_format="numpy",

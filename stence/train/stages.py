@@ -43,14 +43,17 @@ def _output_dir(cfg: Config, stage: str, run_name: str) -> Path:
 def _best_state(result: Any, metric: str, mode: str = "max") -> tuple[dict, dict]:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    try:
+        ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    except RuntimeError:  # local mode (workers=0) persists no checkpoints: the latest is what there is
+        ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError("training reported no checkpoint")
     best_metrics = {}
     for c, m in result.best_checkpoints or []:
         if c.path == ckpt.path:
             best_metrics = m
-    return load_state(ckpt, weights_only=True), best_metrics
+    return load_state(ckpt, weights_only=True), best_metrics or dict(result.metrics or {})
 
 
 def _features(cfg: Config) -> str:
@@ -117,6 +120,19 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         _finish(uri, run_id, owned, ok)
 
 
+def _export_scorer(cfg: Config, model_state: dict, path: Path, metrics: dict) -> None:
+    """Save the selected downstream model (encoder + head) as a self-describing scorer."""
+    from stence.models.registry import build_downstream_model
+    from stence.serving.scorer import save_scorer
+    from stence.train.downstream_loop import load_downstream_encoder
+
+    n_out = model_state["head.fc.weight"].shape[0] if "head.fc.weight" in model_state else 1
+    model = build_downstream_model(cfg, load_downstream_encoder(cfg), n_out=n_out)
+    model.load_state_dict(model_state)
+    plain = {k: v for k, v in metrics.get(cfg.downstream.task, {}).items() if isinstance(v, (int, float))}
+    save_scorer(path, model.encoder, model.head, cfg.downstream.task, to_dict(cfg), plain)
+
+
 def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model") -> dict[str, Any]:
     """Stage C: probe or fine-tune on one task; test metrics with patient-level bootstrap intervals."""
     from stence.eval.metrics import bootstrap_ci, multilabel_metrics, subgroup_metrics
@@ -152,6 +168,7 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model")
                        "age_band": age_band(rows["age"].to_numpy(dtype=float))},
                 groups=groups, n_boot=min(d.bootstrap, 200), seed=cfg.train.seed)
             plot_roc({label: (y, p)}, out / "roc.png")
+        _export_scorer(cfg, load_state(result.checkpoint)["model"], out / "scorer.pt", metrics)
         np.savez(out / "test_predictions.npz", **test, patients=groups if groups is not None else np.array([]))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if uri and run_id:
@@ -161,6 +178,7 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model")
             for f in out.iterdir():
                 t.log_artifact(f)
         ok = True
-        return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run_id}
+        return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run_id,
+                "scorer": str(out / "scorer.pt")}
     finally:
         _finish(uri, run_id, owned, ok)

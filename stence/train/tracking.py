@@ -141,7 +141,9 @@ def search_runs_by(uri: str, experiment: str, tags: dict[str, Any], status: str 
     if status:
         clauses.append(f"attributes.status = '{status}'")
     return list(
-        client.search_runs([exp.experiment_id], filter_string=" and ".join(clauses), order_by=["start_time DESC"])
+        client.search_runs(
+            [exp.experiment_id], filter_string=" and ".join(clauses), order_by=["start_time DESC"]
+        )
     )
 
 

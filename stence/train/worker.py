@@ -14,7 +14,6 @@ no-ops when `torch.distributed` is not initialised. Loops then read the same wha
 from __future__ import annotations
 
 import json
-import os
 import random
 import tempfile
 from dataclasses import dataclass
