@@ -25,7 +25,16 @@ from stence.models.frame_encoder import load_dinov2_checkpoint
 from stence.models.otis import load_otis_checkpoint
 from stence.models.registry import build_stence_model, create_ecg_encoder, create_frame_encoder
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 DT = torch.float64
 
 
@@ -238,10 +247,13 @@ def test_otis_longer_checkpoint_table_is_kept_and_model_instance_path(tmp_path):
             atol=2e-4,
             rtol=1e-4,
         )
-    # the encoder's own loader and the config path give the same model
+    # the encoder's own loader, and the size inferred from the checkpoint alone, give the same model
     via_method = model.load_pretrained(str(path)).eval()
+    inferred = load_otis_checkpoint(None, str(path), drop_path=0.0).eval()
+    assert inferred.arch["name"] == "otis_tiny"
     with torch.no_grad():
         torch.testing.assert_close(via_method(x), enc(x))
+        torch.testing.assert_close(inferred(x), enc(x))
 
 
 def test_otis_missing_keys_and_unknown_domain_are_refused(tmp_path):

@@ -15,7 +15,14 @@ from stence.config import Config, apply_overrides
 from stence.losses import StenceLoss, clip_loss, gather_features, stenosis_loss
 from stence.models.registry import build_stence_model
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def unit(B, D, seed):

@@ -16,6 +16,7 @@ from stence.models.frame_encoder import IMAGENET_MEAN, IMAGENET_STD, prepare_fra
 from stence.models.heads import ClassifierHead, DownstreamModel, ProjectionHead
 from stence.models.registry import (
     build_downstream_model,
+    build_frame_encoder,
     build_stence_model,
     create_aggregator,
     create_ecg_encoder,
@@ -24,7 +25,15 @@ from stence.models.registry import (
     list_frame_encoders,
 )
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # Registered presets are shrunk (same widths/heads, fewer blocks) so every name runs in seconds.
 SHRINK = {
@@ -335,3 +344,13 @@ def test_build_downstream_model_modes():
     assert count_parameters(ft.encoder, trainable_only=True) == count_parameters(ft.encoder)
     with pytest.raises(ValueError, match="probe"):
         build_downstream_model(apply_overrides(cfg, {"downstream.mode": "zero-shot"}), enc)
+
+
+def test_build_frame_encoder_is_seeded_and_sized_from_config():
+    cfg = apply_overrides(Config(), {"feature.feature_dim": 24, "feature.image_size": 32, "feature.seed": 3})
+    a, b = build_frame_encoder(cfg), build_frame_encoder(cfg)
+    other = build_frame_encoder(apply_overrides(cfg, {"feature.seed": 4}))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert not torch.equal(a.proj.weight, other.proj.weight)
+    assert a(prepare_frames(torch.rand(2, 50, 50), 32)).shape == (2, 16, 24)

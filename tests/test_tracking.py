@@ -121,3 +121,10 @@ def test_tracker_logs_history_and_null_tracker_logs_nothing(mlflow_db: str, tmp_
     assert run_status(mlflow_db, run_id) == "RUNNING"
     t.end("KILLED")
     assert run_status(mlflow_db, run_id) == "KILLED"
+
+
+def test_find_run_with_quotes_in_tag_values(mlflow_db: str) -> None:
+    cfg = load_config(None, [f"tracking.uri={mlflow_db}", "tracking.experiment=quotes"])
+    run_id = start_run(cfg, "q", tags={"stence.note": "it's"})
+    assert find_run(cfg, {"stence.note": "it's"}) == run_id
+    Tracker(mlflow_db, run_id).end()

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -176,11 +177,18 @@ def _cfg(tmp_path: Path, *overrides: str) -> Config:
     )
 
 
-def test_local_mode_fit_reports_and_checkpoints(tmp_path: Path, mlflow_db: str) -> None:
+def test_local_mode_fit_reports_and_checkpoints(
+    tmp_path: Path, mlflow_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _cfg(tmp_path, "train.workers=0", f"tracking.uri={mlflow_db}", "tracking.experiment=local-mode")
     run_id = start_run(cfg, "local")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = toy_train_fn(cfg, run_id, log_dir=str(tmp_path))
     Tracker(mlflow_db, run_id).end()
+    # Ray keeps only the last local-mode checkpoint; the earlier directory of the run is gone
+    assert [p.name for p in scratch.glob("stence-local-ckpt-*")] == [Path(result.checkpoint.path).name]
 
     assert result.metrics["epoch"] == 1 and METRIC in result.metrics
     state = load_state(result.checkpoint)

@@ -190,6 +190,86 @@ def _best_checkpoint(result: Any, metric: str, mode: str) -> str | None:
     return None
 
 
+def _new_sweep(
+    cfg: Config,
+    space: str,
+    num_samples: int,
+    scheduler: str,
+    metric: str,
+    mode: str,
+    seed: int,
+    name: str | None,
+) -> tuple[Path, Config, dict[str, Any]]:
+    """Experiment dir, resolved base config and stored settings of a new sweep; opens the parent run."""
+    base = _resolve_base(cfg)
+    if is_fixed(space):
+        if scheduler != "none":
+            logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end", space)
+        scheduler, num_samples = "none", len(build_param_space(space)[1])
+    sweep_name = name or f"{base.train.name}-sweep-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(base.train.storage_path) / sweep_name
+    path.mkdir(parents=True, exist_ok=True)
+    state = {"name": sweep_name, "space": space, "metric": metric, "mode": mode, "num_samples": num_samples,
+             "scheduler": scheduler, "seed": seed, "parent_run_id": None}  # fmt: skip
+    if base.tracking.enabled:
+        state["parent_run_id"] = start_run(
+            base,
+            sweep_name,
+            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space},
+            params={f"sweep.{k}": v for k, v in state.items() if k not in ("name", "parent_run_id")},
+        )
+    save_config(base, path / BASE_CONFIG_FILE)
+    (path / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return path, base, state
+
+
+def _resumed_sweep(resume: str, given: dict[str, Any]) -> tuple[Path, Config, dict[str, Any]]:
+    """Experiment dir, stored base config and settings of an interrupted sweep; reopens the parent run."""
+    path = Path(absolute_storage(resume))
+    state = json.loads((path / STATE_FILE).read_text())
+    base = load_config(path / BASE_CONFIG_FILE)
+    for key, value in given.items():
+        if value != state[key]:
+            logger.warning("resume: using the stored %s=%r, not %r", key, state[key], value)
+    if state["parent_run_id"]:
+        parent = Tracker(base.tracking.uri, state["parent_run_id"])
+        parent.reopen()
+        parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return path, base, state
+
+
+def _new_tuner(
+    trainable: Any,
+    path: Path,
+    base: Config,
+    state: dict[str, Any],
+    max_concurrent: int | None,
+    max_t: int,
+    reduction_factor: float,
+    n_startup_trials: int | None,
+    callbacks: list[Any] | None,
+) -> tune.Tuner:
+    space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
+    param_space, points = build_param_space(space)
+    fixed = is_fixed(space)
+    k = max_concurrent or default_concurrency(base)
+    n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
+    run_callbacks = list(callbacks or [])
+    if state["parent_run_id"]:
+        run_callbacks.insert(0, ChildRunCloser(base.tracking.uri, base.tracking.experiment, state["name"]))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(fixed, points, metric, mode, state["seed"], n_startup, k),
+            scheduler=_scheduler(state["scheduler"], metric, mode, max_t, reduction_factor),
+            num_samples=num_samples,
+            max_concurrent_trials=None if fixed else k,
+        ),
+        run_config=tune.RunConfig(name=state["name"], storage_path=str(path.parent), callbacks=run_callbacks),
+    )
+
+
 def run_sweep(
     train_fn_for_trial: Callable[[Config, str | None], Any],
     cfg: Config,
@@ -210,96 +290,47 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space`.
 
-    A fixed variant space (the ablation) runs each variant once with ASHA off; num_samples is then the
-    number of variants. max_concurrent defaults to what the cluster's CPUs/GPUs allow. On resume the
-    stored settings, base config and parent run are reused and unfinished trials continue (their
-    Train runs resume from their checkpoints, their child runs are reopened).
+    Optuna TPE (seeded) proposes the trials after the space's points_to_evaluate; ASHA (time_attr
+    training_iteration, grace period 1) stops poor trials early. A fixed variant space (the ablation)
+    runs each variant once with ASHA off; num_samples is then the number of variants. max_concurrent
+    defaults to what the cluster's CPUs/GPUs allow. On resume the stored settings, base config and
+    parent run are reused, and unfinished trials continue: their Train runs resume from their
+    checkpoints and their child runs are reopened. `callbacks` are extra Tune callbacks.
     """
     if scheduler not in ("asha", "none"):
         raise ValueError(f"scheduler must be 'asha' or 'none', got {scheduler!r}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     ensure_ray()
-
     if resume:
-        path = Path(absolute_storage(resume))
-        state = json.loads((path / STATE_FILE).read_text())
-        base = load_config(path / BASE_CONFIG_FILE)
-        for key, given in (("space", space), ("metric", metric), ("mode", mode)):
-            if given != state[key]:
-                logger.warning("resume: using the stored %s=%r, not %r", key, state[key], given)
-        space, metric, mode, num_samples = (
-            state["space"],
-            state["metric"],
-            state["mode"],
-            state["num_samples"],
-        )
-        sweep_name, parent_run_id = state["name"], state["parent_run_id"]
-        if parent_run_id:
-            parent = Tracker(base.tracking.uri, parent_run_id)
-            parent.reopen()
-            parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        path, base, state = _resumed_sweep(resume, {"space": space, "metric": metric, "mode": mode})
     else:
-        base = _resolve_base(cfg)
-        param_space, points = build_param_space(space)
-        fixed = is_fixed(space)
-        if fixed:
-            if scheduler != "none":
-                logger.warning(
-                    "space %r is a fixed variant list: ASHA off, every variant runs to the end", space
-                )
-            scheduler, num_samples = "none", len(points)
-        sweep_name = name or f"{base.train.name}-sweep-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path = Path(base.train.storage_path) / sweep_name
-        path.mkdir(parents=True, exist_ok=True)
-        parent_run_id = None
-        if base.tracking.enabled:
-            parent_run_id = start_run(
-                base,
-                sweep_name,
-                tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space},
-                params={"sweep.space": space, "sweep.num_samples": num_samples, "sweep.scheduler": scheduler,
-                        "sweep.metric": metric, "sweep.mode": mode, "sweep.seed": seed},
-            )  # fmt: skip
-        save_config(base, path / BASE_CONFIG_FILE)
-        state = {"name": sweep_name, "space": space, "metric": metric, "mode": mode, "num_samples": num_samples,
-                 "parent_run_id": parent_run_id, "scheduler": scheduler, "seed": seed}  # fmt: skip
-        (path / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-    trainable = tune.with_resources(
-        _make_trial_fn(train_fn_for_trial, to_dict(base), parent_run_id, sweep_name), {"CPU": 1}
-    )
-    uri = base.tracking.uri if base.tracking.enabled else ""
-    parent_tracker = Tracker(uri, parent_run_id) if parent_run_id else NullTracker()
+        path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name)
+    trial_fn = _make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
+    trainable = tune.with_resources(trial_fn, {"CPU": 1})  # the trial driver; Train workers ask for their own
+    parent: Tracker | NullTracker = NullTracker()
+    if state["parent_run_id"]:
+        parent = Tracker(base.tracking.uri, state["parent_run_id"])
     try:
         if resume:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
         else:
-            n_startup = (
-                n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
-            )
-            run_callbacks = list(callbacks or [])
-            if parent_run_id:
-                run_callbacks.insert(0, ChildRunCloser(uri, base.tracking.experiment, sweep_name))
-            k = max_concurrent or default_concurrency(base)
-            tuner = tune.Tuner(
+            tuner = _new_tuner(
                 trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    search_alg=_searcher(fixed, points, metric, mode, seed, n_startup, k),
-                    scheduler=_scheduler(scheduler, metric, mode, max_t, reduction_factor),
-                    num_samples=num_samples,
-                    max_concurrent_trials=None if fixed else k,
-                ),
-                run_config=tune.RunConfig(
-                    name=sweep_name, storage_path=str(path.parent), callbacks=run_callbacks
-                ),
+                path,
+                base,
+                state,
+                max_concurrent,
+                max_t,
+                reduction_factor,
+                n_startup_trials,
+                callbacks,
             )
         grid = tuner.fit()
     except BaseException:
-        parent_tracker.end("FAILED")
+        parent.end("FAILED")
         raise
-    return _finish(grid, base, state, path, parent_tracker)
+    return _finish(grid, base, state, path, parent)
 
 
 def _finish(grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker) -> SweepResult:

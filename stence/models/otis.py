@@ -10,6 +10,7 @@ zero). The public attention is Linear `qkv` -> `nn.MultiheadAttention` (with its
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -381,7 +382,8 @@ def _starting_point(
         return dict(probe.init_kwargs), dict(probe.arch)
     size = _size_from_args(ckpt.get("args"), derived["embed_dim"])
     name = "otis_" + next(k for k, v in OTIS_SIZES.items() if v == size)
-    return {**size, **overrides}, {"name": name, "overrides": dict(overrides)}
+    defaults = {k: p.default for k, p in inspect.signature(OTISEncoder).parameters.items()}
+    return {**defaults, **size, **overrides}, {"name": name, "overrides": dict(overrides)}
 
 
 def _fit_tables(

@@ -131,13 +131,22 @@ def find_run(cfg: Config, tags: dict[str, Any]) -> str | None:
     return find_run_by(resolve_tracking_uri(cfg), cfg.tracking.experiment, tags)
 
 
+def _quote(value: str) -> str:
+    """A filter-string literal (MLflow has no escapes: pick the quote the value does not contain)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"tag value {value!r} contains both quote characters; MLflow cannot filter on it")
+
+
 def search_runs_by(uri: str, experiment: str, tags: dict[str, Any], status: str | None = None) -> list[Any]:
     """Runs of `experiment` carrying all `tags` (and `status`, if given), newest first."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    clauses = [f"tags.`{k}` = '{str(v)}'" for k, v in tags.items()]
+    clauses = [f"tags.`{k}` = {_quote(str(v))}" for k, v in tags.items()]
     if status:
         clauses.append(f"attributes.status = '{status}'")
     return list(

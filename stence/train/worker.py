@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 STATE_FILE = "state.pt"  # torch.save'd dict inside every checkpoint directory
 METRICS_FILE = "metrics.json"  # the metrics reported with the checkpoint, for humans and tools
+_LOCAL_LAST: dict[str, Any] = {}  # local mode: the current run's context and its last checkpoint dir
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,8 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
     checkpoint; other ranks report without one. Only rank 0's metrics are kept, so pass metrics that
     are already all-reduced. Ray Train V2 persists metrics only together with a checkpoint: a report
     without `state` is seen by Tune (through TuneReportCallback) but is absent from `Result.metrics`.
-    In local mode Ray keeps the checkpoint object but not its files, so the directory is not a
-    temporary one there.
+    In local mode Ray keeps only the last checkpoint object and not its files: the directory is then
+    a kept temporary one, and the run's previous one is removed.
     """
     import ray.train
 
@@ -165,6 +167,11 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
         path = Path(tempfile.mkdtemp(prefix="stence-local-ckpt-"))
         _write_checkpoint_dir(path, metrics, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+        # local mode keeps only the last checkpoint of a run: drop this run's previous directory
+        ctx = _train_context()  # one context object per run (held here, so it is never a new run's)
+        if _LOCAL_LAST.get("ctx") is ctx and _LOCAL_LAST.get("path") is not None:
+            shutil.rmtree(_LOCAL_LAST["path"], ignore_errors=True)
+        _LOCAL_LAST.update(ctx=ctx, path=path)
         return
     with tempfile.TemporaryDirectory(prefix="stence-ckpt-") as tmp:
         _write_checkpoint_dir(Path(tmp), metrics, state)

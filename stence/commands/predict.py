@@ -1,0 +1,72 @@
+"""`stence predict --model REF RECORD.hea ...`: a stenosis probability per ECG, or a clear error per bad one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from stence.commands._common import RAW, add_config_args, config_from_args
+
+EXAMPLE = """example:
+  stence predict --model models:/stence-ecg-encoder@champion new_ecgs/*.hea
+  stence predict --model models:/stence-ecg-encoder/3 new_ecgs/ --json > scores.json
+  stence predict --model runs/ray/exports/probe-stence-probe-0_100/scorer.pt HR06000.hea
+
+Each record is read at its own sampling rate and lead order (leads are picked by name), resampled,
+baseline-corrected and cropped exactly as in training. Exit code 0 if at least one record was scored,
+1 if none. The registry lives at the tracking URI (tracking.uri, MLFLOW_TRACKING_URI or runs/mlflow.db)."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="score WFDB ECG records with a registered model",
+                       description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
+    p.add_argument("records", nargs="+", metavar="RECORD",
+                   help="WFDB header files (.hea) or folders of them")
+    p.add_argument("--model", default=None,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a scorer.pt "
+                   "(default: models:/<tracking.registered_model>@champion)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of {record, probability, error}")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def _print_table(rows: list[dict]) -> None:
+    width = max(len(r["record"]) for r in rows)
+    for r in rows:
+        if r["error"]:
+            print(f"{r['record']:<{width}}  ERROR {r['error']}")
+        else:
+            p = r["probability"]
+            shown = f"{p:.4f}" if isinstance(p, float) else " ".join(f"{v:.4f}" for v in p)
+            print(f"{r['record']:<{width}}  {shown}")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from stence.serving.predict import expand_records, predict_records
+    from stence.serving.registry import load_champion
+    from stence.train.tracking import resolve_tracking_uri
+
+    cfg = config_from_args(args)
+    ref = args.model or f"models:/{cfg.tracking.registered_model}@champion"
+    uri = resolve_tracking_uri(cfg)
+    try:
+        model = load_champion(ref, uri=uri)
+    except Exception as e:  # unknown alias, missing run, unreadable file: say which and what to do
+        print(f"error: cannot load model {ref!r} from {uri}: {e}\n"
+              "  list registered versions with `stence models`; register one with `stence register RUN_ID`")
+        return 1
+    paths = expand_records(args.records)
+    if not paths:
+        print("error: no records given (folders contained no .hea files)")
+        return 1
+    rows = predict_records(model, paths)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows)
+    n_ok = sum(r["error"] is None for r in rows)
+    if not args.json:
+        print(f"scored {n_ok} of {len(rows)} record(s) with {ref} (task {model.metadata['task']})")
+    return 0 if n_ok else 1

@@ -1,0 +1,458 @@
+"""Scorers in MLflow: log one as a pyfunc model, register versions with their provenance, move the
+`champion` alias only when a version is better on the same metric and cohort, and load a scorer back
+from an alias, a version, a run or a file.
+
+MLflow 3: stages are deprecated, so promotion is the alias `champion` (`models:/NAME@champion`). Every
+function takes the tracking URI explicitly (default: `resolve_tracking_uri` of the default config) and
+uses an `MlflowClient` bound to it; only `log_scorer` must briefly point MLflow's global URI at it,
+because `Model.log` has no client argument. Call these from the driver, never from Ray workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stence.serving.scorer import Scorer, load_scorer, scorer_metadata
+
+REGISTERED_MODEL = "stence-ecg-encoder"  # the default of `tracking.registered_model`
+CHAMPION = "champion"
+SCORER_FILE = "scorer.pt"
+MODEL_TYPE = "stence-scorer"
+
+# Model-version tags (the champion's tags are what a candidate is compared against).
+TAG_TASK = "stence.task"
+TAG_METRIC = "stence.metric"  # e.g. "0_100/auroc": task and metric, compared as one name
+TAG_VALUE = "stence.metric_value"
+TAG_LO = "stence.metric_lo"
+TAG_HI = "stence.metric_hi"
+TAG_INTERVAL = "stence.metric_interval"  # human-readable "0.812 [0.770, 0.851]"
+TAG_COHORT = "stence.cohort_fingerprint"
+TAG_CONFIG = "stence.config_hash"
+TAG_COMMIT = "stence.code_commit"
+TAG_SEED = "stence.seed"
+TAG_CONTRACT = "stence.input_contract"  # JSON of the input spec {fs, n_samples, leads, lead_order}
+TAG_SWEEP = "stence.sweep"  # the sweep the run was a trial of (same tag key as on the runs)
+TAG_DECISION = "stence.promotion"  # why the alias moved or did not
+UNKNOWN = "unknown"
+
+
+def _uri(uri: str | None) -> str:
+    if uri:
+        return uri
+    from stence.config import Config
+    from stence.train.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(Config())
+
+
+def _client(uri: str | None) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=_uri(uri), registry_uri=_uri(uri))
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at `uri` for the block, then restore it (and the
+    MLFLOW_TRACKING_URI variable, which `mlflow.set_tracking_uri` also writes)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+# ---------------------------------------------------------------------------------------------------
+# logging
+
+
+def example_input(spec: dict[str, Any], n: int = 1, seed: int = 0) -> np.ndarray:
+    """A (n, n_leads, n_samples) float32 crop at the input contract, distributed like a normalised crop
+    (each lead group z-scored), for the signature and the input example."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, len(spec["leads"]), int(spec["n_samples"]))).astype(np.float32)
+
+
+def model_requirements() -> list[str]:
+    """Pinned requirements of the pyfunc model (given explicitly: no inference subprocess at log time)."""
+    import importlib.metadata
+
+    import mlflow
+    import pandas as pd
+    import torch
+
+    try:
+        version = importlib.metadata.version("stence")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        version = getattr(importlib.import_module("stence"), "__version__", "0")
+    return [f"stence=={version}", f"torch=={torch.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+
+
+def log_scorer(scorer_path: str | Path, run_id: str, uri: str, name: str = "model",
+               example: np.ndarray | None = None) -> str:
+    """Log a scorer file as an MLflow pyfunc model of run `run_id`; returns its `models:/<model_id>` URI.
+
+    The model's only artifact is the scorer file (weights-only); its code is the installed package
+    (see stence/serving/pyfunc.py for why). The signature is inferred from `example` (default: a
+    normalised-crop-like array at the contract) and the real model's output on it, with the parameter
+    `output` ("probability" | "embedding" | "all").
+    """
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    from stence.serving.pyfunc import ENTRY_CODE, SCORER_ARTIFACT, as_batch, score_batch
+
+    scorer_path = Path(scorer_path).resolve()
+    scorer = load_scorer(scorer_path)
+    meta = scorer_metadata(scorer_path)
+    x = as_batch(example if example is not None else example_input(scorer.input_spec), scorer.input_spec)
+    signature = infer_signature(x, score_batch(scorer, x), params={"output": "probability"})
+    client = _client(uri)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
+        tags={TAG_TASK: str(meta["task"]), TAG_CONTRACT: json.dumps(meta["input_spec"], sort_keys=True)},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = Path(tmp) / "stence_scorer_model.py"
+        entry.write_text(ENTRY_CODE)
+        with _global_tracking_uri(uri):
+            info = Model.log(
+                artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
+                python_model=str(entry), artifacts={SCORER_ARTIFACT: str(scorer_path)},
+                signature=signature, input_example=x[:1], pip_requirements=model_requirements(),
+            )
+    return info.model_uri
+
+
+# ---------------------------------------------------------------------------------------------------
+# provenance tags
+
+
+def code_commit(repo: str | Path | None = None) -> str:
+    """`git rev-parse HEAD` of the source tree (default: the one holding this package), else "unknown"."""
+    where = Path(repo) if repo else Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    return out.stdout.strip() or UNKNOWN
+
+
+def cohort_fingerprint(cfg_dict: dict[str, Any]) -> str:
+    """Fingerprint of the cohort a config trained on (`data.cohort`/cohort.json), else "unknown"."""
+    root = (cfg_dict.get("data") or {}).get("cohort")
+    if not root:
+        return UNKNOWN
+    path = Path(root)
+    if not path.is_absolute():
+        path = Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()) / path
+    try:
+        return str(json.loads((path / "cohort.json").read_text())["fingerprint"]) or UNKNOWN
+    except (OSError, ValueError, KeyError):
+        return UNKNOWN
+
+
+def _config_hash(cfg_dict: dict[str, Any]) -> str:
+    from stence.config import ConfigError, config_hash, from_dict
+
+    if not cfg_dict:
+        return UNKNOWN
+    try:
+        return config_hash(from_dict(cfg_dict))
+    except (ConfigError, TypeError, ValueError):
+        return UNKNOWN
+
+
+def _fmt(v: Any) -> str:
+    return f"{float(v):.4f}" if isinstance(v, (int, float)) else str(v)
+
+
+def scorer_version_tags(meta: dict[str, Any], metric: str = "auroc", cohort: str | None = None,
+                        sweep: str | None = None, commit: str | None = None) -> dict[str, str]:
+    """Version tags from `scorer_metadata`: metric (named "<task>/<metric>") with its bootstrap interval,
+    cohort fingerprint, config hash, code commit, seed, input contract, task and sweep (if any)."""
+    cfg = meta.get("config") or {}
+    metrics = meta.get("metrics") or {}
+    if metric not in metrics:
+        raise ValueError(f"scorer has no metric {metric!r}; it has {sorted(metrics)}")
+    value = float(metrics[metric])
+    lo, hi = float(metrics.get(f"{metric}_lo", math.nan)), float(metrics.get(f"{metric}_hi", math.nan))
+    tags = {
+        TAG_TASK: str(meta["task"]),
+        TAG_METRIC: f"{meta['task']}/{metric}",
+        TAG_VALUE: repr(value), TAG_LO: repr(lo), TAG_HI: repr(hi),
+        TAG_INTERVAL: f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]",
+        TAG_COHORT: cohort or cohort_fingerprint(cfg),
+        TAG_CONFIG: _config_hash(cfg),
+        TAG_COMMIT: commit or code_commit(),
+        TAG_SEED: str((cfg.get("train") or {}).get("seed", UNKNOWN)),
+        TAG_CONTRACT: json.dumps(meta["input_spec"], sort_keys=True),
+    }
+    if sweep:
+        tags[TAG_SWEEP] = sweep
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+
+
+def _model_id(model_uri: str) -> str | None:
+    """`models:/m-...` (a logged model, not `models:/NAME/VERSION` or `@alias`) -> its id."""
+    rest = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    return rest if rest and "/" not in rest and "@" not in rest else None
+
+
+def register(model_uri: str, name: str, tags: dict[str, Any] | None = None, *, uri: str | None = None) -> str:
+    """Create a new version of registered model `name` (created if missing) from a logged model URI
+    (`models:/<model_id>` from `log_scorer`, or `runs:/<run_id>/<path>`); returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.create_registered_model(name, description="StenCE ECG scorers (encoder + stenosis head)")
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and e.error_code not in ("RESOURCE_ALREADY_EXISTS",
+                                                                            "ALREADY_EXISTS"):
+            raise
+    run_id, model_id = None, _model_id(model_uri)
+    if model_id:
+        run_id = client.get_logged_model(model_id).source_run_id
+    elif model_uri.startswith("runs:/"):
+        run_id = model_uri[len("runs:/"):].split("/", 1)[0]
+    with _global_tracking_uri(_uri(uri)):  # the registry store resolves `models:/<id>` sources globally
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                         tags={k: str(v) for k, v in (tags or {}).items()}, model_id=model_id)
+    return str(mv.version)
+
+
+def _tag_float(tags: dict[str, str], key: str) -> float:
+    try:
+        return float(tags.get(key, "nan"))
+    except ValueError:
+        return math.nan
+
+
+def decide_promotion(champion: dict[str, str] | None, champion_version: str | None, metric_name: str,
+                     value: float, lo: float, cohort: str, strict: bool) -> tuple[bool, str]:
+    """Pure decision: (promote?, reason). `champion` are the current champion's version tags (None: no
+    champion yet). Same metric name and same known cohort fingerprint are required; then the value (or,
+    with `strict`, the bootstrap lower bound) must be strictly greater than the champion's value."""
+    if champion is None:
+        return True, "first version: no champion yet"
+    cv = f"v{champion_version}"
+    if champion.get(TAG_METRIC) != metric_name:
+        return False, f"{cv} was scored on {champion.get(TAG_METRIC)!r}, this version on {metric_name!r}"
+    theirs = champion.get(TAG_COHORT, UNKNOWN)
+    if cohort == UNKNOWN or theirs == UNKNOWN:
+        return False, f"cohort fingerprint unknown (this: {cohort}, {cv}: {theirs}): cannot compare"
+    if cohort != theirs:
+        return False, f"different cohort: {cohort} vs {theirs} of {cv}; metrics are not comparable"
+    best = _tag_float(champion, TAG_VALUE)
+    mine, what = (lo, "lower bound") if strict else (value, "value")
+    if not math.isfinite(mine):
+        return False, f"{metric_name} {what} is undefined"
+    if math.isfinite(best) and not mine > best:
+        return False, f"{metric_name} {what} {mine:.4f} does not beat {cv}'s {best:.4f}"
+    return True, f"{metric_name} {what} {mine:.4f} beats {cv}'s {best:.4f}"
+
+
+def champion_version(name: str, *, uri: str | None = None, alias: str = CHAMPION) -> Any | None:
+    """The ModelVersion holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promote_if_better(name: str, version: str, metric_name: str, value: float, lo: float,
+                      cohort_fingerprint: str, strict: bool, *, uri: str | None = None,
+                      alias: str = CHAMPION) -> bool:
+    """Move `alias` to `version` when it beats the current holder (see `decide_promotion`); a first
+    version always gets it. The candidate's metric/cohort tags and the decision are written on it."""
+    client = _client(uri)
+    version = str(version)
+    candidate = {TAG_METRIC: metric_name, TAG_VALUE: repr(float(value)), TAG_LO: repr(float(lo)),
+                   TAG_COHORT: cohort_fingerprint}
+    for k, v in candidate.items():
+        client.set_model_version_tag(name, version, k, v)
+    current = champion_version(name, uri=uri, alias=alias)
+    if current is not None and str(current.version) == version:
+        ok, why = True, f"already {alias}"
+    else:
+        ok, why = decide_promotion(dict(current.tags) if current else None,
+                                   str(current.version) if current else None,
+                                   metric_name, float(value), float(lo), cohort_fingerprint, strict)
+    if ok:
+        client.set_registered_model_alias(name, alias, version)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    verdict = "promoted to" if ok else "not promoted to"
+    client.set_model_version_tag(name, version, TAG_DECISION, f"{verdict} {alias}: {why} ({stamp})")
+    return ok
+
+
+def set_alias(name: str, version: str, alias: str = CHAMPION, *, uri: str | None = None) -> None:
+    """Move `alias` to `version` unconditionally (a deliberate override by hand)."""
+    client = _client(uri)
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), TAG_DECISION,
+                                 f"{alias} set by hand ({time.strftime('%Y-%m-%dT%H:%M:%S')})")
+
+
+def list_models(name: str, *, uri: str | None = None) -> list[dict[str, Any]]:
+    """Versions of `name`, newest first: version, aliases, metric (with interval), created, run id, ..."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        aliases = dict(client.get_registered_model(name).aliases or {})  # alias -> version
+    except MlflowException:
+        return []
+    rows = []
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        tags = dict(mv.tags or {})
+        metric = tags.get(TAG_METRIC, "")
+        rows.append({
+            "version": int(mv.version),
+            "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+            "metric": f"{metric} {tags.get(TAG_INTERVAL, tags.get(TAG_VALUE, ''))}".strip(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mv.creation_timestamp / 1000)),
+            "run_id": mv.run_id or "",
+            "cohort": tags.get(TAG_COHORT, ""),
+            "decision": tags.get(TAG_DECISION, ""),
+        })
+    return sorted(rows, key=lambda r: -r["version"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def _find_scorer(root: Path) -> Path:
+    """The scorer file at or under `root` (a file, a scorer folder, or a downloaded pyfunc model)."""
+    if root.is_file():
+        return root
+    for candidate in (root / SCORER_FILE, root / "artifacts" / SCORER_FILE):
+        if candidate.is_file():
+            return candidate
+    found = sorted(root.rglob(SCORER_FILE))
+    if not found:
+        raise FileNotFoundError(f"no {SCORER_FILE} under {root}")
+    return found[0]
+
+
+def _run_artifact_scorer(client: Any, run_id: str, path: str = "") -> str | None:
+    """Artifact path of the first scorer file in a run (breadth first), or None."""
+    queue = [path]
+    while queue:
+        here = queue.pop(0)
+        for f in client.list_artifacts(run_id, here or None):
+            if f.is_dir:
+                queue.append(f.path)
+            elif Path(f.path).name == SCORER_FILE:
+                return f.path
+    return None
+
+
+def _resolve_run_ref(client: Any, ref: str) -> str:
+    """`runs:/RUN_ID[/PATH]` -> the run's scorer file artifact, else the model it logged (named PATH, if
+    given; the latest one otherwise) as `models:/<model_id>` (MLflow 3 keeps logged models out of the
+    run's artifact tree)."""
+    run_id, _, path = ref[len("runs:/"):].partition("/")
+    path = path.strip("/")
+    found = _run_artifact_scorer(client, run_id, "" if path.endswith(".pt") else path)
+    if found and (not path.endswith(".pt") or found == path):
+        return f"runs:/{run_id}/{found}"
+    run = client.get_run(run_id)
+    outputs = sorted(getattr(run.outputs, "model_outputs", None) or [], key=lambda o: o.step)
+    for out in reversed(outputs):
+        if not path or client.get_logged_model(out.model_id).name == path:
+            return f"models:/{out.model_id}"
+    raise FileNotFoundError(f"run {run_id} has no {SCORER_FILE} artifact{f' under {path!r}' if path else ''} "
+                            "and no logged model")
+
+
+def fetch_scorer(ref: str, dst: str | Path, *, uri: str | None = None) -> Path:
+    """Local path of the scorer file `ref` names, downloading it into `dst` when it lives in MLflow.
+
+    `ref`: `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/<model_id>`, `runs:/RUN_ID[/PATH]`,
+    a bare run id, `NAME@ALIAS`, or a local scorer file / folder.
+    """
+    import mlflow.artifacts
+
+    local = Path(ref).expanduser()
+    if local.exists():
+        return _find_scorer(local)
+    tracking = _uri(uri)
+    if not ref.startswith(("models:/", "runs:/")):
+        if "@" in ref and "/" not in ref:  # NAME@ALIAS shorthand
+            ref = f"models:/{ref}"
+        elif len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):  # a run id
+            ref = f"runs:/{ref}"
+        else:
+            raise FileNotFoundError(f"{ref!r} is neither a file nor a models:/ or runs:/ URI")
+    if ref.startswith("runs:/"):
+        ref = _resolve_run_ref(_client(uri), ref)
+    with _global_tracking_uri(tracking):  # models:/ resolution ignores the explicit URIs in places
+        out = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=tracking,
+                                                  registry_uri=tracking)
+    return _find_scorer(Path(out))
+
+
+def load_champion(uri_or_alias: str, *, uri: str | None = None) -> Scorer:
+    """The Scorer behind an alias, version, run or file (see `fetch_scorer`), rebuilt from the weights-only
+    scorer file (no model code is unpickled). `scorer.metadata` holds its task, input contract, config and
+    metrics; `scorer.source` the reference it came from."""
+    tmp = tempfile.mkdtemp(prefix="stence-scorer-")
+    try:
+        path = fetch_scorer(uri_or_alias, tmp, uri=uri)
+        scorer = load_scorer(path)
+        scorer.metadata = scorer_metadata(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    scorer.source = uri_or_alias
+    return scorer
+
+
+__all__ = [
+    "CHAMPION",
+    "REGISTERED_MODEL",
+    "champion_version",
+    "code_commit",
+    "cohort_fingerprint",
+    "decide_promotion",
+    "fetch_scorer",
+    "list_models",
+    "load_champion",
+    "log_scorer",
+    "promote_if_better",
+    "register",
+    "scorer_version_tags",
+    "set_alias",
+]
