@@ -60,6 +60,21 @@ class SweepResult:
     complete: bool  # False when the sweep was interrupted (resume it with `resume=path`)
 
 
+TRIAL_MAX_FAILURES = 2
+DRIVER_RESOURCE = "driver"  # custom resource of non-preemptible nodes (cluster.yaml head node)
+
+
+def driver_resources() -> dict[str, float]:
+    """1 CPU for a trial driver, pinned to nodes offering the `driver` resource when the cluster has one,
+    so that losing a (preemptible) worker node never kills a trial's driver."""
+    import ray
+
+    res = {"CPU": 1.0}
+    if ray.is_initialized() and ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        res[DRIVER_RESOURCE] = 0.01
+    return res
+
+
 def default_concurrency(cfg: Config) -> int:
     """Trials that fit on the cluster at once: each takes 1 CPU for its driver plus its workers."""
     import ray
@@ -266,7 +281,9 @@ def _new_tuner(
             num_samples=num_samples,
             max_concurrent_trials=None if fixed else k,
         ),
-        run_config=tune.RunConfig(name=state["name"], storage_path=str(path.parent), callbacks=run_callbacks),
+        run_config=tune.RunConfig(name=state["name"], storage_path=str(path.parent), callbacks=run_callbacks,
+                                  # a trial whose node disappears is retried from its latest checkpoint
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES)),
     )
 
 
@@ -307,7 +324,7 @@ def run_sweep(
     else:
         path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name)
     trial_fn = _make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
-    trainable = tune.with_resources(trial_fn, {"CPU": 1})  # the trial driver; Train workers ask for their own
+    trainable = tune.with_resources(trial_fn, driver_resources())  # Train workers ask for their own
     parent: Tracker | NullTracker = NullTracker()
     if state["parent_run_id"]:
         parent = Tracker(base.tracking.uri, state["parent_run_id"])

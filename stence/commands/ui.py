@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +57,35 @@ def run(args: argparse.Namespace) -> int:
     Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0])).parent.mkdir(parents=True, exist_ok=True)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"MLflow UI: http://{shown}:{args.port}  (store {uri}; Ctrl-C to stop)", flush=True)
-    proc = subprocess.Popen(cmd)
+    return serve(cmd)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """TERM the server's whole process group (mlflow server runs uvicorn as a child), then KILL."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def serve(cmd: list[str]) -> int:
+    """Run the server in its own process group until it exits or we get Ctrl-C / SIGTERM."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_group(proc)
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -68,14 +68,26 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def wrap_model(model: nn.Module, info: WorkerInfo) -> nn.Module:
-    """DDP-wrap when distributed (Ray picks gloo on CPU, nccl on GPU). Parameters that can sit out a
-    step (e.g. the stenosis head with w_sten=0) need find_unused_parameters."""
+def wrap_model(model: nn.Module, info: WorkerInfo, find_unused: bool = False) -> nn.Module:
+    """DDP-wrap when distributed (Ray picks gloo on CPU, nccl on GPU). Parameters that sit out a step
+    (e.g. the stenosis head with w_sten=0) need find_unused=True."""
     if info.world_size > 1:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     return model.to(info.device)
+
+
+def ddp_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Proof that data parallelism is real: world size, distinct worker processes, and the spread of
+    parameter checksums across ranks (0 when every replica holds the same weights)."""
+    import os
+
+    checksum = sum(float(p.detach().double().sum()) for p in unwrap(model).parameters())
+    rows = all_gather_arrays(np.array([[checksum, os.getpid()]], dtype=np.float64))  # (world, 2)
+    return {"ddp/world_size": float(len(rows)), "ddp/distinct_pids": float(len(set(rows[:, 1]))),
+            "ddp/param_spread": float(rows[:, 0].max() - rows[:, 0].min()),
+            "ddp/wrapped": float(isinstance(model, nn.parallel.DistributedDataParallel))}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

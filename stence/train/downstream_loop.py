@@ -154,11 +154,12 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     # the test split, read once, with the weights selected on validation
     if best_state is not None:
         core.load_state_dict(best_state)
-    test = predict("test")
+    val, test = predict("val"), predict("test")
     final = {"epoch": d.epochs + 1, DOWNSTREAM_METRIC: best, "final": 1.0}
     ckpt = None
     if info.rank == 0:
         ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                 "epoch": d.epochs, "best": best, "best_model": core.state_dict(), "config": loop_config["config"],
-                "test": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test.items()}}
+                "test": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test.items()},
+                "val": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in val.items()}}
     report(final, ckpt)

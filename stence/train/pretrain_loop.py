@@ -23,6 +23,7 @@ from stence.losses import StenceLoss, clip_loss
 from stence.models.registry import build_stence_model
 from stence.train.common import (
     autocast,
+    ddp_diagnostics,
     gather_outputs,
     loop_setup,
     set_epoch,
@@ -89,7 +90,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     knn_sets = [EcgDataset(cohort, s, cfg.data, cfg.train.knn_task) for s in ("train", "val")]
     loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed,
                                    cfg.data.num_workers)
-    model = wrap_model(build_stence_model(cfg), info)
+    model = wrap_model(build_stence_model(cfg), info, find_unused=cfg.loss.w_sten == 0)
     core = unwrap(model)
     loss_fn = StenceLoss(cfg.loss.w_sten, gather=cfg.loss.gather)
     optimizers = tower_optimizers(core, cfg)
@@ -142,6 +143,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
             scale = float(core.logit_scale.exp().clamp(max=100.0))
         metrics.update(retrieval_metrics(val["e"], val["a"], scale))
         metrics["train/temperature"] = 1.0 / scale
+        metrics.update(ddp_diagnostics(model))
         if (epoch + 1) % cfg.train.knn_every == 0 or epoch + 1 == cfg.optim.epochs:
             tr, va = (embed_ecgs(core, ds, info, cfg.optim.batch_size) for ds in knn_sets)
             last_knn = knn_auroc(tr["z"], knn_sets[0].labels[tr["index"]], va["z"], knn_sets[1].labels[va["index"]],

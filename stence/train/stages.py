@@ -14,19 +14,20 @@ from typing import Any
 import numpy as np
 
 from stence.config import Config, to_dict
-from stence.train.driver import absolute_storage, fit
+from stence.train.driver import absolute_storage, fit, tune_trial_id
 from stence.train.tracking import Tracker, loop_tracking, resolve_tracking_uri, start_run
 from stence.train.worker import load_state
 
 
-def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str) -> tuple[str | None, str | None, bool]:
+def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str,
+             parent_run_id: str | None = None) -> tuple[str | None, str | None, bool]:
     """(uri, run_id, owned): reuse a given run (a sweep trial) or start one for a single command."""
     if not cfg.tracking.enabled:
         return None, None, False
     uri = resolve_tracking_uri(cfg)
     if run_id:
         return uri, run_id, False
-    return uri, start_run(cfg, run_name, tags={"stence.stage": stage}), True
+    return uri, start_run(cfg, run_name, parent_run_id=parent_run_id, tags={"stence.stage": stage}), True
 
 
 def _finish(uri: str | None, run_id: str | None, owned: bool, ok: bool) -> None:
@@ -105,7 +106,7 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         state, best = _best_state(result, KNN_METRIC)
         model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="", ecg_checkpoint="")))
         model.load_state_dict(state["model"])
-        out = _output_dir(cfg, "pretrain", name)
+        out = _output_dir(cfg, "pretrain", tune_trial_id() or name)  # one export per sweep trial
         extra = {"metrics": best, "epoch": int(state["epoch"])}
         save_stence(out / "stence.pt", model, to_dict(cfg), extra=extra)
         save_encoder(out / "encoder.pt", model.ecg_encoder, to_dict(cfg), extra=extra)
@@ -129,11 +130,16 @@ def _export_scorer(cfg: Config, model_state: dict, path: Path, metrics: dict) ->
     n_out = model_state["head.fc.weight"].shape[0] if "head.fc.weight" in model_state else 1
     model = build_downstream_model(cfg, load_downstream_encoder(cfg), n_out=n_out)
     model.load_state_dict(model_state)
-    plain = {k: v for k, v in metrics.get(cfg.downstream.task, {}).items() if isinstance(v, (int, float))}
+    # the registry compares models on validation metrics; test metrics travel along, prefixed
+    val = metrics.get("val", {}).get(cfg.downstream.task, {})
+    plain = {k: v for k, v in val.items() if isinstance(v, (int, float))}
+    plain.update({f"test_{k}": v for k, v in metrics.get(cfg.downstream.task, {}).items()
+                  if isinstance(v, (int, float))})
     save_scorer(path, model.encoder, model.head, cfg.downstream.task, to_dict(cfg), plain)
 
 
-def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model") -> dict[str, Any]:
+def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
+                   parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage C: probe or fine-tune on one task; test metrics with patient-level bootstrap intervals."""
     from stence.eval.metrics import bootstrap_ci, multilabel_metrics, subgroup_metrics
     from stence.eval.report import plot_roc
@@ -141,16 +147,20 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model")
 
     d = cfg.downstream
     name = f"{cfg.train.name}-{d.mode}-{d.task}"
-    uri, run_id, owned = _tracker(cfg, run_id, name, d.mode)
+    uri, run_id, owned = _tracker(cfg, run_id, name, d.mode, parent_run_id)
     ok = False
     try:
         result = fit(downstream_loop, replace(cfg, train=replace(cfg.train, name=name)), stage=d.mode,
                      metric=DOWNSTREAM_METRIC, loop_config=loop_tracking(uri, run_id))
         if result.error:
             raise RuntimeError(f"training failed: {result.error}") from result.error
-        test = {k: v.numpy() for k, v in load_state(result.checkpoint)["test"].items()}
-        test_set = build_datasets(cfg)["test"]
+        final = load_state(result.checkpoint)
+        test = {k: v.numpy() for k, v in final["test"].items()}
+        val = {k: v.numpy() for k, v in final["val"].items()}
+        sets = build_datasets(cfg)
+        test_set = sets["test"]
         groups = test_set.patients[test["index"]] if test_set.patients is not None else None
+        val_groups = sets["val"].patients[val["index"]] if sets["val"].patients is not None else None
         out = _output_dir(cfg, d.mode, name)
         if d.task == "echonext":
             from stence.data.echonext import ECHONEXT_TASKS
@@ -159,7 +169,9 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model")
                                          n_boot=d.bootstrap, seed=cfg.train.seed)
         else:
             y, p = test["y"][:, 0], test["p"][:, 0]
-            metrics = {d.task: bootstrap_ci(y, p, groups=groups, n_boot=d.bootstrap, seed=cfg.train.seed)}
+            metrics = {d.task: bootstrap_ci(y, p, groups=groups, n_boot=d.bootstrap, seed=cfg.train.seed),
+                       "val": {d.task: bootstrap_ci(val["y"][:, 0], val["p"][:, 0], groups=val_groups,
+                                                    n_boot=d.bootstrap, seed=cfg.train.seed)}}
             rows = test_set.rows.iloc[test["index"]]
             from stence.eval.metrics import age_band
 
@@ -168,12 +180,14 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model")
                        "age_band": age_band(rows["age"].to_numpy(dtype=float))},
                 groups=groups, n_boot=min(d.bootstrap, 200), seed=cfg.train.seed)
             plot_roc({label: (y, p)}, out / "roc.png")
-        _export_scorer(cfg, load_state(result.checkpoint)["model"], out / "scorer.pt", metrics)
+        _export_scorer(cfg, final["model"], out / "scorer.pt", metrics)
         np.savez(out / "test_predictions.npz", **test, patients=groups if groups is not None else np.array([]))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if uri and run_id:
             t = Tracker(uri, run_id)
             flat = {f"test/{k}": v for k, v in metrics.get(d.task, {}).items() if isinstance(v, (int, float))}
+            flat.update({f"val_final/{k}": v for k, v in metrics.get("val", {}).get(d.task, {}).items()
+                         if isinstance(v, (int, float))})
             t.log_metrics(flat, step=d.epochs)
             for f in out.iterdir():
                 t.log_artifact(f)

@@ -1,0 +1,70 @@
+"""`stence tune`: a Ray Tune + Optuna sweep of StenCE pretraining; every trial a Ray Train (DDP) run tracked
+as a nested MLflow run; the best encoder is probed, logged and registered (champion only if it wins)."""
+
+from __future__ import annotations
+
+import argparse
+
+from stence.commands._common import RAW, add_config_args, add_run_args, config_from_args
+
+EXAMPLE = """example:
+  stence tune --config my.yaml --space default --num-samples 40 --max-concurrent 4
+  stence tune --config my.yaml --space ablation                 # the paper's W_Sten / frozen-no-CLS table
+  stence tune --resume runs/ray/sweeps/<name>                   # continue an interrupted sweep
+Spaces (tune/spaces.py): default (loss.w_sten, loss.temperature, optim.lr_ecg, optim.lr_angio), ablation, smoke."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="sweep W_Sten, temperature and learning rates (Tune + Optuna)",
+                       description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
+    p.add_argument("--space", default="default", help="named search space (default, ablation, smoke)")
+    p.add_argument("--num-samples", type=int, default=8, help="trials (fixed spaces run each variant once)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs allow")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on the kNN AUROC")
+    p.add_argument("--resume", default=None, metavar="PATH", help="Tune experiment folder of an interrupted sweep")
+    p.add_argument("--sweep-name", default=None, help="sweep name (default: train.name-space)")
+    p.add_argument("--register-task", default=None, help="threshold task of the registered stenosis head "
+                   "(default: downstream.task)")
+    p.add_argument("--no-register", action="store_true", help="do not probe/register the best encoder")
+    p.add_argument("--strict", action="store_true", help="promote only if the bootstrap lower bound beats the "
+                   "champion")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    add_config_args(p)
+    add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stence.train.features import extract_features
+    from stence.train.pretrain_loop import KNN_METRIC
+    from stence.train.stages import run_pretrain
+    from tune.sweep import run_sweep
+
+    cfg = config_from_args(args)
+    if not args.resume:
+        extract_features(cfg)  # once, on the driver: trials then only open the cache
+    name = args.sweep_name or f"{cfg.train.name}-{args.space}"
+    result = run_sweep(run_pretrain, cfg, space=args.space, num_samples=args.num_samples,
+                       max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=KNN_METRIC,
+                       mode="max", resume=args.resume, seed=args.seed, name=name,
+                       max_t=cfg.optim.epochs)
+    cols = [c for c in result.results.columns if c.startswith("config/") or c in (KNN_METRIC, "trial_id")]
+    print(result.results[cols].to_string(index=False))
+    print(f"best trial {result.best_trial_id}: {KNN_METRIC} {result.best_metric:.3f} "
+          f"with {result.best_overrides}")
+    print(f"sweep folder (for --resume): {result.path}")
+    if not result.complete:
+        print("the sweep was interrupted: resume it with --resume")
+        return 1
+    if args.space == "ablation":
+        print("ablation: probe each variant's encoder with `stence probe --encoder runs/.../exports/pretrain-<trial>/"
+              "encoder.pt` and merge with `stence probe --compare` for the table and Fig. 2")
+    if args.no_register or not cfg.tracking.enabled:
+        return 0
+    from tune.champion import register_best
+
+    reg = register_best(result, cfg, task=args.register_task, strict=args.strict, sweep_name=name)
+    print(f"registered {reg['name']} version {reg['version']} (val AUROC {reg['val_auroc']:.3f} "
+          f"[{reg['val_auroc_lo']:.3f}, {reg['val_auroc_hi']:.3f}]); "
+          f"{'now champion' if reg['promoted'] else 'champion unchanged'}")
+    return 0
