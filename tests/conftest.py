@@ -22,3 +22,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample files not found at {SHARED_DATA} (a fresh clone has no ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """A small synthetic export, ingested once per test session (read-only for tests)."""
+    from stence.config import Config
+    from stence.data.ingest import ingest
+    from stence.data.synth import SynthConfig, write_cohort
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_cohort(root / "raw", SynthConfig.preset("tiny", patients=30, seed=1))
+    ingest(root / "raw", root / "cohort", Config(), processes=2)
+    return root / "cohort"

@@ -20,7 +20,7 @@ def export_best_encoder(best_checkpoint: str, cfg: Config, out_dir: Path) -> Pat
     from stence.models.registry import build_stence_model
 
     state = load_state(best_checkpoint)
-    model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="", ecg_checkpoint="")))
+    model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
     model.load_state_dict(state["model"])
     path = out_dir / "encoder.pt"
     save_encoder(path, model.ecg_encoder, to_dict(cfg), extra={"epoch": int(state["epoch"])})

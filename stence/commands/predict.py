@@ -12,6 +12,7 @@ EXAMPLE = """example:
   stence predict --model models:/stence-ecg-encoder@champion new_ecgs/*.hea
   stence predict --model models:/stence-ecg-encoder/3 new_ecgs/ --json > scores.json
   stence predict --model runs/ray/exports/probe-stence-probe-0_100/scorer.pt HR06000.hea
+  stence predict --set tracking.uri=sqlite:////data/mlflow.db -- new_ecgs/*.hea   # `--` ends --set
 
 Each record is read at its own sampling rate and lead order (leads are picked by name), resampled,
 baseline-corrected and cropped exactly as in training. Exit code 0 if at least one record was scored,

@@ -104,7 +104,7 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         result = fit(pretrain_loop, cfg, stage="pretrain", metric=KNN_METRIC,
                      loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
         state, best = _best_state(result, KNN_METRIC)
-        model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="", ecg_checkpoint="")))
+        model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
         model.load_state_dict(state["model"])
         out = _output_dir(cfg, "pretrain", tune_trial_id() or name)  # one export per sweep trial
         extra = {"metrics": best, "epoch": int(state["epoch"])}
