@@ -18,7 +18,8 @@ EXAMPLE = """example:
 def _add(sub: argparse._SubParsersAction, cmd: str) -> None:
     p = sub.add_parser(cmd, help=f"stage C: {'linear probe' if cmd == 'probe' else 'fine-tune'} an ECG encoder",
                        description=__doc__, epilog=EXAMPLE.format(cmd=cmd), formatter_class=RAW)
-    p.add_argument("--encoder", default="", help="encoder.pt / stence.pt (default: the configured baseline)")
+    p.add_argument("--encoder", default="", help="encoder.pt, stence.pt, scorer.pt or a registered model "
+                   "(models:/stence-ecg-encoder@champion); default: the configured baseline")
     p.add_argument("--tasks", nargs="+", default=None, help="threshold tasks (default: downstream.task)")
     p.add_argument("--label", default=None, help="model name in tables and plots")
     p.add_argument("--out", default=None, help="folder for results.json/.md and the Fig. 2 plot")
@@ -49,8 +50,16 @@ def run(args: argparse.Namespace) -> int:
     from stence.train.stages import run_downstream
 
     cfg = config_from_args(args)
-    d = replace(cfg.downstream, mode=args.mode, encoder_checkpoint=args.encoder or cfg.downstream.encoder_checkpoint)
-    label = args.label or (Path(args.encoder).parent.name if args.encoder else f"{cfg.model.ecg}-baseline")
+    encoder = args.encoder or cfg.downstream.encoder_checkpoint
+    if encoder and not Path(encoder).exists():  # models:/NAME@ALIAS, runs:/...: fetch the registered scorer
+        from stence.serving.registry import fetch_scorer
+        from stence.train.driver import absolute_storage
+        from stence.train.tracking import resolve_tracking_uri
+
+        dst = Path(absolute_storage(cfg.train.storage_path)) / "fetched" / encoder.replace(":/", "_").replace("/", "_")
+        encoder = str(fetch_scorer(encoder, dst, uri=resolve_tracking_uri(cfg)))
+    d = replace(cfg.downstream, mode=args.mode, encoder_checkpoint=encoder)
+    label = args.label or (Path(encoder).parent.name if encoder else f"{cfg.model.ecg}-baseline")
     results: dict = {label: {}}
     for task in args.tasks or [d.task]:
         out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label)

@@ -38,10 +38,17 @@ DOWNSTREAM_METRIC = "val/auroc"
 
 def load_downstream_encoder(cfg: Config) -> ECGEncoder:
     """The encoder to probe: a StenCE / encoder checkpoint if given, else the configured baseline."""
-    if cfg.downstream.encoder_checkpoint:
+    path = cfg.downstream.encoder_checkpoint
+    if path:
+        import torch
+
         from stence.models.checkpoint import load_encoder
 
-        return load_encoder(cfg.downstream.encoder_checkpoint)
+        if torch.load(path, map_location="cpu", weights_only=True).get("kind") == "scorer":
+            from stence.serving.scorer import load_scorer
+
+            return load_scorer(path).encoder  # a registered model: its encoder, without the old head
+        return load_encoder(path)
     return build_ecg_encoder(cfg)
 
 

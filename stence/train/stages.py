@@ -121,6 +121,22 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         _finish(uri, run_id, owned, ok)
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)[:40]
+
+
+def _inputs_key(cfg: Config) -> str:
+    """Hash of the resolved config and the encoder file's bytes."""
+    import hashlib
+
+    from stence.config import config_hash
+
+    h = hashlib.sha256(config_hash(cfg).encode())
+    if cfg.downstream.encoder_checkpoint:
+        h.update(Path(cfg.downstream.encoder_checkpoint).read_bytes())
+    return h.hexdigest()[:8]
+
+
 def _export_scorer(cfg: Config, model_state: dict, path: Path, metrics: dict) -> None:
     """Save the selected downstream model (encoder + head) as a self-describing scorer."""
     from stence.models.registry import build_downstream_model
@@ -146,7 +162,8 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
     from stence.train.downstream_loop import DOWNSTREAM_METRIC, build_datasets, downstream_loop
 
     d = cfg.downstream
-    name = f"{cfg.train.name}-{d.mode}-{d.task}"
+    # the run name (hence resume) is tied to the exact inputs: another encoder or config is a new run
+    name = f"{cfg.train.name}-{_slug(label)}-{d.mode}-{d.task}-{_inputs_key(cfg)}"
     uri, run_id, owned = _tracker(cfg, run_id, name, d.mode, parent_run_id)
     ok = False
     try:
