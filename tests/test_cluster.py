@@ -279,7 +279,7 @@ def test_cluster_sweep(stack: Stack) -> None:
     env = stack.job_env()
     shared = stack.root / "shared"  # what NFS/S3 is on a real cluster: every node sees the same path
     raw, cohort = shared / "raw", shared / "cohort"
-    for args in (["synth", str(raw), "--size", "tiny"], ["ingest", str(raw), "--out", str(cohort), "--processes", "1"]):
+    for args in (["synth", str(raw), "--size", "tiny", "--patients", "30"], ["ingest", str(raw), "--out", str(cohort), "--processes", "1"]):
         r = run_cli(args, env, timeout_s=600)
         assert r.returncode == 0, f"stence {args[0]} failed:\n{r.stdout}\n{r.stderr}"
     # the angiography features are extracted on the cluster too (Ray Data), into the shared cohort
@@ -323,9 +323,15 @@ def test_cluster_sweep(stack: Stack) -> None:
     assert st == "SUCCEEDED", job_logs(stack, job_id)[-8000:]
 
     runs = _runs(stack, exp_id)
-    children = [r for r in runs if "mlflow.parentRunId" in {t["key"] for t in r["data"].get("tags", [])}]
-    parents = {t["value"] for r in children for t in r["data"]["tags"] if t["key"] == "mlflow.parentRunId"}
-    assert len(parents) == 1 and len(children) == 2, [r["info"]["run_name"] for r in runs]
+    def tags(r):
+        return {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+
+    nested = [r for r in runs if "mlflow.parentRunId" in tags(r)]
+    parents = {tags(r)["mlflow.parentRunId"] for r in nested}
+    # two trial runs, plus the probe of the best encoder that was registered (nested under the sweep too)
+    children = [r for r in nested if "stence.trial_id" in tags(r)]
+    probes = [r for r in nested if tags(r).get("stence.stage") == "probe"]
+    assert len(parents) == 1 and len(children) == 2 and len(probes) == 1, [r["info"]["run_name"] for r in runs]
     parent_id = parents.pop()
     assert parent_id in {r["info"]["run_id"] for r in runs}
     assert all(r["info"]["status"] == "FINISHED" for r in runs), [(r["info"]["run_name"], r["info"]["status"])
@@ -334,7 +340,7 @@ def test_cluster_sweep(stack: Stack) -> None:
     assert all(r["data"].get("params") for r in children)
     # in PostgreSQL
     rows = stack.pg.query("mlflow", "SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp_id),))
-    assert rows == [(3,)]
+    assert rows == [(4,)]
     assert stack.pg.query("mlflow", "SELECT count(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
                           "WHERE r.experiment_id = %s", (int(exp_id),))[0][0] > 0
     models = stack.pg.query("mlflow", "SELECT mv.name FROM model_versions mv WHERE mv.run_id = ANY(%s)",
