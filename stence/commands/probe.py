@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {label: {}}
     for task in args.tasks or [d.task]:
         out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label)
-        results[label].update({k: v for k, v in out["metrics"].items() if k != "subgroups"})
+        results[label].update({k: v for k, v in out["metrics"].items() if k not in ("subgroups", "val")})
         r = out["metrics"].get(task, {})
         if r:
             print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
