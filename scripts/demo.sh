@@ -17,20 +17,21 @@ $S synth "$RUNS/raw" --size demo --corrupt-fraction 0.05 --seed 0 --overwrite
 step "2/8 ingest: pseudonymise, quarantine bad files, pair, split by patient, cache"
 $S ingest "$RUNS/raw" --out "$RUNS/cohort"
 
-step "3/8 angiography patch features (Ray Data)"
-$S features $CFG
+step "3/8 stage A: angiography stenosis model (frame encoder + aggregator, end to end on the key frames)"
+$S train-angio $CFG --name demo-angio --workers 0
+ANGIO="$RUNS/ray/exports/angio-demo-angio"
+STAGE_A="model.angio_checkpoint=$ANGIO/aggregator.pt feature.frame_checkpoint=$ANGIO/frame_encoder.pt"
 
-step "4/8 stage A: angiography stenosis model"
-$S train-angio $CFG --name demo-angio
+step "4/8 angiography patch features from the stage-A frame encoder (Ray Data)"
+$S features $CFG --set $STAGE_A
 
 step "5/8 StenCE sweep: Ray Tune + Optuna over W_Sten, temperature, learning rates; each trial a 2-worker DDP run"
-$S tune $CFG --space default --num-samples "${DEMO_TRIALS:-3}" --max-concurrent 1 \
-  --set model.angio_checkpoint="$RUNS/ray/exports/angio-demo-angio/aggregator.pt"
+$S tune $CFG --space default --num-samples "${DEMO_TRIALS:-3}" --max-concurrent 1 --set $STAGE_A
 
 step "6/8 probe the champion and a random-init baseline on the four stenosis thresholds"
-$S probe $CFG --encoder models:/stence-ecg-encoder@champion --label StenCE --tasks 0_100 0_90 lt70_ge70 le50_ge99 \
-  --out "$RUNS/results/stence"
-$S probe $CFG --label baseline --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/baseline"
+$S probe $CFG --workers 0 --encoder models:/stence-ecg-encoder@champion --label StenCE \
+  --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/stence"
+$S probe $CFG --workers 0 --label baseline --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/baseline"
 $S probe --compare "$RUNS/results/stence/results.json" "$RUNS/results/baseline/results.json" --out "$RUNS/results"
 
 step "7/8 registered models"

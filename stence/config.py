@@ -63,8 +63,13 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    frame_encoder: str = "dinov2_tiny"  # registry name of the frame encoder
-    frame_checkpoint: str = ""  # local DINOv2 weights; empty = seeded random init
+    frame_encoder: str = "convstem_tiny"  # registry name of the frame encoder (paper: dinov2_vits14)
+    frame_checkpoint: str = ""  # local DINOv2 weights or a stage-A frame_encoder.pt; empty = seeded random init
+    # stage A trains the frame encoder end to end with the aggregator on the cached key frames and exports it:
+    # "auto" = only without frame_checkpoint (random init gives useless frozen features), "true" / "false"
+    train_frame_encoder: str = "auto"
+    encoder_lr_scale: float = 1.0  # end-to-end stage A: frame-encoder learning rate = optim.lr_angio x this
+    train_rotate_deg: float = 20.0  # end-to-end stage A: training views rotated U(-x, x) deg (+-10 % scale)
     feature_dim: int = 64  # width of cached patch features (paper: 512)
     image_size: int = 64  # encoder input size in pixels (paper: 518)
     variants: int = 2  # augmented variants per training study (validation uses variant 0, unaugmented)

@@ -53,7 +53,7 @@ class PairedDataset(_EpochSeeded):
         self.rows = m[m["split"] == split].reset_index(drop=True)
         if not len(self.rows):
             raise ValueError(f"split {split!r} of {cohort.root} has no pairs")
-        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32)  # (N, 11)
+        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32).copy()  # (N, 11)
         views = cohort.views
         self.angles = np.nan_to_num(views[["primary_angle", "secondary_angle"]].to_numpy(np.float32))  # (Nv, 2)
         self.view_rows = cohort.views_of_study
@@ -145,11 +145,19 @@ def stratified_subset(rows: pd.DataFrame, fraction: float, seed: int) -> pd.Data
 
 
 class StudyDataset(_EpochSeeded):
-    """Angiography studies of one split (stage A): each study once, with its 11 targets."""
+    """Angiography studies of one split (stage A): each study once, with its 11 targets.
+
+    With a FeatureStore, "angio_feats" (V, P, F) (training: a random cached variant, else variant 0).
+    Without one (stage A trained end to end), "frames" (V, S, S): the key frame each view's encoder sees,
+    key frame 0 in evaluation (what `stence features` encodes); in training a random key frame, rotated by
+    up to `rotate_deg` degrees (with a small scale and shift, 0 = none) and then given the feature cache's
+    intensity/translation augmentation when `augment_frames` is set.
+    """
 
     def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, features: FeatureStore | None = None,
-                 train: bool = False, seed: int = 0):
+                 train: bool = False, seed: int = 0, augment_frames: bool = True, rotate_deg: float = 0.0):
         self.cohort, self.cfg, self.features, self.train, self.seed = cohort, cfg, features, train, seed
+        self.augment_frames, self.rotate_deg = augment_frames, rotate_deg
         st = cohort.studies
         self.rows = st[st["split"] == split].reset_index(drop=True)
         if not len(self.rows):
@@ -160,6 +168,22 @@ class StudyDataset(_EpochSeeded):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _frames(self, vrows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(V,) view rows -> (V, S, S) float32 key frames (augmented in training)."""
+        cache = self.cohort.frame_cache  # (n_views, K, S, S)
+        if not self.train:
+            return np.asarray(cache[vrows, 0], np.float32)
+        k = rng.integers(cache.shape[1], size=len(vrows))
+        frames = np.stack([np.asarray(cache[r, j], np.float32) for r, j in zip(vrows, k, strict=True)])
+        if self.augment_frames:
+            from stence.data.frame_augment import random_affine
+            from stence.train.features import augment_frames
+
+            if self.rotate_deg > 0:
+                frames = np.stack([random_affine(f, rng, self.rotate_deg) for f in frames])
+            frames = np.stack([augment_frames(f[None], rng)[0] for f in frames])
+        return frames
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = self._rng(i)
@@ -172,5 +196,5 @@ class StudyDataset(_EpochSeeded):
             variant = int(rng.integers(self.features.n_variants)) if self.train else 0
             item["angio_feats"] = torch.from_numpy(self.features.get(vrows, variant))  # (V, P, F)
         else:
-            item["frames"] = torch.from_numpy(np.asarray(self.cohort.frame_cache[vrows], np.float32))  # (V,K,S,S)
+            item["frames"] = torch.from_numpy(self._frames(vrows, rng))  # (V, S, S)
         return item

@@ -4,6 +4,10 @@ Key names follow facebookresearch/dinov2 `vision_transformer.py` (`cls_token`, `
 `patch_embed.proj`, `blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}`,
 `norm`), so DINOv2 ViT-S/14 weights load from a local file (never downloaded here). The output is the
 normalised patch tokens (no CLS) through a Linear projection to the cached feature width.
+
+`convstem_tiny` keeps that layout but replaces the one-layer patch embedding by a small conv stem (keys under
+`patch_embed.stem`, ours): a ViT cannot learn vessel-scale structure from the few hundred key frames of a
+small cohort when trained from scratch, a conv stem can (stage A trains it end to end).
 """
 
 from __future__ import annotations
@@ -32,6 +36,55 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+def local_contrast(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, 1, H, W) -> background-subtracted, per-image standardised (N, 1, H, W).
+
+    Subtracts a Gaussian blur (soft tissue, diaphragm, exposure) so that vessel-scale structure remains,
+    then divides by the image's standard deviation (contrast dose, detector gain). Parameter-free.
+    """
+    k = 2 * int(round(3 * sigma)) + 1
+    g = torch.exp(-0.5 * ((torch.arange(k, device=x.device, dtype=x.dtype) - k // 2) / sigma) ** 2)
+    g = g / g.sum()
+    blur = F.pad(x, (k // 2,) * 4, mode="replicate")
+    blur = F.conv2d(F.conv2d(blur, g.view(1, 1, 1, k)), g.view(1, 1, k, 1))  # separable Gaussian
+    hp = x - blur
+    return hp / (hp.flatten(1).std(dim=1).view(-1, 1, 1, 1) + 1e-3)
+
+
+class ConvPatchEmbed(nn.Module):
+    """Conv stem as patch embedding: (N, 3, H, W) -> (N, (H/8) * (W/8), D).
+
+    Local contrast normalisation of the grey image, then conv-BN-ReLU stages (stride 2, max-pool 2,
+    max-pool 2) down to one token per 8 x 8 pixels, the last one D wide. Ending in BN + ReLU matters: the
+    tokens are sparse, non-negative detector responses on a common scale, which the aggregator's
+    cross-attention picks up far faster than a plain linear projection's output.
+    """
+
+    patch_size = 8
+
+    def __init__(self, embed_dim: int, width: int = 16, sigma: float = 3.0):
+        super().__init__()
+        self.sigma = float(sigma)
+        self.stem = nn.Sequential(
+            _conv_bn_relu(1, width, stride=2),
+            _conv_bn_relu(width, width),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(width, 2 * width),
+            nn.MaxPool2d(2),
+            _conv_bn_relu(2 * width, embed_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = local_contrast(x.mean(dim=1, keepdim=True), self.sigma)  # (N, 3, H, W) -> (N, 1, H, W)
+        return self.stem(g).flatten(2).transpose(1, 2)  # (N, D, H/8, W/8) -> (N, P, D)
 
 
 class Attention(nn.Module):
@@ -98,8 +151,15 @@ class FrameEncoder(nn.Module):
         feature_dim: int = 512,
         ls_init: float = 1.0,
         drop_path: float = 0.0,
+        stem: str = "patch",  # "patch": DINOv2's Conv2d(p, stride p); "conv": ConvPatchEmbed (patch_size 8)
+        stem_width: int = 16,  # channels of the first conv stage (stem "conv")
+        pos_std: float = 0.02,  # init std of the positional embedding
     ):
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem == "conv" and patch_size != ConvPatchEmbed.patch_size:
+            raise ValueError(f"the conv stem has patch size {ConvPatchEmbed.patch_size}, got {patch_size}")
         self.init_kwargs: dict[str, Any] = dict(
             img_size=img_size,
             patch_size=patch_size,
@@ -110,12 +170,17 @@ class FrameEncoder(nn.Module):
             feature_dim=feature_dim,
             ls_init=ls_init,
             drop_path=drop_path,
+            stem=stem,
+            stem_width=stem_width,
+            pos_std=pos_std,
         )
         self.arch: dict[str, Any] = {"name": type(self).__name__, "overrides": {}}
         self.img_size, self.patch_size = img_size, patch_size
         self.grid = img_size // patch_size
         self.embed_dim, self.feature_dim = embed_dim, feature_dim
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.patch_embed: nn.Module = (
+            PatchEmbed(patch_size, embed_dim) if stem == "patch" else ConvPatchEmbed(embed_dim, stem_width)
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))
         self.register_buffer("mask_token", torch.zeros(1, embed_dim))  # DINOv2 key; unused at inference
@@ -123,7 +188,7 @@ class FrameEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, ls_init, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.proj = nn.Linear(embed_dim, feature_dim)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=pos_std)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -172,6 +237,26 @@ def dinov2_tiny(**kw: Any) -> FrameEncoder:
             "depth": 2,
             "num_heads": 2,
             "feature_dim": 64,
+            **kw,
+        }
+    )
+
+
+@register_frame_encoder("convstem_tiny")
+def convstem_tiny(**kw: Any) -> FrameEncoder:
+    """CPU preset trained end to end in stage A: conv stem (one token per 8 x 8 pixels, 8 x 8 at 64 px),
+    D 64, one ViT block, 2 heads; DINOv2 key layout (plus `patch_embed.stem`)."""
+    return FrameEncoder(
+        **{
+            "img_size": 64,
+            "patch_size": 8,
+            "embed_dim": 64,
+            "depth": 1,
+            "num_heads": 2,
+            "feature_dim": 64,
+            "stem": "conv",
+            "stem_width": 16,
+            "pos_std": 0.5,
             **kw,
         }
     )

@@ -1,6 +1,8 @@
-"""Stage A, per-worker loop: the angiography aggregator learns the 11 stenosis targets from cached
-patch features (the SegmentMIL-style model of the method). Validation reports patient, artery and
-segment AUROC; checkpoints are ranked by the patient-level AUROC."""
+"""Stage A, per-worker loop: the angiography aggregator learns the 11 stenosis targets (the SegmentMIL-style
+model of the method), either from cached patch features (a pretrained, frozen frame encoder) or, with
+`loop_config["end_to_end"]`, together with the frame encoder from the cached key frames (a randomly
+initialised encoder gives useless frozen features). Validation reports patient, artery and segment AUROC;
+checkpoints are ranked by the patient-level AUROC."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from stence.data.feature_store import FeatureStore
 from stence.data.labels import TARGET_NAMES
 from stence.eval.metrics import auroc
 from stence.losses import stenosis_loss
+from stence.models.angio_e2e import build_angio_end_to_end
 from stence.models.registry import build_aggregator
 from stence.train.common import (
     autocast,
@@ -51,17 +54,33 @@ def target_aurocs(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["frames"] if "frames" in batch else batch["angio_feats"]  # (B, V, S, S) or (B, V, P, F)
+
+
+def _optimizer(core: nn.Module, cfg: Any, end_to_end: bool) -> torch.optim.Optimizer:
+    """AdamW at optim.lr_angio; the frame encoder (end to end) at lr_angio x feature.encoder_lr_scale."""
+    lr, wd = cfg.optim.lr_angio, cfg.optim.weight_decay
+    if not end_to_end:
+        return torch.optim.AdamW(param_groups(core, lr, wd), lr=lr)
+    enc_lr = lr * cfg.feature.encoder_lr_scale
+    groups = param_groups(core.aggregator, lr, wd) + param_groups(core.frame_encoder, enc_lr, wd)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def angio_loop(loop_config: dict[str, Any]) -> None:
     ctx = loop_setup(loop_config)
     cfg, info, tracker = ctx.cfg, ctx.info, ctx.tracker
     cohort = Cohort.open(cfg.data.cohort)
-    store = FeatureStore.open(loop_config["features_dir"])
-    train_ds = StudyDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed)
+    end_to_end = bool(loop_config.get("end_to_end", False))
+    store = None if end_to_end else FeatureStore.open(loop_config["features_dir"])
+    train_ds = StudyDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed,
+                            rotate_deg=cfg.feature.train_rotate_deg)
     val_ds = StudyDataset(cohort, "val", cfg.data, store, train=False)
     loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed)
-    model = wrap_model(build_aggregator(cfg), info)
+    model = wrap_model(build_angio_end_to_end(cfg) if end_to_end else build_aggregator(cfg), info)
     core = unwrap(model)
-    opt = torch.optim.AdamW(param_groups(core, cfg.optim.lr_angio, cfg.optim.weight_decay), lr=cfg.optim.lr_angio)
+    opt = _optimizer(core, cfg, end_to_end)
     steps = max(1, len(loader))
     sched = warmup_cosine(opt, cfg.optim.warmup_epochs * steps, cfg.optim.epochs * steps, cfg.optim.warmup_start,
                           cfg.optim.min_lr)
@@ -81,7 +100,7 @@ def angio_loop(loop_config: dict[str, Any]) -> None:
         for batch in loader:
             batch = to_device(batch, info.device)
             with autocast(info):
-                out = model(batch["angio_feats"], batch["view_mask"], batch["angles"])
+                out = model(_inputs(batch), batch["view_mask"], batch["angles"])
                 loss = stenosis_loss(out["stenosis_logits"].float(), batch["targets"])["sten_loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -99,7 +118,7 @@ def angio_loop(loop_config: dict[str, Any]) -> None:
                 for b in shard_loader(val_ds, cfg.optim.batch_size, info, collate_paired):
                     b = to_device(b, info.device)
                     with autocast(info):
-                        logits = core(b["angio_feats"], b["view_mask"], b["angles"])["stenosis_logits"].float()
+                        logits = core(_inputs(b), b["view_mask"], b["angles"])["stenosis_logits"].float()
                     yield {"index": b["index"].cpu().numpy(), "p": torch.sigmoid(logits).cpu().numpy(),
                            "y": b["targets"].cpu().numpy()}
             val = gather_outputs(val_batches())

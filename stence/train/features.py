@@ -43,6 +43,9 @@ def feature_key(cohort: Cohort, cfg: Config) -> str:
     }
     ingredients["feature"].pop("batch_size", None)  # execution details do not change the features
     ingredients["feature"].pop("actors", None)
+    ingredients["feature"].pop("train_frame_encoder", None)  # stage-A training options, not the features'
+    ingredients["feature"].pop("encoder_lr_scale", None)
+    ingredients["feature"].pop("train_rotate_deg", None)
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:12]
 
 

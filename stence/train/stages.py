@@ -64,7 +64,13 @@ def _features(cfg: Config) -> str:
 
 
 def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
-    """Stage A: train the aggregator on the 11 stenosis targets; export the best as aggregator.pt."""
+    """Stage A: train the aggregator on the 11 stenosis targets; export the best as aggregator.pt.
+
+    Trained end to end (`feature.train_frame_encoder`, by default whenever no `feature.frame_checkpoint` is
+    given), the frame encoder learns with it from the cached key frames and is exported too, as
+    frame_encoder.pt; stage B then caches its features with `feature.frame_checkpoint=<frame_encoder.pt>`.
+    """
+    from stence.models.angio_e2e import build_angio_end_to_end, save_frame_encoder, trains_frame_encoder
     from stence.models.checkpoint import save_aggregator
     from stence.models.registry import build_aggregator
     from stence.train.angio_loop import ANGIO_METRIC, angio_loop
@@ -73,18 +79,31 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     uri, run_id, owned = _tracker(cfg, run_id, f"angio-{name}", "angio")
     ok = False
     try:
-        feats = _features(cfg)
+        end_to_end = trains_frame_encoder(cfg)
+        inputs = {"end_to_end": True} if end_to_end else {"features_dir": _features(cfg)}
         result = fit(angio_loop, cfg, stage="angio", metric=ANGIO_METRIC,
-                     loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
+                     loop_config={**inputs, **loop_tracking(uri, run_id)})
         state, best = _best_state(result, ANGIO_METRIC)
-        agg = build_aggregator(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
-        agg.load_state_dict(state["model"])
-        path = _output_dir(cfg, "angio", name) / "aggregator.pt"
-        save_aggregator(path, agg, to_dict(cfg), extra={"metrics": best})
+        out = _output_dir(cfg, "angio", name)
+        fresh = replace(cfg, model=replace(cfg.model, angio_checkpoint=""))
+        paths = {"checkpoint": out / "aggregator.pt"}
+        extra = {"metrics": best, "epoch": int(state["epoch"])}
+        if end_to_end:
+            model = build_angio_end_to_end(fresh)
+            model.load_state_dict(state["model"])
+            agg = model.aggregator
+            paths["frame_encoder"] = save_frame_encoder(out / "frame_encoder.pt", model.frame_encoder.eval(),
+                                                        to_dict(cfg), extra=extra)
+        else:
+            agg = build_aggregator(fresh)
+            agg.load_state_dict(state["model"])
+        save_aggregator(paths["checkpoint"], agg, to_dict(cfg), extra=extra)
         if uri and run_id:
-            Tracker(uri, run_id).log_artifact(path)
+            t = Tracker(uri, run_id)
+            for path in paths.values():
+                t.log_artifact(path)
         ok = True
-        return {"checkpoint": str(path), "metrics": best, "run_id": run_id}
+        return {**{k: str(v) for k, v in paths.items()}, "metrics": best, "run_id": run_id}
     finally:
         _finish(uri, run_id, owned, ok)
 
