@@ -162,7 +162,7 @@ class StudyDataset(_EpochSeeded):
         self.rows = st[st["split"] == split].reset_index(drop=True)
         if not len(self.rows):
             raise ValueError(f"split {split!r} of {cohort.root} has no studies")
-        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32)  # (N, 11)
+        self.targets = self.rows[[f"t_{n}" for n in TARGET_NAMES]].to_numpy(np.float32, copy=True)  # (N, 11), writable
         self.angles = np.nan_to_num(cohort.views[["primary_angle", "secondary_angle"]].to_numpy(np.float32))
         self.view_rows = cohort.views_of_study
 
