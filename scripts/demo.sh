@@ -18,7 +18,7 @@ step "2/8 ingest: pseudonymise, quarantine bad files, pair, split by patient, ca
 $S ingest "$RUNS/raw" --out "$RUNS/cohort"
 
 step "3/8 stage A: angiography stenosis model (frame encoder + aggregator, end to end on the key frames)"
-$S train-angio $CFG --name demo-angio --workers 0
+$S train-angio $CFG --name demo-angio --workers 0 --set optim.epochs=150 optim.batch_size=8 optim.lr_angio=1e-3
 ANGIO="$RUNS/ray/exports/angio-demo-angio"
 STAGE_A="model.angio_checkpoint=$ANGIO/aggregator.pt feature.frame_checkpoint=$ANGIO/frame_encoder.pt"
 

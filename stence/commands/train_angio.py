@@ -27,4 +27,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"stage A: best val AUROC patient {m.get('val/auroc_patient', float('nan')):.3f}, "
           f"artery {m.get('val/auroc_artery', float('nan')):.3f}, segment {m.get('val/auroc_segment', float('nan')):.3f}")
     print(f"aggregator: {out['checkpoint']}")
+    if out.get("frame_encoder"):
+        print(f"frame encoder: {out['frame_encoder']}  (stage B: --set feature.frame_checkpoint=<this>)")
     return 0
