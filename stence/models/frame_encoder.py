@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stence.models.base import DropPath, load_matching
+from stence.models.otis import Mlp  # same fc1 -> GELU -> fc2 module and keys as DINOv2
 from stence.models.registry import register_frame_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,17 +109,6 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
