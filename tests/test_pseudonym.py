@@ -130,3 +130,15 @@ def test_scan_real_dicom_finds_its_identifiers(shared_data: Path) -> None:
     dcm = shared_data / "angio" / "dicom" / "phantom_IM8.dcm"
     hits = {n for _, n in scan_files_for([dcm], ["fantom^as", "000000000000000", "not-in-there"])}
     assert hits == {"fantom^as", "000000000000000"}
+
+
+def test_hex_looking_names_inside_digests_are_not_leaks(tmp_path: Path) -> None:
+    """A name made of hex letters ("Edda", "Abbe") turns up inside pseudonyms and hashes by chance; only an
+    occurrence that stands apart from a hex run counts."""
+    digest = tmp_path / "manifest.json"
+    digest.write_text(json.dumps({"patient": "P-3fedda91c0b2e4d7", "config_hash": "aabbe0123"}))
+    assert scan_files_for([digest], ["Edda^Smith", "Abbe^Jones"]) == []
+    leak = tmp_path / "run.log"
+    leak.write_text("loading EDDA_scan.dcm\npatient P12345678 done\n")
+    hits = set(scan_files_for([leak, digest], ["Edda^Smith", "12345678"]))
+    assert hits == {(str(leak), "Edda^Smith"), (str(leak), "12345678")}

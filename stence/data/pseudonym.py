@@ -185,11 +185,11 @@ class _PrefixIndex:
     compared in full. Scanning for thousands of identifiers costs about as much as scanning for one."""
 
     def __init__(self, patterns: dict[str, list[bytes]]):
-        self.by_prefix: dict[int, list[tuple[bytes, str]]] = {}
+        self.by_prefix: dict[int, list[tuple[bytes, str, bool]]] = {}
         for needle, pats in patterns.items():
             for p in {q.lower() for q in pats}:
                 key = int.from_bytes(p[:4], "little")
-                self.by_prefix.setdefault(key, []).append((p, needle))
+                self.by_prefix.setdefault(key, []).append((p, needle, _hex_like(p)))
         keys = np.array(sorted(self.by_prefix), dtype=np.uint32)
         self.table = np.zeros(1 << 24, dtype=bool)  # a 16 MB direct lookup on the low 3 bytes
         self.table[keys & 0xFFFFFF] = True
@@ -202,7 +202,24 @@ class _PrefixIndex:
         found: set[str] = set()
         for pos in np.flatnonzero(self.table[low3]):  # (N-3,) windows whose first 3 bytes start a needle
             key = int(low3[pos]) | (int(a[pos + 3]) << 24)
-            for p, needle in self.by_prefix.get(key, ()):
-                if data.startswith(p, int(pos)):
+            for p, needle, hex_like in self.by_prefix.get(key, ()):
+                if data.startswith(p, int(pos)) and not (hex_like and _inside_hex_run(data, int(pos), len(p))):
                     found.add(needle)
         return found
+
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def _hex_like(pattern: bytes) -> bool:
+    """A lower-cased needle made only of hex digits ("edda", "12345678") also occurs inside hashes,
+    pseudonyms and hex digests by chance."""
+    return all(c in _HEX for c in pattern)
+
+
+def _inside_hex_run(data: bytes, pos: int, n: int) -> bool:
+    """The match at data[pos:pos+n] continues a longer hex run on either side: part of a digest, not a
+    leak. (The identifier standing alone, or beside any non-hex byte such as "P", "_" or "^", still counts.)"""
+    before = data[pos - 1] if pos > 0 else None
+    after = data[pos + n] if pos + n < len(data) else None
+    return before in _HEX or after in _HEX
