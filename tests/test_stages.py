@@ -1,6 +1,12 @@
 """Stages B and C on real Ray: a 2-worker gloo DDP StenCE pretraining run, then a probe with intervals."""
 
+import json
 import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -70,3 +76,60 @@ def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
     enc = load_encoder(pretrained["encoder"])
     for (k, a), (_, b) in zip(enc.state_dict().items(), scorer.encoder.state_dict().items(), strict=True):
         assert a.equal(b), k
+
+
+def _committed_epoch(run_dir: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train has on record for a run (0 before the first)."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(int(a.pid) for a in actors)
+
+
+def test_killed_worker_resumes_the_real_pretraining_from_its_checkpoint(cfg):
+    """SIGKILL one of the two StenCE pretraining workers (found by PID through Ray's state API) in the
+    epoch after the first committed checkpoint: the run finishes every epoch, resumed from that checkpoint,
+    with at most one epoch trained twice (rank 0 logs one train/loss per finished epoch)."""
+    epochs = 5
+    run_cfg = apply_overrides(cfg, {"train.workers": 2, "train.name": "ddp-kill", "optim.epochs": epochs,
+                                    "train.max_failures": 2})
+    run_dir = Path(run_cfg.train.storage_path) / "ddp-kill-pretrain"
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = run_pretrain(run_cfg)
+        except BaseException as e:  # surfaced by the assertions below
+            box["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while _committed_epoch(run_dir) < 1 and thread.is_alive():
+        assert time.monotonic() < deadline, "no checkpoint committed in time"
+        time.sleep(0.2)
+    killed_after = _committed_epoch(run_dir)
+    assert thread.is_alive() and killed_after < epochs, "the run ended before the kill: make epochs longer"
+    pids = _train_worker_pids()
+    assert len(pids) == 2 and os.getpid() not in pids
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+
+    result = box["result"]
+    assert _train_worker_pids() == []  # the restarted group is gone too
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    steps = [h.step for h in client.get_metric_history(result["run_id"], "train/loss")]
+    assert sorted(set(steps)) == list(range(1, epochs + 1))  # every epoch finished
+    assert len(steps) - len(set(steps)) <= 1  # at most one epoch trained twice
+    assert steps.count(1) == 1  # no restart from scratch: the first epoch came from the checkpoint
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+    assert _committed_epoch(run_dir) == epochs

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out or "runs/results")
         j, m = write_results(merged, out)
         plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png")
+        _write_delong(merged, out, Path(m))
         print(Path(m).read_text())
         return 0
     from stence.train.stages import run_downstream
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     for task in args.tasks or [d.task]:
         out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label)
         results[label].update({k: v for k, v in out["metrics"].items() if k not in ("subgroups", "val")})
+        if task in results[label]:  # for paired tests later (`--compare`)
+            results[label][task]["predictions"] = str(Path(out["out"]).resolve() / "test_predictions.npz")
         r = out["metrics"].get(task, {})
         if r:
             print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
@@ -73,3 +76,16 @@ def run(args: argparse.Namespace) -> int:
     plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
     print(f"results: {j}\n{json.dumps(str(m))}")
     return 0
+
+
+def _write_delong(results: dict, out: Path, md: Path) -> None:
+    """Paired DeLong tests (first model vs each other) into delong.json and the Markdown table."""
+    from stence.eval.compare import delong_table, paired_delong
+    from stence.eval.report import write_json
+
+    rows = paired_delong(results)
+    write_json(rows, out / "delong.json")
+    if rows:
+        md.write_text(md.read_text() + "\n## Paired DeLong test on the same test rows\n\n" + delong_table(rows) + "\n")
+    else:
+        md.write_text(md.read_text() + "\n(no paired DeLong test: the results name no prediction files)\n")

@@ -111,12 +111,18 @@ def _restore_nan(x):
     return float("nan") if x is None else x
 
 
+def write_json(obj, path: str | Path) -> Path:
+    """Strict JSON (NaN/inf as null, numpy as Python)."""
+    Path(path).write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return Path(path)
+
+
 def write_results(results: Results, out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
     """Write `<stem>.json` (strict JSON, NaN as null) and `<stem>.md` (AUROC, AUPRC and count tables)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    write_json(results, json_path)
     md = [
         "## AUROC [95 % bootstrap CI]",
         "",
