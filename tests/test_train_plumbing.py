@@ -25,6 +25,7 @@ from stence.train.schedule import param_groups, warmup_cosine
 from stence.train.tracking import Tracker, start_run
 from stence.train.worker import (
     METRICS_FILE,
+    local_best_checkpoint,
     all_gather_arrays,
     all_reduce_mean,
     all_reduce_sum,
@@ -187,8 +188,13 @@ def test_local_mode_fit_reports_and_checkpoints(
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = toy_train_fn(cfg, run_id, log_dir=str(tmp_path))
     Tracker(mlflow_db, run_id).end()
-    # Ray keeps only the last local-mode checkpoint; the earlier directory of the run is gone
-    assert [p.name for p in scratch.glob("stence-local-ckpt-*")] == [Path(result.checkpoint.path).name]
+    # Ray keeps only the last local-mode checkpoint; the worker keeps it and the best by METRIC, no other
+    best = local_best_checkpoint()
+    kept = {p.name for p in scratch.glob("stence-local-ckpt-*")}
+    assert kept == {Path(result.checkpoint.path).name, best.name}
+    history = mlflow.MlflowClient(mlflow_db).get_metric_history(run_id, METRIC)
+    best_metrics = json.loads((best / METRICS_FILE).read_text())
+    assert best_metrics[METRIC] == pytest.approx(max(m.value for m in history))
 
     assert result.metrics["epoch"] == 1 and METRIC in result.metrics
     state = load_state(result.checkpoint)

@@ -181,6 +181,10 @@ def fit(
     os.environ.setdefault(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)  # propagated to the controller
     if cfg.train.workers > 0 or tune_trial_id() is not None:
         ensure_ray()
+    else:
+        from stence.train.worker import select_local_best
+
+        select_local_best(metric, mode)
     trainer = build_trainer(
         loop_fn, cfg, stage=stage, loop_config=loop_config, metric=metric, mode=mode, run_name=run_name
     )

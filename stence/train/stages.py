@@ -16,7 +16,7 @@ import numpy as np
 from stence.config import Config, to_dict
 from stence.train.driver import absolute_storage, fit, tune_trial_id
 from stence.train.tracking import Tracker, loop_tracking, resolve_tracking_uri, start_run
-from stence.train.worker import load_state
+from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
 
 
 def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str,
@@ -46,8 +46,12 @@ def _best_state(result: Any, metric: str, mode: str = "max") -> tuple[dict, dict
         raise RuntimeError(f"training failed: {result.error}") from result.error
     try:
         ckpt = result.get_best_checkpoint(metric, mode) or result.checkpoint
-    except RuntimeError:  # local mode (workers=0) persists no checkpoints: the latest is what there is
-        ckpt = result.checkpoint
+    except RuntimeError:  # local mode (workers=0): Ray keeps no checkpoints; the worker kept the best
+        best_dir = local_best_checkpoint()
+        if best_dir is None:
+            raise RuntimeError("training reported no checkpoint") from None
+        metrics = json.loads((best_dir / METRICS_FILE).read_text())
+        return load_state(best_dir, weights_only=True), metrics
     if ckpt is None:
         raise RuntimeError("training reported no checkpoint")
     best_metrics = {}

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 STATE_FILE = "state.pt"  # torch.save'd dict inside every checkpoint directory
 METRICS_FILE = "metrics.json"  # the metrics reported with the checkpoint, for humans and tools
-_LOCAL_LAST: dict[str, Any] = {}  # local mode: the current run's context and its last checkpoint dir
+_LOCAL_LAST: dict[str, Any] = {}  # local mode: the run's context, its last and best checkpoint dirs
+_LOCAL_SELECT: dict[str, str] = {}  # local mode: the metric (and mode) that picks the best checkpoint
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,40 @@ def _write_checkpoint_dir(path: Path, metrics: dict[str, Any], state: dict[str, 
     (path / METRICS_FILE).write_text(json.dumps(metrics, default=float, indent=1))
 
 
+def select_local_best(metric: str, mode: str = "max") -> None:
+    """Local mode runs in the driver's process: the driver names the metric that picks the best
+    checkpoint, as CheckpointConfig does for Ray-managed runs."""
+    _LOCAL_SELECT.update(metric=metric, mode=mode)
+
+
+def _better(value: Any, best: Any, mode: str) -> bool:
+    if not isinstance(value, (int, float)) or value != value:  # missing or NaN never wins
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def _keep_local(path: Path, metrics: dict[str, Any]) -> None:
+    """Local mode keeps only the last checkpoint object of a run and not its files: keep this run's
+    last directory and its best one (by the selected metric), remove any other."""
+    ctx = _train_context()  # one context object per run (held here, so it is never a new run's)
+    if _LOCAL_LAST.get("ctx") is not ctx:
+        _LOCAL_LAST.clear()
+        _LOCAL_LAST.update(ctx=ctx, path=None, best=None, best_value=None)
+    value = metrics.get(_LOCAL_SELECT.get("metric", ""))
+    old_last, old_best = _LOCAL_LAST["path"], _LOCAL_LAST["best"]
+    if _better(value, _LOCAL_LAST["best_value"], _LOCAL_SELECT.get("mode", "max")) or old_best is None:
+        _LOCAL_LAST.update(best=path, best_value=value if isinstance(value, (int, float)) else None)
+    _LOCAL_LAST["path"] = path
+    for old in {old_last, old_best} - {None, _LOCAL_LAST["path"], _LOCAL_LAST["best"]}:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def local_best_checkpoint() -> Path | None:
+    """The best checkpoint directory of the latest local-mode run (None if there was none)."""
+    best = _LOCAL_LAST.get("best")
+    return Path(best) if best is not None and Path(best).exists() else None
+
+
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
     """Report metrics (and a checkpoint) to Ray Train. Every rank must call it: it is a barrier.
 
@@ -167,11 +202,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
         path = Path(tempfile.mkdtemp(prefix="stence-local-ckpt-"))
         _write_checkpoint_dir(path, metrics, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-        # local mode keeps only the last checkpoint of a run: drop this run's previous directory
-        ctx = _train_context()  # one context object per run (held here, so it is never a new run's)
-        if _LOCAL_LAST.get("ctx") is ctx and _LOCAL_LAST.get("path") is not None:
-            shutil.rmtree(_LOCAL_LAST["path"], ignore_errors=True)
-        _LOCAL_LAST.update(ctx=ctx, path=path)
+        _keep_local(path, metrics)
         return
     with tempfile.TemporaryDirectory(prefix="stence-ckpt-") as tmp:
         _write_checkpoint_dir(Path(tmp), metrics, state)
