@@ -28,6 +28,7 @@ from stence.config import Config, config_hash, to_dict
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
 from stence.serving import registry as reg
+from stence.serving.fetch import load_champion
 from stence.serving.predict import predict_records, prepare_record, preprocessing_for
 from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.train.tracking import Tracker, start_run
@@ -102,7 +103,7 @@ def test_champion_loads_and_matches_scorer_file(logged: dict, mlflow_db: str,
 
     for ref in (f"models:/{name}@champion", f"models:/{name}/{version}", f"runs:/{logged['run_id']}",
                 logged["model_uri"], str(logged["scorer"])):
-        champ = reg.load_champion(ref, uri=mlflow_db)
+        champ = load_champion(ref, uri=mlflow_db)
         p, e = _outputs(champ, x)
         np.testing.assert_array_equal(p, p_ref, err_msg=ref)
         np.testing.assert_array_equal(e, e_ref, err_msg=ref)
@@ -254,7 +255,7 @@ def test_predict_on_real_records(logged: dict, mlflow_db: str, shared_data: Path
     assert "ERROR ecg_truncated" in capsys.readouterr().out
 
     # the same record with its leads in another order scores identically (leads are picked by name)
-    scorer = reg.load_champion(f"models:/{name}@champion", uri=mlflow_db)
+    scorer = load_champion(f"models:/{name}@champion", uri=mlflow_db)
     permuted = _write_permuted_copy(hr, tmp_path)
     same = predict_records(scorer, [hr, permuted])
     assert same[0]["probability"] == pytest.approx(same[1]["probability"], abs=1e-6)

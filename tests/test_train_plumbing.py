@@ -25,11 +25,11 @@ from stence.train.schedule import param_groups, warmup_cosine
 from stence.train.tracking import Tracker, start_run
 from stence.train.worker import (
     METRICS_FILE,
-    local_best_checkpoint,
     all_gather_arrays,
     all_reduce_mean,
     all_reduce_sum,
     load_state,
+    local_best_checkpoint,
     seed_everything,
     worker_info,
 )

@@ -45,8 +45,8 @@ def _print_table(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from stence.serving.fetch import load_champion
     from stence.serving.predict import expand_records, predict_records
-    from stence.serving.registry import load_champion
     from stence.train.tracking import resolve_tracking_uri
 
     cfg = config_from_args(args)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     encoder = args.encoder or cfg.downstream.encoder_checkpoint
     if encoder and not Path(encoder).exists():  # models:/NAME@ALIAS, runs:/...: fetch the registered scorer
-        from stence.serving.registry import fetch_scorer
+        from stence.serving.fetch import fetch_scorer
         from stence.train.driver import absolute_storage
         from stence.train.tracking import resolve_tracking_uri
 

@@ -58,6 +58,7 @@ def _run_for_file(cfg: Config, scorer: Path, meta: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from stence.serving import registry as reg
+    from stence.serving.fetch import fetch_scorer
     from stence.serving.scorer import scorer_metadata
     from stence.train.tracking import resolve_tracking_uri
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="stence-register-") as tmp:
         src = args.source
         try:
-            scorer = reg.fetch_scorer(src, tmp, uri=uri)
+            scorer = fetch_scorer(src, tmp, uri=uri)
             meta = scorer_metadata(scorer)
         except Exception as e:  # unknown run id, no scorer in the run, unreadable file
             print(f"error: cannot find a scorer in {src!r} (tracking URI {uri}): {e}")

@@ -85,7 +85,7 @@ def predict_records(model: Scorer | str, paths: Sequence[str | Path], batch_size
     from stence.serving.pyfunc import score_batch
 
     if isinstance(model, str):
-        from stence.serving.registry import load_champion
+        from stence.serving.fetch import load_champion
 
         model = load_champion(model, uri=uri)
     prep = preprocessing_for(model)
