@@ -1,0 +1,118 @@
+"""The real StenCE sweep, end to end as a user runs it: `stence tune` over the pretraining driver (every
+trial a Ray Train run on the tiny synthetic cohort), Optuna TPE, MLflow on SQLite, the best encoder probed,
+registered and made champion, the champion scoring a real WFDB record; and the ablation table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from stence.cli import main
+from stence.config import from_dict, load_config
+from stence.models.checkpoint import load_encoder
+from stence.serving import registry as reg
+from stence.serving.fetch import load_champion
+from stence.train.pretrain_loop import KNN_METRIC
+from stence.train.stages import run_pretrain
+from stence.train.worker import load_state
+from tests.ray_fixture import shared_mlflow_db
+from tune import spaces
+from tune.ablation import ablation_report
+from tune.champion import export_best_encoder
+from tune.sweep import SWEEP_TAG, TRIAL_TAG, run_sweep
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+MODEL = "stence-test-sweep-encoder"
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_cohort: Path, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("stence-sweep")
+    db = shared_mlflow_db(tmp_path_factory)
+    sets = [f"data.cohort={tiny_cohort}", f"train.storage_path={root / 'ray'}", f"tracking.uri={db}",
+            "tracking.experiment=stence-sweep", f"tracking.registered_model={MODEL}", "train.workers=1",
+            "optim.epochs=2", "optim.batch_size=8", "downstream.epochs=2", "downstream.bootstrap=100",
+            "feature.variants=1", "model.ecg=echoingecg_tiny"]  # fmt: skip
+    code = main(["tune", "--space", "default", "--num-samples", "3", "--max-concurrent", "1",
+                 "--sweep-name", "real-sweep", "--register-task", "0_100", "--set", *sets])  # fmt: skip
+    return {"code": code, "db": db, "sets": sets, "root": root}
+
+
+def test_sweep_runs_are_nested_finished_and_complete(sweep: dict) -> None:
+    assert sweep["code"] == 0
+    client = mlflow.MlflowClient(sweep["db"])
+    exp = client.get_experiment_by_name("stence-sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get(SWEEP_TAG) == "real-sweep" and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1
+    pid = parent[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid and TRIAL_TAG in r.data.tags]
+    assert len(children) == 3 and len({c.data.tags[TRIAL_TAG] for c in children}) == 3
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert {"loss.w_sten", "loss.temperature", "optim.lr_ecg", "optim.lr_angio"} <= set(c.data.params)
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, KNN_METRIC)]
+        assert steps and len(steps) == len(set(steps)) and set(steps) <= {1, 2}
+        assert client.get_metric_history(c.info.run_id, "train/loss")
+    # the paper's point was evaluated first
+    first = min(children, key=lambda r: r.info.start_time)
+    assert float(first.data.params["loss.w_sten"]) == 0.3 and float(first.data.params["loss.temperature"]) == 0.2
+
+
+def test_champion_is_the_best_checkpoint_and_scores_a_real_record(
+    sweep: dict, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    client = mlflow.MlflowClient(sweep["db"])
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    exp = client.get_experiment_by_name("stence-sweep")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'real-sweep'"
+                                   " and tags.`stence.best_checkpoint` != ''")  # fmt: skip
+    assert version.tags["stence.trial_id"] == parent.data.tags["stence.best_trial_id"]
+    best_ckpt = parent.data.tags["stence.best_checkpoint"]
+    assert best_ckpt and Path(best_ckpt).is_dir()
+    cfg = from_dict(load_state(best_ckpt)["config"])
+    encoder = load_encoder(export_best_encoder(best_ckpt, cfg, tmp_path)).eval()
+    champion = load_champion(f"models:/{MODEL}@champion", uri=sweep["db"]).eval()
+    x = reg.example_input(champion.input_spec, n=3, seed=0)  # (3, 12, T)
+    with torch.inference_mode():
+        ref = encoder(torch.from_numpy(x)).numpy()
+        out = champion(torch.from_numpy(x))
+    np.testing.assert_allclose(out["embedding"].numpy(), ref, rtol=1e-5, atol=1e-6)
+
+    record = shared_data / "ecg" / "wfdb" / "HR06000.hea"
+    assert main(["predict", "--json", "--model", f"models:/{MODEL}@champion", "--set",
+                 f"tracking.uri={sweep['db']}", "--", str(record)]) == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["error"] is None and 0.0 <= rows[0]["probability"] <= 1.0
+
+
+def test_ablation_sweep_writes_the_table_figure_and_paired_tests(
+    sweep: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ablation as a named fixed-variant sweep (cut to two variants here: the paper's W_Sten and the
+    frozen aggregator without CLS), each variant's encoder probed; table, Fig. 2 and DeLong written."""
+    variants = [{"loss.w_sten": 0.3}, {"loss.w_sten": 0.3, "model.frozen_no_cls": True}]
+    monkeypatch.setitem(spaces.SPACES, "ablation", {"kind": "variants", "variants": variants})
+    cfg = load_config(None, sweep["sets"])
+    result = run_sweep(run_pretrain, cfg, space="ablation", num_samples=2, max_concurrent=1, scheduler="none",
+                       metric=KNN_METRIC, mode="max", name="real-ablation", max_t=2)  # fmt: skip
+    assert result.complete and len(result.results) == 2
+    report = ablation_report(result, replace(cfg, downstream=replace(cfg.downstream, bootstrap=50)), ["0_100"])
+    rows = report["results"]
+    assert set(rows) == {"W_Sten 0.3", "W_Sten 0.3, frozen no cls"}
+    for r in rows.values():
+        assert r["0_100"]["auroc_lo"] <= r["0_100"]["auroc"] <= r["0_100"]["auroc_hi"]
+    out = Path(report["out"])
+    assert (out / "fig2_auroc_vs_threshold.png").stat().st_size > 1000
+    (d,) = report["delong"]
+    assert d["model_a"] == "W_Sten 0.3" and 0.0 <= d["p_value"] <= 1.0
+    assert "Paired DeLong" in (out / "results.md").read_text()
+    arts = {a.path for a in mlflow.MlflowClient(sweep["db"]).list_artifacts(result.parent_run_id, "ablation")}
+    assert "ablation/results.md" in arts and "ablation/fig2_auroc_vs_threshold.png" in arts
