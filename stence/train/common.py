@@ -74,7 +74,9 @@ def wrap_model(model: nn.Module, info: WorkerInfo, find_unused: bool = False) ->
     if info.world_size > 1:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+        # gradient_as_bucket_view: gradients live in the all-reduce buckets (one copy less per step)
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+            "find_unused_parameters": find_unused, "gradient_as_bucket_view": True})
     return model.to(info.device)
 
 
