@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_data", "bench.bench_train", "bench.bench_encoder")
+BENCHMARKS = ("bench.bench_data", "bench.bench_train", "bench.bench_encoder", "bench.bench_search")
 
 
 def main() -> int:

@@ -150,8 +150,18 @@ class ChildRunCloser(tune.Callback):
             Tracker(self.uri, run_id).end("FAILED")
 
 
+SEARCHES = ("tpe", "random")
+
+
 def _searcher(
-    fixed: bool, points: list[dict], metric: str, mode: str, seed: int, n_startup: int, max_concurrent: int
+    fixed: bool,
+    points: list[dict],
+    metric: str,
+    mode: str,
+    seed: int,
+    n_startup: int,
+    max_concurrent: int,
+    search: str = "tpe",
 ) -> Any:
     if fixed:
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -163,7 +173,11 @@ def _searcher(
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+    # the same OptunaSearch either way: only the sampler differs, so a TPE/random comparison isolates it
+    if search == "random":
+        sampler: Any = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
     return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
 
 
@@ -214,6 +228,7 @@ def _new_sweep(
     mode: str,
     seed: int,
     name: str | None,
+    search: str = "tpe",
 ) -> tuple[Path, Config, dict[str, Any]]:
     """Experiment dir, resolved base config and stored settings of a new sweep; opens the parent run."""
     base = _resolve_base(cfg)
@@ -225,7 +240,7 @@ def _new_sweep(
     path = Path(base.train.storage_path) / sweep_name
     path.mkdir(parents=True, exist_ok=True)
     state = {"name": sweep_name, "space": space, "metric": metric, "mode": mode, "num_samples": num_samples,
-             "scheduler": scheduler, "seed": seed, "parent_run_id": None}  # fmt: skip
+             "scheduler": scheduler, "search": search, "seed": seed, "parent_run_id": None}  # fmt: skip
     if base.tracking.enabled:
         state["parent_run_id"] = start_run(
             base,
@@ -242,6 +257,7 @@ def _resumed_sweep(resume: str, given: dict[str, Any]) -> tuple[Path, Config, di
     """Experiment dir, stored base config and settings of an interrupted sweep; reopens the parent run."""
     path = Path(absolute_storage(resume))
     state = json.loads((path / STATE_FILE).read_text())
+    state.setdefault("search", "tpe")  # sweeps started before `search` existed were TPE sweeps
     base = load_config(path / BASE_CONFIG_FILE)
     for key, value in given.items():
         if value != state[key]:
@@ -263,6 +279,7 @@ def _new_tuner(
     reduction_factor: float,
     n_startup_trials: int | None,
     callbacks: list[Any] | None,
+    stop: Any = None,
 ) -> tune.Tuner:
     space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
     param_space, points = build_param_space(space)
@@ -276,12 +293,14 @@ def _new_tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(fixed, points, metric, mode, state["seed"], n_startup, k),
+            search_alg=_searcher(fixed, points, metric, mode, state["seed"], n_startup, k,
+                                 state.get("search", "tpe")),
             scheduler=_scheduler(state["scheduler"], metric, mode, max_t, reduction_factor),
             num_samples=num_samples,
             max_concurrent_trials=None if fixed else k,
         ),
         run_config=tune.RunConfig(name=state["name"], storage_path=str(path.parent), callbacks=run_callbacks,
+                                  stop=stop,  # e.g. tune.budget.TrialEpochBudget: ends the whole sweep
                                   # a trial whose node disappears is retried from its latest checkpoint
                                   failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES)),
     )
@@ -304,6 +323,8 @@ def run_sweep(
     reduction_factor: float = 4,
     n_startup_trials: int | None = None,
     callbacks: list[Any] | None = None,
+    search: str = "tpe",
+    stop: Any = None,
 ) -> SweepResult:
     """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space`.
 
@@ -313,16 +334,25 @@ def run_sweep(
     defaults to what the cluster's CPUs/GPUs allow. On resume the stored settings, base config and
     parent run are reused, and unfinished trials continue: their Train runs resume from their
     checkpoints and their child runs are reopened. `callbacks` are extra Tune callbacks.
+
+    `search` picks the Optuna sampler: "tpe" (TPESampler) or "random" (RandomSampler, same seed, same
+    OptunaSearch and points_to_evaluate); it is stored with the sweep, so a resume keeps it. `stop` goes
+    to `tune.RunConfig(stop=...)` (a dict, a function or a `tune.Stopper`); a sweep ended by a Stopper
+    whose `stop_all()` is true counts as complete, not interrupted.
     """
     if scheduler not in ("asha", "none"):
         raise ValueError(f"scheduler must be 'asha' or 'none', got {scheduler!r}")
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     ensure_ray()
     if resume:
-        path, base, state = _resumed_sweep(resume, {"space": space, "metric": metric, "mode": mode})
+        path, base, state = _resumed_sweep(
+            resume, {"space": space, "metric": metric, "mode": mode, "search": search}
+        )
     else:
-        path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name)
+        path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name, search)
     trial_fn = _make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
     trainable = tune.with_resources(trial_fn, driver_resources())  # Train workers ask for their own
     parent: Tracker | NullTracker = NullTracker()
@@ -342,29 +372,42 @@ def run_sweep(
                 reduction_factor,
                 n_startup_trials,
                 callbacks,
+                stop,
             )
         grid = tuner.fit()
     except BaseException:
         parent.end("FAILED")
         raise
-    return _finish(grid, base, state, path, parent)
+    return _finish(grid, base, state, path, parent, stopped=_stopped_all(stop))
 
 
-def _finish(grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker) -> SweepResult:
+def _stopped_all(stop: Any) -> bool:
+    """True when `stop` is a Tune Stopper that ended the whole experiment (e.g. a spent budget)."""
+    return isinstance(stop, tune.Stopper) and bool(stop.stop_all())
+
+
+def _finish(
+    grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker, stopped: bool = False
+) -> SweepResult:
     """Close orphaned runs, summarise, end the parent run (or mark it interrupted)."""
     metric, mode, sweep_name = state["metric"], state["mode"], state["name"]
     # A trial is over when it errored or its last result says done (finished or stopped by ASHA); an
     # interrupted sweep leaves trials that are neither, or fewer trials than num_samples.
     over = [r.error is not None or bool(r.metrics.get("done")) for r in grid]
-    complete = len(grid) >= state["num_samples"] and all(over)
+    # A Stopper that ended the experiment (a spent budget) stopped it on purpose: complete, not interrupted.
+    complete = stopped or (len(grid) >= state["num_samples"] and all(over))
     children: dict[str, str] = {}
     if parent.run_id:
         uri, exp = base.tracking.uri, base.tracking.experiment
         for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}):
             children.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
-        # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial.
+        # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial, or to
+        # one a Stopper ended with the experiment (Tune calls no on_trial_complete then): stopped early.
         for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}, status="RUNNING"):
-            Tracker(uri, run.info.run_id).end("KILLED")
+            t = Tracker(uri, run.info.run_id)
+            if stopped:
+                t.set_tags({STOPPED_TAG: "true"})
+            t.end("FINISHED" if stopped else "KILLED")
 
     df = grid.get_dataframe()
     if "trial_id" in df:
@@ -414,4 +457,4 @@ def _finish(grid: Any, base: Config, state: dict, path: Path, parent: Tracker | 
     return result
 
 
-__all__ = ["ChildRunCloser", "SweepResult", "default_concurrency", "run_sweep"]
+__all__ = ["SEARCHES", "ChildRunCloser", "SweepResult", "default_concurrency", "run_sweep"]

@@ -11,6 +11,7 @@ EXAMPLE = """example:
   stence tune --config my.yaml --space default --num-samples 40 --max-concurrent 4
   stence tune --config my.yaml --space ablation                 # the paper's W_Sten / frozen-no-CLS table
   stence tune --resume runs/ray/sweeps/<name>                   # continue an interrupted sweep
+  stence tune --config my.yaml --search random --scheduler none # random search, every trial to the end
 Spaces (tune/spaces.py): default (loss.w_sten, loss.temperature, optim.lr_ecg, optim.lr_angio), ablation, smoke."""
 
 
@@ -21,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=8, help="trials (fixed spaces run each variant once)")
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs allow")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on the kNN AUROC")
+    p.add_argument("--search", choices=("tpe", "random"), default="tpe",
+                   help="Optuna sampler: TPE or random (kept on --resume)")
     p.add_argument("--resume", default=None, metavar="PATH", help="Tune experiment folder of an interrupted sweep")
     p.add_argument("--sweep-name", default=None, help="sweep name (default: train.name-space)")
     p.add_argument("--register-task", default=None, help="threshold task of the registered stenosis head "
@@ -28,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-register", action="store_true", help="do not probe/register the best encoder")
     p.add_argument("--strict", action="store_true", help="promote only if the bootstrap lower bound beats the "
                    "champion")
-    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (TPE or random)")
     add_config_args(p)
     add_run_args(p)
     p.set_defaults(func=run)
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.sweep_name or f"{cfg.train.name}-{args.space}"
     result = run_sweep(run_pretrain, cfg, space=args.space, num_samples=args.num_samples,
                        max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=KNN_METRIC,
-                       mode="max", resume=args.resume, seed=args.seed, name=name,
+                       mode="max", resume=args.resume, seed=args.seed, name=name, search=args.search,
                        max_t=cfg.optim.epochs)
     cols = [c for c in result.results.columns if c.startswith("config/") or c in (KNN_METRIC, "trial_id")]
     print(result.results[cols].to_string(index=False))
