@@ -4,8 +4,10 @@ as a nested MLflow run; the best encoder is probed, logged and registered (champ
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from stence.commands._common import RAW, add_config_args, add_run_args, config_from_args
+from stence.config import THRESHOLD_TASKS
 
 EXAMPLE = """example:
   stence tune --config my.yaml --space default --num-samples 40 --max-concurrent 4
@@ -32,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="promote only if the bootstrap lower bound beats the "
                    "champion")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (TPE or random)")
+    p.add_argument("--tasks", nargs="+", default=list(THRESHOLD_TASKS), metavar="TASK",
+                   help="threshold tasks each ablation variant is probed on (default: the four of Fig. 2)")
     add_config_args(p)
     add_run_args(p)
     p.set_defaults(func=run)
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from stence.train.features import extract_features
     from stence.train.pretrain_loop import KNN_METRIC
     from stence.train.stages import run_pretrain
+    from tune.spaces import is_fixed
     from tune.sweep import run_sweep
 
     cfg = config_from_args(args)
@@ -59,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if not result.complete:
         print("the sweep was interrupted: resume it with --resume")
         return 1
-    if args.space == "ablation":
-        print("ablation: probe each variant's encoder with `stence probe --encoder runs/.../exports/pretrain-<trial>/"
-              "encoder.pt` and merge with `stence probe --compare` for the table and Fig. 2")
+    if is_fixed(args.space):  # the ablation: every variant's encoder probed -> table, Fig. 2, DeLong
+        from tune.ablation import ablation_report
+
+        report = ablation_report(result, cfg, args.tasks)
+        print((Path(report["out"]) / "results.md").read_text())
+        print(f"ablation table, Fig. 2 and paired DeLong tests: {report['out']}")
     if args.no_register or not cfg.tracking.enabled:
         return 0
     from tune.champion import register_best
