@@ -35,3 +35,14 @@ def tiny_cohort(tmp_path_factory) -> Path:
     write_cohort(root / "raw", SynthConfig.preset("tiny", patients=30, seed=1))
     ingest(root / "raw", root / "cohort", Config(), processes=2)
     return root / "cohort"
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared machine: one torch thread avoids OpenMP spinning; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,14 +25,7 @@ from stence.models.otis import load_otis_checkpoint
 from stence.models.registry import build_stence_model, create_ecg_encoder
 from tests.ref_ops import DT, gelu, heads_attention, lin, ln, r, softmax
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: no OpenMP spinning (conftest)
 
 
 

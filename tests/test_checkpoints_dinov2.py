@@ -9,13 +9,7 @@ from stence.models.frame_encoder import load_dinov2_checkpoint
 from stence.models.registry import create_frame_encoder
 from tests.ref_ops import DT, gelu, heads_attention, lin, ln, r
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: no OpenMP spinning (conftest)
 
 
 def dinov2_public_state(D=64, depth=2, patch=8, grid=8, chunked=False, seed=0):

@@ -15,14 +15,7 @@ from stence.config import Config, apply_overrides
 from stence.losses import StenceLoss, clip_loss, gather_features, stenosis_loss
 from stence.models.registry import build_stence_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: no OpenMP spinning (conftest)
 
 
 def unit(B, D, seed):

@@ -25,14 +25,7 @@ from stence.models.registry import (
     list_frame_encoders,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared machine: one thread avoids OpenMP spinning; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: no OpenMP spinning (conftest)
 
 
 # Registered presets are shrunk (same widths/heads, fewer blocks) so every name runs in seconds.
