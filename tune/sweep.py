@@ -24,27 +24,23 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from stence.config import Config, apply_overrides, from_dict, load_config, save_config, to_dict, update
-from stence.train.driver import absolute_storage, ensure_ray, tune_trial_id
+from stence.config import Config, apply_overrides, load_config, save_config, to_dict, update
+from stence.train.driver import absolute_storage, ensure_ray
 from stence.train.tracking import (
     PARENT_TAG,
     NullTracker,
     Tracker,
-    find_run_by,
     resolve_tracking_uri,
-    run_status,
     search_runs_by,
     start_run,
 )
 from tune.spaces import build_param_space, is_fixed
+from tune.trial_runs import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG, ChildRunCloser, make_trial_fn
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "stence_sweep.json"  # in the Tune experiment dir: parent run id and sweep settings
 BASE_CONFIG_FILE = "stence_base_config.yaml"  # the resolved base config the trials override
-TRIAL_TAG = "stence.trial_id"
-SWEEP_TAG = "stence.sweep"
-STOPPED_TAG = "stence.stopped_early"
 
 
 @dataclass
@@ -85,69 +81,6 @@ def default_concurrency(cfg: Config) -> int:
     if cfg.train.gpus > 0:
         k = min(k, int(res.get("GPU", 0) // (workers * cfg.train.gpus)))
     return max(1, k)
-
-
-def _make_trial_fn(
-    train_fn_for_trial: Callable[[Config, str | None], Any],
-    base: dict[str, Any],
-    parent_run_id: str | None,
-    sweep_name: str,
-) -> Callable[[dict], None]:
-    """The function Tune runs per trial (in a trial actor whose cwd is the trial directory)."""
-
-    def stence_trial(config: dict) -> None:
-        cfg = apply_overrides(from_dict(base), dict(config))
-        trial_id = tune_trial_id()
-        tracker: Tracker | NullTracker = NullTracker()
-        if cfg.tracking.enabled and parent_run_id:
-            uri = cfg.tracking.uri
-            tags = {TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name}
-            run_id = find_run_by(uri, cfg.tracking.experiment, tags)
-            if run_id is None:
-                tags["stence.overrides"] = json.dumps(config, sort_keys=True, default=str)
-                run_id = start_run(cfg, f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
-            tracker = Tracker(uri, run_id)
-            tracker.reopen()  # a resumed trial logs on into its child run
-        try:
-            train_fn_for_trial(cfg, tracker.run_id)
-        except BaseException:
-            if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
-                tracker.end("FAILED")
-            raise
-        if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
-            tracker.end("FINISHED")
-
-    return stence_trial
-
-
-class ChildRunCloser(tune.Callback):
-    """Ends the child runs the trial function could not end: ASHA-stopped trials are killed while in
-    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED."""
-
-    def __init__(self, uri: str, experiment: str, sweep_name: str):
-        self.uri = uri
-        self.experiment = experiment
-        self.sweep_name = sweep_name
-
-    def _running_child(self, trial: Any) -> str | None:
-        run_id = find_run_by(
-            self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name}
-        )
-        if run_id and run_status(self.uri, run_id) == "RUNNING":
-            return run_id
-        return None
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._running_child(trial)
-        if run_id:
-            t = Tracker(self.uri, run_id)
-            t.set_tags({STOPPED_TAG: "true"})
-            t.end("FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._running_child(trial)
-        if run_id:
-            Tracker(self.uri, run_id).end("FAILED")
 
 
 SEARCHES = ("tpe", "random")
@@ -353,7 +286,7 @@ def run_sweep(
         )
     else:
         path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name, search)
-    trial_fn = _make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
+    trial_fn = make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
     trainable = tune.with_resources(trial_fn, driver_resources())  # Train workers ask for their own
     parent: Tracker | NullTracker = NullTracker()
     if state["parent_run_id"]:
@@ -457,4 +390,5 @@ def _finish(
     return result
 
 
-__all__ = ["SEARCHES", "ChildRunCloser", "SweepResult", "default_concurrency", "run_sweep"]
+__all__ = ["SEARCHES", "STOPPED_TAG", "SWEEP_TAG", "TRIAL_TAG", "ChildRunCloser", "SweepResult", "default_concurrency",
+           "run_sweep"]
