@@ -12,7 +12,7 @@ t0=$(date +%s)
 step() { echo; echo "==> [$(( $(date +%s) - t0 ))s] $*"; }
 
 step "1/8 synthetic cohort in real clinical formats (WFDB, DICOM XA, annotations), 5 % corrupt files"
-$S synth "$RUNS/raw" --size demo --corrupt-fraction 0.05 --seed 0 --overwrite
+$S synth "$RUNS/raw" --size demo --corrupt-fraction 0.05 --seed 0 --overwrite ${SYNTH_ARGS:-}
 
 step "2/8 ingest: pseudonymise, quarantine bad files, pair, split by patient, cache"
 $S ingest "$RUNS/raw" --out "$RUNS/cohort"
