@@ -107,6 +107,24 @@ def test_train_frame_encoder_auto_follows_the_checkpoint() -> None:
         trains_frame_encoder(apply_overrides(cfg, {"feature.train_frame_encoder": "sometimes"}))
 
 
+def test_checkpoint_metric_averages_patient_artery_and_segment_levels() -> None:
+    from stence.train.angio_loop import ANGIO_METRIC, target_aurocs
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((40, 11)) < 0.3).astype(np.float32)
+    y[:, 3] = 0.0  # a segment without positives: undefined, left out
+    p = np.clip(y * 0.5 + rng.random((40, 11)) * 0.7, 0, 1)  # informative but imperfect scores
+    m = target_aurocs(y, p)
+    assert ANGIO_METRIC == "val/auroc_mean" and not np.isfinite(m["val/auroc_seg1"])
+    levels = [m["val/auroc_patient"], m["val/auroc_artery"], m["val/auroc_segment"]]
+    assert all(0.5 < v < 1.0 for v in levels)
+    assert m[ANGIO_METRIC] == pytest.approx(np.mean(levels))
+    p_bad = p.copy()
+    p_bad[:, 3:] = rng.random((40, 8))  # segment queries at chance: the checkpoint ranks lower,
+    worse = target_aurocs(y, p_bad)  # although its patient AUROC is the same
+    assert worse["val/auroc_patient"] == m["val/auroc_patient"] and worse[ANGIO_METRIC] < m[ANGIO_METRIC] - 0.05
+
+
 def test_feature_cache_key_ignores_stage_a_training_options() -> None:
     cohort = SimpleNamespace(fingerprint="abc", meta={"data_config": {"frame_size": 64}})
     cfg = Config()
@@ -236,22 +254,28 @@ def test_stage_b_features_from_the_exported_encoder_match_the_trained_model(
 @pytest.mark.slow
 @pytest.mark.ray
 def test_demo_cohort_stage_a(tmp_path: Path) -> None:
-    """The default demo cohort (120 patients: 72 training studies), the recommended stage-A settings.
+    """The default demo cohort (120 patients: 72 training studies, split as `make demo` splits it), the
+    demo's stage-A settings (150 epochs, about 1.5 minutes on one CPU core).
 
-    Measured (CPU, 2 cores, ~100 s of training): val patient AUROC 0.85, test 0.79, a 400-study held-out
-    cohort 0.89; RCA ~0.99, LCA ~0.80-0.87. The acceptance target of 0.9 on the 24 validation studies is
-    not reached at this cohort size (see the stage-A report); this guards what is reached.
+    Measured (train.seed 0, 1, 2; the exported epoch is the best mean of patient, artery and segment AUROC:
+    epochs 59-131): val patient AUROC 0.948, 0.985, 0.985 (the acceptance item: >= 0.9 on validation);
+    the same exports on the demo test split 0.78-0.81 and on all 300 studies of another synthetic cohort
+    (seed 7) 0.87-0.88, RCA 0.97-0.99, LCA 0.82-0.86. The held-out figure is the honest one: 70 % lesions are
+    told from 50 % ones only weakly at 64 px (mean patient probability 0.25-0.49 vs 0.07-0.28).
     """
     from stence.data.ingest import ingest
     from stence.data.synth import SynthConfig, write_cohort
     from stence.train.stages import run_angio
 
-    write_cohort(tmp_path / "raw", SynthConfig.preset("demo", echonext=0))
-    ingest(tmp_path / "raw", tmp_path / "cohort", Config(), processes=2)
+    write_cohort(tmp_path / "raw", SynthConfig.preset("demo", echonext=0))  # corrupt files change nothing
+    demo_salt = apply_overrides(Config(), {"ingest.salt": "demo-site-secret-change-me"})  # scripts/demo.sh's
+    ingest(tmp_path / "raw", tmp_path / "cohort", demo_salt, processes=2)  # the salt decides the split
     cfg = _stage_a_cfg(tmp_path / "cohort", tmp_path / "storage", **{"optim.epochs": 150})
     out = run_angio(cfg)
+    assert out["metrics"]["val/auroc_patient"] >= 0.9  # the acceptance item, on the exported epoch
+    assert out["metrics"]["epoch"] > 40  # ... a trained one, not an early lucky one
     export = Path(out["checkpoint"]).parent
     y, p = _predict(export, tmp_path / "cohort", ("val", "test"))
-    assert auroc(y[:, 0], p[:, 0]) > 0.75
-    assert np.mean([auroc(y[:, i], p[:, i]) for i in (1, 2)]) > 0.8  # RCA and LCA
+    assert auroc(y[:, 0], p[:, 0]) > 0.8  # val and test together: 48 patients
+    assert np.mean([auroc(y[:, i], p[:, i]) for i in (1, 2)]) > 0.85  # RCA and LCA
     assert auroc(y[:, 1], p[:, 1]) > 0.85  # RCA lesions are found best (0.89-0.99 seen; 48 studies)
