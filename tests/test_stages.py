@@ -63,8 +63,11 @@ def test_rerun_with_same_name_resumes(pretrained, cfg):
 
 def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
     probe_cfg = apply_overrides(cfg, {"downstream.encoder_checkpoint": pretrained["encoder"],
-                                      "train.workers": 0, "downstream.task": "0_100"})
+                                      "train.workers": 0, "downstream.task": "0_100", "downstream.min_steps": 7})
     out = run_downstream(probe_cfg, label="stence")
+    # the tiny cohort gives one step per epoch: min_steps raised the 2 configured epochs to 7
+    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(out["run_id"], "train/loss")
+    assert sorted(h.step for h in history) == list(range(1, 8))
     r = out["metrics"]["0_100"]
     assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] and r["n_pos"] > 0 and r["n"] > r["n_pos"]
     assert "sex" in out["metrics"]["subgroups"]

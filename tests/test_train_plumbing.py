@@ -385,3 +385,12 @@ def test_resource_starved_run_fails_with_a_message(
         fit(toy_loop, cfg, stage="toy", loop_config={}, metric=METRIC)
     assert time.monotonic() - t0 < 120
     assert re.search(r"time(d)? ?out|timeout", str(err.value), re.IGNORECASE), str(err.value)
+
+
+def test_min_steps_raises_the_epochs_of_a_short_downstream_run() -> None:
+    from stence.train.downstream_loop import planned_epochs
+
+    assert planned_epochs(10, 0, 3) == 10  # the paper's recipe: epochs as configured
+    assert planned_epochs(10, 300, 2) == 150 and planned_epochs(10, 301, 2) == 151  # ceil(300 / 2)
+    assert planned_epochs(200, 300, 5) == 200  # never fewer than configured
+    assert planned_epochs(1, 5, 0) == 5  # an empty loader still counts one step per epoch

@@ -67,6 +67,11 @@ def build_datasets(cfg: Config) -> dict[str, Any]:
             for s in ("train", "val", "test")}
 
 
+def planned_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """`epochs`, raised so that training takes at least `min_steps` optimiser steps."""
+    return max(epochs, -(-min_steps // max(1, steps_per_epoch)))
+
+
 def smoothed_bce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
     """BCE with label smoothing; NaN labels (unknown EchoNext flags) are masked out."""
     mask = ~torch.isnan(y)  # (B, K)
@@ -107,7 +112,10 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(groups)
     loader, sampler = train_loader(sets["train"], d.batch_size, info, None, cfg.train.seed, cfg.data.num_workers)
     steps = max(1, len(loader))
-    sched = warmup_cosine(opt, d.warmup_epochs * steps, d.epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
+    epochs = planned_epochs(d.epochs, d.min_steps, steps)
+    if epochs > d.epochs:
+        print0(f"{steps} steps per epoch: {epochs} epochs for downstream.min_steps={d.min_steps}")
+    sched = warmup_cosine(opt, d.warmup_epochs * steps, epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
 
     def predict(split: str) -> dict[str, np.ndarray]:
         model.eval()
@@ -128,7 +136,7 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start, best, best_state = int(state["epoch"]), float(state["best"]), state["best_model"]
-    for epoch in range(start, d.epochs):
+    for epoch in range(start, epochs):
         set_epoch(sampler, [sets["train"]], epoch, cfg.train.seed)
         model.train()
         total, n = 0.0, 0
@@ -150,7 +158,7 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
             best, best_state = metrics[DOWNSTREAM_METRIC], copy.deepcopy(core.state_dict())
         metrics.update({"epoch": epoch + 1, "val/best_auroc": best})
         tracker.log_metrics(metrics, step=epoch + 1)
-        print0(f"epoch {epoch + 1}/{d.epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
+        print0(f"epoch {epoch + 1}/{epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
@@ -162,11 +170,11 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     if best_state is not None:
         core.load_state_dict(best_state)
     val, test = predict("val"), predict("test")
-    final = {"epoch": d.epochs + 1, DOWNSTREAM_METRIC: best, "final": 1.0}
+    final = {"epoch": epochs + 1, DOWNSTREAM_METRIC: best, "final": 1.0}
     ckpt = None
     if info.rank == 0:
         ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                "epoch": d.epochs, "best": best, "best_model": core.state_dict(), "config": loop_config["config"],
+                "epoch": epochs, "best": best, "best_model": core.state_dict(), "config": loop_config["config"],
                 "test": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test.items()},
                 "val": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in val.items()}}
     report(final, ckpt)

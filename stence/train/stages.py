@@ -228,7 +228,7 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
             flat = {f"test/{k}": v for k, v in metrics.get(d.task, {}).items() if isinstance(v, (int, float))}
             flat.update({f"val_final/{k}": v for k, v in metrics.get("val", {}).get(d.task, {}).items()
                          if isinstance(v, (int, float))})
-            t.log_metrics(flat, step=d.epochs)
+            t.log_metrics(flat, step=int(final["epoch"]))
             for f in out.iterdir():
                 t.log_artifact(f)
         ok = True
