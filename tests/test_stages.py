@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+import torch
 
 from stence.config import Config, apply_overrides
 from stence.serving.scorer import load_scorer
@@ -73,6 +75,15 @@ def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
     assert "sex" in out["metrics"]["subgroups"]
     scorer = load_scorer(out["scorer"])
     assert scorer.input_spec["fs"] == 500 and scorer.task == "0_100"
+    # the probe scored test from cached frozen embeddings: the scorer's full forward gives the same numbers
+    from stence.data.cohort_io import Cohort
+    from stence.data.datasets import EcgDataset
+
+    test_ds = EcgDataset(Cohort.open(probe_cfg.data.cohort), "test", probe_cfg.data, "0_100", train=False)
+    order = np.asarray(out["test"]["index"])
+    with torch.no_grad():
+        p = scorer.eval()(torch.stack([test_ds[int(i)]["ecg"] for i in order]))["probability"]
+    np.testing.assert_allclose(p.numpy().reshape(-1), np.asarray(out["test"]["p"]).reshape(-1), rtol=1e-4, atol=1e-6)
     # the encoder inside the scorer is the pretrained one, not a fresh init (probe froze it)
     from stence.models.checkpoint import load_encoder
 

@@ -117,16 +117,33 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         print0(f"{steps} steps per epoch: {epochs} epochs for downstream.min_steps={d.min_steps}")
     sched = warmup_cosine(opt, d.warmup_epochs * steps, epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
 
+    frozen_feats: dict[str, list[tuple[np.ndarray, torch.Tensor, np.ndarray]]] = {}
+
+    def eval_inputs(split: str):
+        """(index, encoder input or, for a frozen encoder, its cached embedding, labels) per batch of this
+        rank's shard; evaluation inputs are not augmented, so a frozen encoder's embeddings are computed once."""
+        if split in frozen_feats:
+            return frozen_feats[split]
+        items = []
+        for b in shard_loader(sets[split], d.batch_size, info, None):
+            x = b["ecg"].to(info.device)  # (B, 12, T)
+            if core.freeze_encoder:
+                with torch.no_grad(), autocast(info):
+                    x = core.encoder(x)  # (B, D)
+            items.append((b["index"].numpy(), x, b["label"].reshape(len(b["index"]), -1).numpy()))
+        if core.freeze_encoder:
+            frozen_feats[split] = items
+        return items
+
     def predict(split: str) -> dict[str, np.ndarray]:
         model.eval()
 
         def batches():
             with torch.no_grad():
-                for b in shard_loader(sets[split], d.batch_size, info, None):
+                for index, x, y in eval_inputs(split):
                     with autocast(info):
-                        logits = core(b["ecg"].to(info.device)).float()
-                    yield {"index": b["index"].numpy(), "p": torch.sigmoid(logits).cpu().numpy(),
-                           "y": b["label"].reshape(len(b["index"]), -1).numpy()}
+                        logits = (core.head(x) if core.freeze_encoder else core(x)).float()  # (B, K)
+                    yield {"index": index, "p": torch.sigmoid(logits).cpu().numpy(), "y": y}
         return gather_outputs(batches())
 
     start, best, best_state = 0, -1.0, None
