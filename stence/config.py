@@ -140,7 +140,7 @@ class DownstreamConfig:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     epochs: int = 20
-    # at least this many optimiser steps (ours): epochs are raised to ceil(min_steps / steps per epoch); on a
+    # at least this many optimiser steps (ours): each epoch makes enough passes over the training data; on a
     # small cohort a few epochs are a few steps, and a linear head left near its random init scores by luck
     min_steps: int = 0
     batch_size: int = 64

@@ -67,9 +67,10 @@ def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
     probe_cfg = apply_overrides(cfg, {"downstream.encoder_checkpoint": pretrained["encoder"],
                                       "train.workers": 0, "downstream.task": "0_100", "downstream.min_steps": 7})
     out = run_downstream(probe_cfg, label="stence")
-    # the tiny cohort gives one step per epoch: min_steps raised the 2 configured epochs to 7
-    history = mlflow.MlflowClient(cfg.tracking.uri).get_metric_history(out["run_id"], "train/loss")
-    assert sorted(h.step for h in history) == list(range(1, 8))
+    # the tiny cohort gives one step per pass: min_steps 7 over the 2 configured epochs makes 4 passes each
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    assert sorted(h.step for h in client.get_metric_history(out["run_id"], "train/loss")) == [1, 2]
+    assert [h.value for h in client.get_metric_history(out["run_id"], "train/passes_per_epoch")] == [4.0, 4.0]
     r = out["metrics"]["0_100"]
     assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] and r["n_pos"] > 0 and r["n"] > r["n_pos"]
     assert "sex" in out["metrics"]["subgroups"]

@@ -387,10 +387,11 @@ def test_resource_starved_run_fails_with_a_message(
     assert re.search(r"time(d)? ?out|timeout", str(err.value), re.IGNORECASE), str(err.value)
 
 
-def test_min_steps_raises_the_epochs_of_a_short_downstream_run() -> None:
-    from stence.train.downstream_loop import planned_epochs
+def test_min_steps_sets_the_passes_per_epoch_of_a_short_downstream_run() -> None:
+    from stence.train.downstream_loop import passes_per_epoch
 
-    assert planned_epochs(10, 0, 3) == 10  # the paper's recipe: epochs as configured
-    assert planned_epochs(10, 300, 2) == 150 and planned_epochs(10, 301, 2) == 151  # ceil(300 / 2)
-    assert planned_epochs(200, 300, 5) == 200  # never fewer than configured
-    assert planned_epochs(1, 5, 0) == 5  # an empty loader still counts one step per epoch
+    assert passes_per_epoch(10, 0, 3) == 1  # the paper's recipe: one pass per epoch
+    assert passes_per_epoch(10, 150, 1) == 15 and passes_per_epoch(10, 151, 1) == 16  # ceil(150 / 10)
+    assert passes_per_epoch(10, 150, 4) == 4  # 10 epochs x 4 passes x 4 steps = 160 >= 150
+    assert passes_per_epoch(50, 150, 5) == 1  # enough steps already
+    assert passes_per_epoch(2, 5, 0) == 3  # an empty loader still counts one step per pass

@@ -67,9 +67,10 @@ def build_datasets(cfg: Config) -> dict[str, Any]:
             for s in ("train", "val", "test")}
 
 
-def planned_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
-    """`epochs`, raised so that training takes at least `min_steps` optimiser steps."""
-    return max(epochs, -(-min_steps // max(1, steps_per_epoch)))
+def passes_per_epoch(epochs: int, min_steps: int, steps_per_pass: int) -> int:
+    """Passes over the training data per epoch so that `epochs` epochs take at least `min_steps` optimiser
+    steps (validation and checkpoints stay once per epoch, so a tiny split does not pay them every step)."""
+    return max(1, -(-min_steps // (max(1, epochs) * max(1, steps_per_pass))))
 
 
 def smoothed_bce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -112,9 +113,10 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(groups)
     loader, sampler = train_loader(sets["train"], d.batch_size, info, None, cfg.train.seed, cfg.data.num_workers)
     steps = max(1, len(loader))
-    epochs = planned_epochs(d.epochs, d.min_steps, steps)
-    if epochs > d.epochs:
-        print0(f"{steps} steps per epoch: {epochs} epochs for downstream.min_steps={d.min_steps}")
+    epochs, passes = d.epochs, passes_per_epoch(d.epochs, d.min_steps, len(loader))
+    if passes > 1:
+        print0(f"{steps} steps per pass: {passes} passes per epoch for downstream.min_steps={d.min_steps}")
+    steps *= passes
     sched = warmup_cosine(opt, d.warmup_epochs * steps, epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
 
     frozen_feats: dict[str, list[tuple[np.ndarray, torch.Tensor, np.ndarray]]] = {}
@@ -153,11 +155,15 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start, best, best_state = int(state["epoch"]), float(state["best"]), state["best_model"]
+    def train_batches(epoch: int):
+        for k in range(passes):  # a fresh shuffle (and augmentation draw) per pass
+            set_epoch(sampler, [sets["train"]], epoch * passes + k, cfg.train.seed)
+            yield from loader
+
     for epoch in range(start, epochs):
-        set_epoch(sampler, [sets["train"]], epoch, cfg.train.seed)
         model.train()
         total, n = 0.0, 0
-        for batch in loader:
+        for batch in train_batches(epoch):
             batch = to_device(batch, info.device)
             with autocast(info):
                 logits = model(batch["ecg"]).float()
@@ -173,7 +179,7 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         metrics[DOWNSTREAM_METRIC] = mean_auroc(val["y"], val["p"])
         if np.isfinite(metrics[DOWNSTREAM_METRIC]) and metrics[DOWNSTREAM_METRIC] > best:
             best, best_state = metrics[DOWNSTREAM_METRIC], copy.deepcopy(core.state_dict())
-        metrics.update({"epoch": epoch + 1, "val/best_auroc": best})
+        metrics.update({"epoch": epoch + 1, "val/best_auroc": best, "train/passes_per_epoch": passes})
         tracker.log_metrics(metrics, step=epoch + 1)
         print0(f"epoch {epoch + 1}/{epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
         ckpt = None
