@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from ray import tune
 
-from stence.config import Config, ConfigError, load_config
+from stence.config import Config, ConfigError, apply_overrides, load_config
 from stence.train.worker import METRICS_FILE, load_state
 from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
@@ -45,6 +45,14 @@ def test_default_space_and_paper_point() -> None:
          "optim.lr_angio": defaults.optim.lr_angio}
     ]  # fmt: skip
     assert not is_fixed("default")
+
+
+def test_points_and_variants_take_unswept_values_from_the_sweeps_config() -> None:
+    base = apply_overrides(Config(), {"optim.lr_ecg": 1e-3, "optim.lr_angio": 3e-4, "model.frozen_no_cls": True})
+    _, points = build_param_space("default", base)
+    assert points == [{"loss.w_sten": 0.3, "loss.temperature": 0.2, "optim.lr_ecg": 1e-3, "optim.lr_angio": 3e-4}]
+    _, variants = build_param_space("ablation", base)
+    assert variants[0]["loss.w_sten"] == 0.0 and variants[0]["model.frozen_no_cls"] is True  # from base
 
 
 def test_ablation_is_a_fixed_variant_list() -> None:

@@ -2,8 +2,9 @@
 
 A space is either a search ("params": distributions, searched by Optuna TPE, "points_to_evaluate"
 tried first) or a fixed list of "variants" (the ablation: every variant runs once, nothing sampled).
-Points and variants may be partial; `build_param_space` fills the missing keys from the defaults in
-`stence.config.Config`, so every trial states every swept value.
+Points and variants may be partial; `build_param_space` fills the missing keys from the sweep's own
+resolved config (the embedded defaults when none is given), so every trial states every swept value and a
+point such as the paper's runs at the learning rates the user configured.
 """
 
 from __future__ import annotations
@@ -76,33 +77,35 @@ def is_fixed(name: str) -> bool:
     return get_space(name).get("kind") == "variants"
 
 
-def _complete(points: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
-    """Fill every point to `keys` from the config defaults; reject keys the config does not have."""
-    defaults = flatten(to_dict(Config()))
+def _complete(points: list[dict[str, Any]], keys: list[str], base: Config) -> list[dict[str, Any]]:
+    """Fill every point to `keys` from `base`; reject keys the config does not have."""
+    defaults = flatten(to_dict(base))
     out = []
     for point in points:
-        apply_overrides(Config(), point)  # raises ConfigError (with the valid keys) on a bad key or value
+        apply_overrides(base, point)  # raises ConfigError (with the valid keys) on a bad key or value
         out.append({k: point.get(k, defaults[k]) for k in keys})
     return out
 
 
-def build_param_space(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def build_param_space(name: str, base: Config | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(Tune param_space keyed by dotted config keys, points_to_evaluate).
 
     For a search space the param_space holds `ray.tune` distributions. For a variant list it holds the
     config defaults as constants and the variants come back as points_to_evaluate, to be run with
-    num_samples = len(variants) so nothing beyond them is ever sampled.
+    num_samples = len(variants) so nothing beyond them is ever sampled. Missing keys come from `base` (the
+    sweep's resolved config; the embedded defaults when None).
     """
+    base = base if base is not None else Config()
     space = get_space(name)
     if space.get("kind") == "variants":
         variants = space["variants"]
         keys = sorted({k for v in variants for k in v})
-        points = _complete(variants, keys)
-        defaults = flatten(to_dict(Config()))
+        points = _complete(variants, keys, base)
+        defaults = flatten(to_dict(base))
         return {k: defaults[k] for k in keys}, points
     params = space["params"]
     keys = list(params)
-    points = _complete(space.get("points_to_evaluate", []), keys)
+    points = _complete(space.get("points_to_evaluate", []), keys, base)
     extra = {k for p in space.get("points_to_evaluate", []) for k in p} - set(keys)
     if extra:
         raise ValueError(

@@ -215,7 +215,7 @@ def _new_tuner(
     stop: Any = None,
 ) -> tune.Tuner:
     space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
-    param_space, points = build_param_space(space)
+    param_space, points = build_param_space(space, base)
     fixed = is_fixed(space)
     k = max_concurrent or default_concurrency(base)
     n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
