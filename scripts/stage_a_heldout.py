@@ -23,10 +23,7 @@ from stence.data.datasets import StudyDataset, collate_paired
 from stence.data.ingest import ingest
 from stence.data.synth import SynthConfig, write_cohort
 from stence.eval.metrics import auroc
-from stence.models.angio_e2e import AngioEndToEnd
-from stence.models.checkpoint import load_aggregator
-from stence.models.frame_encoder import load_dinov2_checkpoint
-from stence.models.registry import create_frame_encoder
+from stence.models.angio_e2e import AngioEndToEnd, load_stage_a_export
 from stence.train.stages import run_angio
 
 MAJOR_SEGMENTS = (1, 2, 3, 5, 6, 7, 11, 13)
@@ -41,10 +38,8 @@ def make_cohort(out: Path, **synth: object) -> Path:
     return out / "cohort"
 
 
-def score(export: Path, cohort: Path, splits: tuple[str, ...]) -> dict[str, object]:
+def score(model: AngioEndToEnd, cohort: Path, splits: tuple[str, ...]) -> dict[str, object]:
     """AUROCs of the exported stage-A pair on the studies of `splits`, and mean patient probability by degree."""
-    enc = load_dinov2_checkpoint(create_frame_encoder("convstem_tiny"), str(export / "frame_encoder.pt"))
-    model = AngioEndToEnd(enc, load_aggregator(export / "aggregator.pt")).eval()
     ys, ps, degs = [], [], []
     for split in splits:
         ds = StudyDataset(Cohort.open(cohort), split, Config().data, None, train=False)
@@ -76,10 +71,10 @@ def main() -> None:
             "train.name": f"stage-a-{seed}", "train.seed": seed, "tracking.enabled": False, "feature.variants": 1,
             **DEMO_STAGE_A})
         out = run_angio(cfg)
-        export = Path(out["checkpoint"]).parent
+        model = load_stage_a_export(Path(out["checkpoint"]).parent, cfg.feature.frame_encoder)
         res = {"seed": seed, "exported_epoch": out["metrics"].get("epoch"),
-               "val": score(export, demo, ("val",)), "test": score(export, demo, ("test",)),
-               "heldout": score(export, held, ("train", "val", "test"))}
+               "val": score(model, demo, ("val",)), "test": score(model, demo, ("test",)),
+               "heldout": score(model, held, ("train", "val", "test"))}
         print(json.dumps(res), flush=True)
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")

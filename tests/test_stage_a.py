@@ -18,8 +18,12 @@ from stence.data.frame_augment import random_affine
 from stence.data.synth_angio import View, sample_tree, vessel_layers
 from stence.eval.metrics import auroc
 from stence.models.aggregator import SegmentMILAggregator
-from stence.models.angio_e2e import AngioEndToEnd, save_frame_encoder, trains_frame_encoder
-from stence.models.checkpoint import load_aggregator
+from stence.models.angio_e2e import (
+    AngioEndToEnd,
+    load_stage_a_export,
+    save_frame_encoder,
+    trains_frame_encoder,
+)
 from stence.models.frame_encoder import load_dinov2_checkpoint
 from stence.models.registry import create_frame_encoder
 from stence.train.features import feature_key
@@ -176,8 +180,7 @@ def _stage_a_cfg(cohort: Path, storage: Path, **extra: object) -> Config:
 
 def _predict(export: Path, cohort: Path, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(targets (N, 11), probabilities (N, 11)) of the exported stage-A pair on the studies of `splits`."""
-    enc = load_dinov2_checkpoint(create_frame_encoder("convstem_tiny"), str(export / "frame_encoder.pt"))
-    model = AngioEndToEnd(enc, load_aggregator(export / "aggregator.pt")).eval()
+    model = load_stage_a_export(export, Config().feature.frame_encoder)
     ys, ps = [], []
     for split in splits:
         ds = StudyDataset(Cohort.open(cohort), split, Config().data, None, train=False)
@@ -239,8 +242,7 @@ def test_stage_b_features_from_the_exported_encoder_match_the_trained_model(
     assert store.meta["weights"] != "random-init"
     cohort = Cohort.open(small_cohort)
     rows = cohort.views_of_study[cohort.studies["study_id"].iloc[0]]
-    enc = load_dinov2_checkpoint(create_frame_encoder("convstem_tiny"), str(export / "frame_encoder.pt"))
-    model = AngioEndToEnd(enc, load_aggregator(export / "aggregator.pt")).eval()
+    model = load_stage_a_export(export, stage_a["cfg"].feature.frame_encoder)
     frames = torch.from_numpy(np.asarray(cohort.frame_cache[rows, 0], np.float32))[None]
     with torch.no_grad():
         feats = model.encode(frames, torch.ones(1, len(rows), dtype=torch.bool))[0].numpy()  # (V, P, F)

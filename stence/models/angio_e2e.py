@@ -67,6 +67,18 @@ def build_angio_end_to_end(cfg: Config) -> AngioEndToEnd:
     return AngioEndToEnd(build_frame_encoder(cfg), build_aggregator(cfg))
 
 
+def load_stage_a_export(export_dir: str | Path, frame_encoder: str) -> AngioEndToEnd:
+    """The pair `stence train-angio` exports (frame_encoder.pt + aggregator.pt), in eval mode; `frame_encoder`
+    is the registry name it was trained with (`feature.frame_encoder`)."""
+    from stence.models.checkpoint import load_aggregator
+    from stence.models.frame_encoder import load_dinov2_checkpoint
+    from stence.models.registry import create_frame_encoder
+
+    export = Path(export_dir)
+    enc = load_dinov2_checkpoint(create_frame_encoder(frame_encoder), str(export / "frame_encoder.pt"))
+    return AngioEndToEnd(enc, load_aggregator(export / "aggregator.pt")).eval()
+
+
 def save_frame_encoder(
     path: str | Path, encoder: FrameEncoder, config: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> Path:
