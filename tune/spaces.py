@@ -77,9 +77,9 @@ def is_fixed(name: str) -> bool:
     return get_space(name).get("kind") == "variants"
 
 
-def _complete(points: list[dict[str, Any]], keys: list[str], base: Config) -> list[dict[str, Any]]:
-    """Fill every point to `keys` from `base`; reject keys the config does not have."""
-    defaults = flatten(to_dict(base))
+def _complete(points: list[dict[str, Any]], keys: list[str], base: Config,
+              defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fill every point to `keys` from `defaults` (`base` flattened); reject keys the config does not have."""
     out = []
     for point in points:
         apply_overrides(base, point)  # raises ConfigError (with the valid keys) on a bad key or value
@@ -96,16 +96,16 @@ def build_param_space(name: str, base: Config | None = None) -> tuple[dict[str, 
     sweep's resolved config; the embedded defaults when None).
     """
     base = base if base is not None else Config()
+    defaults = flatten(to_dict(base))
     space = get_space(name)
     if space.get("kind") == "variants":
         variants = space["variants"]
         keys = sorted({k for v in variants for k in v})
-        points = _complete(variants, keys, base)
-        defaults = flatten(to_dict(base))
+        points = _complete(variants, keys, base, defaults)
         return {k: defaults[k] for k in keys}, points
     params = space["params"]
     keys = list(params)
-    points = _complete(space.get("points_to_evaluate", []), keys, base)
+    points = _complete(space.get("points_to_evaluate", []), keys, base, defaults)
     extra = {k for p in space.get("points_to_evaluate", []) for k in p} - set(keys)
     if extra:
         raise ValueError(

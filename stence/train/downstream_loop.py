@@ -113,11 +113,11 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(groups)
     loader, sampler = train_loader(sets["train"], d.batch_size, info, None, cfg.train.seed, cfg.data.num_workers)
     steps = max(1, len(loader))
-    epochs, passes = d.epochs, passes_per_epoch(d.epochs, d.min_steps, len(loader))
+    passes = passes_per_epoch(d.epochs, d.min_steps, len(loader))
     if passes > 1:
         print0(f"{steps} steps per pass: {passes} passes per epoch for downstream.min_steps={d.min_steps}")
     steps *= passes
-    sched = warmup_cosine(opt, d.warmup_epochs * steps, epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
+    sched = warmup_cosine(opt, d.warmup_epochs * steps, d.epochs * steps, cfg.optim.warmup_start, cfg.optim.min_lr)
 
     frozen_feats: dict[str, list[tuple[np.ndarray, torch.Tensor, np.ndarray]]] = {}
 
@@ -155,12 +155,13 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start, best, best_state = int(state["epoch"]), float(state["best"]), state["best_model"]
+
     def train_batches(epoch: int):
         for k in range(passes):  # a fresh shuffle (and augmentation draw) per pass
             set_epoch(sampler, [sets["train"]], epoch * passes + k, cfg.train.seed)
             yield from loader
 
-    for epoch in range(start, epochs):
+    for epoch in range(start, d.epochs):
         model.train()
         total, n = 0.0, 0
         for batch in train_batches(epoch):
@@ -181,7 +182,7 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
             best, best_state = metrics[DOWNSTREAM_METRIC], copy.deepcopy(core.state_dict())
         metrics.update({"epoch": epoch + 1, "val/best_auroc": best, "train/passes_per_epoch": passes})
         tracker.log_metrics(metrics, step=epoch + 1)
-        print0(f"epoch {epoch + 1}/{epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
+        print0(f"epoch {epoch + 1}/{d.epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
@@ -193,11 +194,11 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
     if best_state is not None:
         core.load_state_dict(best_state)
     val, test = predict("val"), predict("test")
-    final = {"epoch": epochs + 1, DOWNSTREAM_METRIC: best, "final": 1.0}
+    final = {"epoch": d.epochs + 1, DOWNSTREAM_METRIC: best, "final": 1.0}
     ckpt = None
     if info.rank == 0:
         ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                "epoch": epochs, "best": best, "best_model": core.state_dict(), "config": loop_config["config"],
+                "epoch": d.epochs, "best": best, "best_model": core.state_dict(), "config": loop_config["config"],
                 "test": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test.items()},
                 "val": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in val.items()}}
     report(final, ckpt)
