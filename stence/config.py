@@ -126,8 +126,11 @@ class TrainConfig:
     knn_every: int = 1  # run the kNN probe every k epochs
     knn_k: int = 5
     knn_task: str = "0_100"  # threshold task of the kNN probe
+    # checkpoints and sweep trials are ranked by the mean of the last n kNN AUROCs (val/knn_auroc_smooth):
+    # one kNN AUROC on a few dozen validation patients is noisy, and its best epoch is often a lucky one
+    knn_smooth: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
-    keep_checkpoints: int = 2  # checkpoints kept (best by the kNN AUROC)
+    keep_checkpoints: int = 2  # checkpoints kept (best by the smoothed kNN AUROC)
 
 
 @dataclass(frozen=True)

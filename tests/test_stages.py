@@ -16,10 +16,20 @@ import torch
 from stence.config import Config, apply_overrides
 from stence.serving.scorer import load_scorer
 from stence.train.features import extract_features
+from stence.train.pretrain_loop import SELECT_METRIC, smoothed
 from stence.train.stages import run_downstream, run_pretrain
 from tests.ray_fixture import shared_mlflow_db
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_smoothed_knn_is_the_mean_of_the_last_n_and_ranks_an_unscored_run_last():
+    assert smoothed([], 3) == 0.0
+    assert smoothed([0.9], 3) == pytest.approx(0.9)
+    assert smoothed([0.2, 0.9, 0.5, 0.7], 3) == pytest.approx(0.7)
+    assert smoothed([0.2, 0.9], 1) == pytest.approx(0.9)
+    # a lucky spike does not outrank a run that stays good
+    assert smoothed([0.5, 0.5, 0.95], 3) < smoothed([0.7, 0.75, 0.72], 3)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +60,11 @@ def test_pretraining_is_real_ddp(pretrained, cfg):
     assert run.data.params["loss.w_sten"] == str(cfg.loss.w_sten)
     history = client.get_metric_history(pretrained["run_id"], "val/knn_auroc")
     assert [h.step for h in history] == [1, 2]
+    # checkpoints are ranked by the mean of the last train.knn_smooth (3) kNN AUROCs: here both epochs
+    knn = [h.value for h in sorted(history, key=lambda h: h.step)]
+    smooth = {h.step: h.value for h in client.get_metric_history(pretrained["run_id"], SELECT_METRIC)}
+    assert smooth == pytest.approx({1: knn[0], 2: (knn[0] + knn[1]) / 2})
+    assert m[SELECT_METRIC] == pytest.approx(max(smooth.values()))  # the export is the best-ranked epoch
 
 
 def test_rerun_with_same_name_resumes(pretrained, cfg):
@@ -115,7 +130,7 @@ def test_killed_worker_resumes_the_real_pretraining_from_its_checkpoint(cfg):
     with at most one epoch trained twice (rank 0 logs one train/loss per finished epoch)."""
     epochs = 5
     run_cfg = apply_overrides(cfg, {"train.workers": 2, "train.name": "ddp-kill", "optim.epochs": epochs,
-                                    "train.max_failures": 2})
+                                    "train.max_failures": 2, "train.knn_smooth": epochs})
     run_dir = Path(run_cfg.train.storage_path) / "ddp-kill-pretrain"
     box: dict = {}
 
@@ -148,3 +163,10 @@ def test_killed_worker_resumes_the_real_pretraining_from_its_checkpoint(cfg):
     assert steps.count(1) == 1  # no restart from scratch: the first epoch came from the checkpoint
     assert client.get_run(result["run_id"]).info.status == "FINISHED"
     assert _committed_epoch(run_dir) == epochs
+    # the kNN history behind the smoothed ranking came back with the checkpoint: smoothing over every epoch,
+    # the last one's value is the mean of all five kNN AUROCs, epoch 1's logged before the kill
+    def latest(key: str) -> dict[int, float]:
+        hist = sorted(client.get_metric_history(result["run_id"], key), key=lambda h: h.timestamp)
+        return {h.step: h.value for h in hist}
+    knn, smooth = latest("val/knn_auroc"), latest(SELECT_METRIC)
+    assert smooth[epochs] == pytest.approx(np.mean([knn[e] for e in range(1, epochs + 1)]))

@@ -51,7 +51,7 @@ def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: 
     cohort = Cohort.open(best.data.cohort).fingerprint
     tags = scorer_version_tags(meta, cohort=cohort, sweep=sweep_name or None)
     tags["stence.trial_id"] = result.best_trial_id
-    tags["stence.best_knn_auroc"] = repr(float(result.best_metric))
+    tags["stence.best_knn_auroc_smooth"] = repr(float(result.best_metric))  # what ranked the trials
     name = cfg.tracking.registered_model
     version = register(model_uri, name, tags, uri=uri)
     m = meta["metrics"]

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from stence.train.stages import run_pretrain
 
     out = run_pretrain(config_from_args(args))
-    print(f"stage B: best kNN AUROC {out['metrics'].get('val/knn_auroc', float('nan')):.3f}")
+    m = out["metrics"]
+    print(f"stage B: exported epoch {m.get('epoch', '?')}: smoothed kNN AUROC "
+          f"{m.get('val/knn_auroc_smooth', float('nan')):.3f} (that epoch's {m.get('val/knn_auroc', float('nan')):.3f})")
     print(f"StenCE model: {out['checkpoint']}\nECG encoder:  {out['encoder']}")
     return 0

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stence.train.features import extract_features
-    from stence.train.pretrain_loop import KNN_METRIC
+    from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
     from stence.train.stages import run_pretrain
     from tune.spaces import is_fixed
     from tune.sweep import run_sweep
@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
         extract_features(cfg)  # once, on the driver: trials then only open the cache
     name = args.sweep_name or f"{cfg.train.name}-{args.space}"
     result = run_sweep(run_pretrain, cfg, space=args.space, num_samples=args.num_samples,
-                       max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=KNN_METRIC,
+                       max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=SELECT_METRIC,
                        mode="max", resume=args.resume, seed=args.seed, name=name, search=args.search,
                        max_t=cfg.optim.epochs)
-    cols = [c for c in result.results.columns if c.startswith("config/") or c in (KNN_METRIC, "trial_id")]
+    cols = [c for c in result.results.columns if c.startswith("config/") or c in (SELECT_METRIC, KNN_METRIC, "trial_id")]
     print(result.results[cols].to_string(index=False))
-    print(f"best trial {result.best_trial_id}: {KNN_METRIC} {result.best_metric:.3f} "
+    print(f"best trial {result.best_trial_id}: {SELECT_METRIC} {result.best_metric:.3f} "
           f"with {result.best_overrides}")
     print(f"sweep folder (for --resume): {result.path}")
     if not result.complete:

@@ -3,7 +3,8 @@
 Two AdamW optimisers (ECG tower + head + temperature; angiography tower + head), per-step warm-up then
 cosine, DDP with negatives gathered across workers, an all-reduced validation every epoch (CLIP loss,
 recall@1/5 both ways) and a kNN probe on the downstream task every `train.knn_every` epochs. Every
-epoch ends in a checkpoint (model, optimisers, schedulers, epoch, resolved config).
+epoch ends in a checkpoint (model, optimisers, schedulers, epoch, kNN history, resolved config), ranked by
+the mean of the last `train.knn_smooth` kNN AUROCs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ from stence.train.common import (
 from stence.train.schedule import param_groups, warmup_cosine
 from stence.train.worker import all_reduce_mean, load_latest_state, print0, report
 
-KNN_METRIC = "val/knn_auroc"
+KNN_METRIC = "val/knn_auroc"  # the latest kNN probe AUROC
+SELECT_METRIC = "val/knn_auroc_smooth"  # mean of the last train.knn_smooth of them: ranks checkpoints and trials
+
+
+def smoothed(history: list[float], n: int) -> float:
+    """Mean of the last n values (all of them while fewer); 0.0 for none, so an unscored run ranks last."""
+    recent = history[-max(1, n):]
+    return float(np.mean(recent)) if recent else 0.0
 
 
 def tower_optimizers(core: nn.Module, cfg) -> list[tuple[str, torch.optim.Optimizer]]:
@@ -97,7 +105,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     steps = max(1, len(loader))
     schedulers = [warmup_cosine(o, cfg.optim.warmup_epochs * steps, cfg.optim.epochs * steps,
                                 cfg.optim.warmup_start, cfg.optim.min_lr) for _, o in optimizers]
-    start, last_knn = 0, float("nan")
+    start, last_knn, knn_history = 0, float("nan"), []
     state = load_latest_state(map_location=info.device)
     if state is not None:  # resuming: same run name, or a restarted worker group
         core.load_state_dict(state["model"])
@@ -105,6 +113,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
             o.load_state_dict(state["optim"][name])
             s.load_state_dict(state["sched"][name])
         start, last_knn = int(state["epoch"]), float(state.get("knn", float("nan")))
+        knn_history = list(state.get("knn_history", []))
         print0(f"resuming from epoch {start}")
 
     for epoch in range(start, cfg.optim.epochs):
@@ -148,8 +157,10 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
             tr, va = (embed_ecgs(core, ds, info, cfg.optim.batch_size) for ds in knn_sets)
             last_knn = knn_auroc(tr["z"], knn_sets[0].labels[tr["index"]], va["z"], knn_sets[1].labels[va["index"]],
                                  k=cfg.train.knn_k)
-        # checkpoints are ranked by the kNN AUROC; an undefined one (a class missing) ranks last
+            # an undefined AUROC (a class missing) counts as 0: such a run ranks last
+            knn_history.append(last_knn if math.isfinite(last_knn) else 0.0)
         metrics[KNN_METRIC] = last_knn if math.isfinite(last_knn) else 0.0
+        metrics[SELECT_METRIC] = smoothed(knn_history, cfg.train.knn_smooth)
         metrics["epoch"] = epoch + 1
         tracker.log_metrics(metrics, step=epoch + 1)
         print0(f"epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
@@ -158,5 +169,6 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": {k: o.state_dict() for k, o in optimizers},
                     "sched": {k: s.state_dict() for (k, _), s in zip(optimizers, schedulers, strict=True)},
-                    "epoch": epoch + 1, "knn": last_knn, "config": loop_config["config"]}
+                    "epoch": epoch + 1, "knn": last_knn, "knn_history": knn_history,
+                    "config": loop_config["config"]}
         report(metrics, ckpt)

@@ -113,20 +113,20 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
-    """Stage B: StenCE pretraining; exports the checkpoint with the best kNN AUROC (stence.pt) and its ECG
-    encoder (encoder.pt), both self-describing."""
+    """Stage B: StenCE pretraining; exports the checkpoint with the best smoothed kNN AUROC (stence.pt) and
+    its ECG encoder (encoder.pt), both self-describing."""
     from stence.models.checkpoint import save_encoder, save_stence
     from stence.models.registry import build_stence_model
-    from stence.train.pretrain_loop import KNN_METRIC, pretrain_loop
+    from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
 
     name = cfg.train.name
     uri, run_id, owned = _tracker(cfg, run_id, f"pretrain-{name}", "pretrain")
     ok = False
     try:
         feats = _features(cfg)
-        result = fit(pretrain_loop, cfg, stage="pretrain", metric=KNN_METRIC,
+        result = fit(pretrain_loop, cfg, stage="pretrain", metric=SELECT_METRIC,
                      loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
-        state, best = _best_state(result, KNN_METRIC)
+        state, best = _best_state(result, SELECT_METRIC)
         model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
         model.load_state_dict(state["model"])
         out = _output_dir(cfg, "pretrain", tune_trial_id() or name)  # one export per sweep trial
