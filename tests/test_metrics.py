@@ -20,6 +20,7 @@ from stence.eval.metrics import (
     delong_test,
     knn_auroc,
     multilabel_metrics,
+    paired_bootstrap_diff,
     subgroup_metrics,
 )
 
@@ -170,6 +171,41 @@ def test_delong_test_identical_different_and_symmetric() -> None:
     assert ab["auc1"] == pytest.approx(roc_auc_score(y, p)) and ab["diff"] == pytest.approx(-ba["diff"])
     var_diff = _slow_delong_var(y, p) + _slow_delong_var(y, noise)  # upper part of the paired variance
     assert 0 < ab["var"] < var_diff  # positive correlation between the paired AUCs shrinks the variance
+
+
+def test_paired_bootstrap_agrees_with_explicit_resamples_and_with_delong_on_independent_rows() -> None:
+    y, p = _data(300, 14)
+    weak = p + 1.5 * np.random.default_rng(2).normal(size=p.size)
+    out = paired_bootstrap_diff(y, p, weak, n_boot=1000, seed=3)
+    assert out["diff"] == pytest.approx(roc_auc_score(y, p) - roc_auc_score(y, weak))
+    assert out["n_units"] == 300 and out["n_boot_valid"] == 1000
+    # the same resamples drawn explicitly (the same generator calls), scored with sklearn
+    rng = np.random.default_rng(3)
+    draw = rng.integers(0, 300, size=(1000, 300))
+    ref = [roc_auc_score(y[i], p[i]) - roc_auc_score(y[i], weak[i]) for i in draw]
+    assert (out["diff_lo"], out["diff_hi"]) == pytest.approx(tuple(np.quantile(ref, [0.025, 0.975])), abs=1e-9)
+    # rows independent: the bootstrap interval matches DeLong's normal interval of the difference
+    d = delong_test(y, p, weak)
+    half = 1.96 * np.sqrt(d["var"])
+    assert out["diff_lo"] == pytest.approx(d["diff"] - half, abs=0.03)
+    assert out["diff_hi"] == pytest.approx(d["diff"] + half, abs=0.03)
+    same = paired_bootstrap_diff(y, p, p, n_boot=200)
+    assert same["diff"] == 0 and same["diff_lo"] == same["diff_hi"] == 0 and same["p_value"] == 1.0
+
+
+def test_patient_bootstrap_is_not_fooled_by_several_ecgs_per_patient() -> None:
+    """Every patient's row copied three times (three ECGs that agree): DeLong, which takes rows as
+    independent, turns a weak difference into a 'significant' one; the patient bootstrap does not."""
+    y, p = _data(120, 15, effect=0.8)
+    other = p + 1.0 * np.random.default_rng(4).normal(size=p.size)
+    single = paired_bootstrap_diff(y, p, other, groups=np.arange(120), n_boot=2000, seed=0)
+    y3, p3, o3, g3 = (np.repeat(a, 3) for a in (y, p, other, np.arange(120)))
+    assert delong_test(y3, p3, o3)["p_value"] < delong_test(y, p, other)["p_value"] / 5
+    tripled = paired_bootstrap_diff(y3, p3, o3, groups=g3, n_boot=2000, seed=0)
+    assert tripled["n_units"] == 120 and tripled["diff"] == pytest.approx(single["diff"])
+    assert tripled["p_value"] == pytest.approx(single["p_value"], abs=0.02)
+    rows = paired_bootstrap_diff(y3, p3, o3, n_boot=2000, seed=0)  # ignoring patients: too narrow
+    assert rows["diff_hi"] - rows["diff_lo"] < 0.7 * (tripled["diff_hi"] - tripled["diff_lo"])
 
 
 def test_multilabel_scores_each_task_against_its_own_column() -> None:

@@ -100,6 +100,10 @@ def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
     with torch.no_grad():
         p = scorer.eval()(torch.stack([test_ds[int(i)]["ecg"] for i in order]))["probability"]
     np.testing.assert_allclose(p.numpy().reshape(-1), np.asarray(out["test"]["p"]).reshape(-1), rtol=1e-4, atol=1e-6)
+    # the saved predictions carry each row's patient pseudonym and load without pickle (for --compare)
+    with np.load(Path(out["out"]) / "test_predictions.npz", allow_pickle=False) as z:
+        assert z["patients"].tolist() == test_ds.patients[order].tolist()
+        assert len(set(z["patients"].tolist())) < len(order)  # two ECGs per patient: fewer units than rows
     # the encoder inside the scorer is the pretrained one, not a fresh init (probe froze it)
     from stence.models.checkpoint import load_encoder
 

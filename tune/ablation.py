@@ -79,7 +79,7 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
     rows = paired_delong(scored) if len(scored) > 1 else []
     write_json(rows, out / "delong.json")
     if rows:
-        md.write_text(md.read_text() + "\n## Paired DeLong test against the paper's setting\n\n" + delong_table(rows) + "\n")
+        md.write_text(md.read_text() + "\n## Paired DeLong test and patient bootstrap against the paper's setting\n\n" + delong_table(rows) + "\n")
     uri = resolve_tracking_uri(cfg)
     if result.parent_run_id and uri:
         t = Tracker(uri, result.parent_run_id)

@@ -79,13 +79,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_delong(results: dict, out: Path, md: Path) -> None:
-    """Paired DeLong tests (first model vs each other) into delong.json and the Markdown table."""
+    """Paired tests (first model vs each other: DeLong, patient bootstrap) into delong.json and the Markdown
+    table."""
     from stence.eval.compare import delong_table, paired_delong
     from stence.eval.report import write_json
 
     rows = paired_delong(results)
     write_json(rows, out / "delong.json")
     if rows:
-        md.write_text(md.read_text() + "\n## Paired DeLong test on the same test rows\n\n" + delong_table(rows) + "\n")
+        md.write_text(md.read_text() + "\n## Paired DeLong test and patient bootstrap on the same test rows\n\n" + delong_table(rows) + "\n")
     else:
         md.write_text(md.read_text() + "\n(no paired DeLong test: the results name no prediction files)\n")

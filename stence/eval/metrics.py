@@ -45,6 +45,18 @@ def _clean(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return y[keep].astype(np.int64), p[keep], keep
 
 
+def _clean_pair(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`_clean` for two models' scores of the same rows: (y, p1, p2, keep), p2 checked like p1."""
+    y, p1, keep = _clean(y, p1)
+    p2 = np.asarray(p2, dtype=np.float64).ravel()
+    if p2.shape != keep.shape:
+        raise ValueError(f"p2 has {p2.shape[0]} entries for {keep.shape[0]} rows")
+    p2 = p2[keep]
+    if not np.isfinite(p2).all():
+        raise ValueError("p2 contains NaN or inf on labelled rows")
+    return y, p1, p2, keep
+
+
 def _one_class_reason(y: np.ndarray) -> str | None:
     n_pos = int(y.sum())
     if y.size == 0:
@@ -102,6 +114,33 @@ def _unit_level_matrix(y: np.ndarray, p: np.ndarray, unit: np.ndarray, n_units: 
     return m.tocsr()
 
 
+def _resample_counts(n_units: int, n_boot: int, rng: np.random.Generator):
+    """Yield (b, U) float counts of how often each unit is drawn, n_boot resamples in all, in chunks."""
+    chunk = max(1, min(n_boot, _MAX_CELLS // max(n_units, 1)))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draw = rng.integers(0, n_units, size=(b, n_units))  # (b, U) sampled unit ids
+        flat = (draw + n_units * np.arange(b)[:, None]).ravel()
+        yield np.bincount(flat, minlength=b * n_units).reshape(b, n_units).astype(np.float64)
+
+
+def _resampled_levels(unit_levels: sparse.csr_matrix, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, 2L) unit counts per (level, class) and (b, U) draw counts -> (b, L) negatives, (b, L) positives."""
+    n_levels = unit_levels.shape[1] // 2
+    lv = np.asarray((unit_levels.T @ counts.T).T)  # (b, 2L) resampled rows per (level, class)
+    return lv[:, :n_levels], lv[:, n_levels:]
+
+
+def _units(groups: np.ndarray | None, keep: np.ndarray, n_rows: int) -> np.ndarray:
+    """(N,) resampling unit per kept row: the patient when groups are given, else the row itself."""
+    if groups is None:
+        return np.arange(n_rows)
+    g = np.asarray(groups).ravel()
+    if g.shape[0] != keep.shape[0]:
+        raise ValueError(f"groups has {g.shape[0]} entries for {keep.shape[0]} rows")
+    return np.unique(g[keep], return_inverse=True)[1]
+
+
 def bootstrap_ci(
     y: np.ndarray,
     p: np.ndarray,
@@ -122,13 +161,7 @@ def bootstrap_ci(
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; valid: {list(METRICS)}")
     y, p, keep = _clean(y, p)
-    if groups is not None:
-        g = np.asarray(groups).ravel()
-        if g.shape[0] != keep.shape[0]:
-            raise ValueError(f"groups has {g.shape[0]} entries for {keep.shape[0]} rows")
-        _, unit = np.unique(g[keep], return_inverse=True)
-    else:
-        unit = np.arange(y.size)
+    unit = _units(groups, keep, y.size)
     n_units = int(unit.max()) + 1 if y.size else 0
     out: dict = {"n": int(y.size), "n_pos": int(y.sum()), "n_units": n_units, "n_boot_valid": 0, "note": ""}
     nan = float("nan")
@@ -144,17 +177,9 @@ def bootstrap_ci(
         out[m] = float(point[m](y, p))
 
     unit_levels = _unit_level_matrix(y, p, unit, n_units)  # (U, 2L)
-    n_levels = unit_levels.shape[1] // 2
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _MAX_CELLS // max(n_units, 1)))
     aucs, aps = [], []
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draw = rng.integers(0, n_units, size=(b, n_units))  # (b, U) sampled unit ids
-        flat = (draw + n_units * np.arange(b)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=b * n_units).reshape(b, n_units).astype(np.float64)
-        lv = np.asarray((unit_levels.T @ counts.T).T)  # (b, 2L) resampled rows per (level, class)
-        neg, pos = lv[:, :n_levels], lv[:, n_levels:]
+    for counts in _resample_counts(n_units, n_boot, np.random.default_rng(seed)):
+        neg, pos = _resampled_levels(unit_levels, counts)
         ok = (pos.sum(axis=1) > 0) & (neg.sum(axis=1) > 0)
         auc, ap = _level_metrics(pos[ok], neg[ok])
         aucs.append(auc)
@@ -169,6 +194,57 @@ def bootstrap_ci(
     for m in metrics:
         lo, hi = np.quantile(boot[m], [alpha / 2, 1 - alpha / 2])
         out[f"{m}_lo"], out[f"{m}_hi"] = float(lo), float(hi)
+    return out
+
+
+def paired_bootstrap_diff(
+    y: np.ndarray,
+    p1: np.ndarray,
+    p2: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """AUROC(p1) - AUROC(p2) on the same rows, with a paired bootstrap that resamples whole patients.
+
+    Both models are scored on the same resamples, so their correlation is kept. Unlike DeLong's test, it
+    does not assume the rows are independent: a patient's ECGs go in and out together. Keys: diff, diff_lo,
+    diff_hi (percentile CI), p_value (two-sided: twice the smaller share of resampled differences on
+    either side of 0, at most 1; the smallest level whose CI would exclude 0), n, n_pos, n_units,
+    n_boot_valid, note.
+    """
+    y, p1, p2, keep = _clean_pair(y, p1, p2)
+    unit = _units(groups, keep, y.size)
+    n_units = int(unit.max()) + 1 if y.size else 0
+    nan = float("nan")
+    out: dict = {"n": int(y.size), "n_pos": int(y.sum()), "n_units": n_units, "n_boot_valid": 0, "note": "",
+                 "diff": nan, "diff_lo": nan, "diff_hi": nan, "p_value": nan}
+    reason = _one_class_reason(y)
+    if reason:
+        out["note"] = reason
+        warnings.warn(f"paired bootstrap undefined: {reason}", UndefinedMetricWarning, stacklevel=2)
+        return out
+    out["diff"] = float(roc_auc_score(y, p1) - roc_auc_score(y, p2))
+    levels = [_unit_level_matrix(y, p, unit, n_units) for p in (p1, p2)]  # 2 x (U, 2L_k)
+    diffs = []
+    for counts in _resample_counts(n_units, n_boot, np.random.default_rng(seed)):
+        (neg1, pos1), (neg2, pos2) = (_resampled_levels(lv, counts) for lv in levels)
+        ok = (pos1.sum(axis=1) > 0) & (neg1.sum(axis=1) > 0)  # class counts are the same for both models
+        diffs.append(_level_metrics(pos1[ok], neg1[ok])[0] - _level_metrics(pos2[ok], neg2[ok])[0])
+    d = np.concatenate(diffs)  # (valid resamples,)
+    out["n_boot_valid"] = int(d.size)
+    if d.size == 0:
+        out["note"] = "no bootstrap resample contained both classes"
+        return out
+    if d.size < n_boot:
+        out["note"] = f"{n_boot - d.size} of {n_boot} resamples lacked a class and were skipped"
+    lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
+    out["diff_lo"], out["diff_hi"] = float(lo), float(hi)
+    if np.allclose(d, 0.0) and out["diff"] == 0.0:  # the same ranking on every resample
+        out["p_value"] = 1.0
+    else:
+        out["p_value"] = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
     return out
 
 
@@ -196,13 +272,7 @@ def delong_test(y: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> dict:
     Returns auc1, auc2, diff (auc1 - auc2), z, two-sided p_value, var (variance of the difference),
     n, n_pos. Identical scores give diff 0, z 0, p 1. A missing class gives NaN with a warning.
     """
-    y, p1, keep = _clean(y, p1)
-    p2 = np.asarray(p2, dtype=np.float64).ravel()
-    if p2.shape != keep.shape:
-        raise ValueError(f"p2 has {p2.shape[0]} entries for {keep.shape[0]} rows")
-    p2 = p2[keep]
-    if not np.isfinite(p2).all():
-        raise ValueError("p2 contains NaN or inf on labelled rows")
+    y, p1, p2, _ = _clean_pair(y, p1, p2)
     out = {"n": int(y.size), "n_pos": int(y.sum())}
     reason = _one_class_reason(y)
     if reason:

@@ -221,7 +221,9 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
                 groups=groups, n_boot=min(d.bootstrap, 200), seed=cfg.train.seed)
             plot_roc({label: (y, p)}, out / "roc.png")
         _export_scorer(cfg, final["model"], out / "scorer.pt", metrics)
-        np.savez(out / "test_predictions.npz", **test, patients=groups if groups is not None else np.array([]))
+        # patients as a fixed-width string array: an object array would need pickle to load
+        np.savez(out / "test_predictions.npz", **test,
+                 patients=np.asarray(groups, dtype=str) if groups is not None else np.array([], dtype=str))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         if uri and run_id:
             t = Tracker(uri, run_id)
