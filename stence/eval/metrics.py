@@ -131,6 +131,13 @@ def _resampled_levels(unit_levels: sparse.csr_matrix, counts: np.ndarray) -> tup
     return lv[:, :n_levels], lv[:, n_levels:]
 
 
+def _skipped_note(n_valid: int, n_boot: int) -> str:
+    """Why some (or all) bootstrap resamples were not scored; empty when all were."""
+    if n_valid == 0:
+        return "no bootstrap resample contained both classes"
+    return f"{n_boot - n_valid} of {n_boot} resamples lacked a class and were skipped" if n_valid < n_boot else ""
+
+
 def _units(groups: np.ndarray | None, keep: np.ndarray, n_rows: int) -> np.ndarray:
     """(N,) resampling unit per kept row: the patient when groups are given, else the row itself."""
     if groups is None:
@@ -186,11 +193,9 @@ def bootstrap_ci(
         aps.append(ap)
     boot = {"auroc": np.concatenate(aucs), "auprc": np.concatenate(aps)}
     out["n_boot_valid"] = int(boot["auroc"].size)
+    out["note"] = _skipped_note(out["n_boot_valid"], n_boot)
     if out["n_boot_valid"] == 0:
-        out["note"] = "no bootstrap resample contained both classes"
         return out
-    if out["n_boot_valid"] < n_boot:
-        out["note"] = f"{n_boot - out['n_boot_valid']} of {n_boot} resamples lacked a class and were skipped"
     for m in metrics:
         lo, hi = np.quantile(boot[m], [alpha / 2, 1 - alpha / 2])
         out[f"{m}_lo"], out[f"{m}_hi"] = float(lo), float(hi)
@@ -234,17 +239,12 @@ def paired_bootstrap_diff(
         diffs.append(_level_metrics(pos1[ok], neg1[ok])[0] - _level_metrics(pos2[ok], neg2[ok])[0])
     d = np.concatenate(diffs)  # (valid resamples,)
     out["n_boot_valid"] = int(d.size)
+    out["note"] = _skipped_note(d.size, n_boot)
     if d.size == 0:
-        out["note"] = "no bootstrap resample contained both classes"
         return out
-    if d.size < n_boot:
-        out["note"] = f"{n_boot - d.size} of {n_boot} resamples lacked a class and were skipped"
     lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
     out["diff_lo"], out["diff_hi"] = float(lo), float(hi)
-    if np.allclose(d, 0.0) and out["diff"] == 0.0:  # the same ranking on every resample
-        out["p_value"] = 1.0
-    else:
-        out["p_value"] = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+    out["p_value"] = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))  # all-zero d gives 1
     return out
 
 

@@ -105,15 +105,14 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     steps = max(1, len(loader))
     schedulers = [warmup_cosine(o, cfg.optim.warmup_epochs * steps, cfg.optim.epochs * steps,
                                 cfg.optim.warmup_start, cfg.optim.min_lr) for _, o in optimizers]
-    start, last_knn, knn_history = 0, float("nan"), []
+    start, knn_history = 0, []  # one kNN AUROC per kNN probe so far
     state = load_latest_state(map_location=info.device)
     if state is not None:  # resuming: same run name, or a restarted worker group
         core.load_state_dict(state["model"])
         for (name, o), s in zip(optimizers, schedulers, strict=True):
             o.load_state_dict(state["optim"][name])
             s.load_state_dict(state["sched"][name])
-        start, last_knn = int(state["epoch"]), float(state.get("knn", float("nan")))
-        knn_history = list(state.get("knn_history", []))
+        start, knn_history = int(state["epoch"]), list(state.get("knn_history", []))
         print0(f"resuming from epoch {start}")
 
     for epoch in range(start, cfg.optim.epochs):
@@ -155,11 +154,11 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         metrics.update(ddp_diagnostics(model))
         if (epoch + 1) % cfg.train.knn_every == 0 or epoch + 1 == cfg.optim.epochs:
             tr, va = (embed_ecgs(core, ds, info, cfg.optim.batch_size) for ds in knn_sets)
-            last_knn = knn_auroc(tr["z"], knn_sets[0].labels[tr["index"]], va["z"], knn_sets[1].labels[va["index"]],
-                                 k=cfg.train.knn_k)
+            knn = knn_auroc(tr["z"], knn_sets[0].labels[tr["index"]], va["z"], knn_sets[1].labels[va["index"]],
+                            k=cfg.train.knn_k)
             # an undefined AUROC (a class missing) counts as 0: such a run ranks last
-            knn_history.append(last_knn if math.isfinite(last_knn) else 0.0)
-        metrics[KNN_METRIC] = last_knn if math.isfinite(last_knn) else 0.0
+            knn_history.append(knn if math.isfinite(knn) else 0.0)
+        metrics[KNN_METRIC] = knn_history[-1] if knn_history else 0.0  # the latest probe's, between probes
         metrics[SELECT_METRIC] = smoothed(knn_history, cfg.train.knn_smooth)
         metrics["epoch"] = epoch + 1
         tracker.log_metrics(metrics, step=epoch + 1)
@@ -169,6 +168,5 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": {k: o.state_dict() for k, o in optimizers},
                     "sched": {k: s.state_dict() for (k, _), s in zip(optimizers, schedulers, strict=True)},
-                    "epoch": epoch + 1, "knn": last_knn, "knn_history": knn_history,
-                    "config": loop_config["config"]}
+                    "epoch": epoch + 1, "knn_history": knn_history, "config": loop_config["config"]}
         report(metrics, ckpt)
