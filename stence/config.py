@@ -33,9 +33,15 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and what is valid."""
 
 
+def path_field(default: str = "") -> Any:
+    """A config field holding a filesystem path: `absolute_paths` makes it absolute once, where the CLI
+    builds the config, so no stage, Ray worker or Tune trial depends on its working directory."""
+    return field(default=default, metadata={"path": True})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    cohort: str = "runs/cohort"  # ingested cohort folder (manifest.parquet, caches)
+    cohort: str = path_field("runs/cohort")  # ingested cohort folder (manifest.parquet, caches)
     fs: int = 500  # model sampling rate, Hz; every ECG is resampled to it at ingest
     leads: tuple[str, ...] = STANDARD_LEADS  # lead order fed to the encoder
     window_s: float = 3.0  # crop length in seconds (3 s x 500 Hz = 1500 samples)
@@ -59,12 +65,21 @@ class IngestConfig:
     salt: str = ""  # the secret itself (prefer the environment variable; never stored in the cohort)
     processes: int = 0  # parallel decode processes; 0 = all cores
     min_valid_fraction: float = 0.5  # an ECG with less finite signal than this is rejected
+    # per-file bounds checked from the header before decoding (stence/data/limits.py); a file over one is
+    # quarantined as file_over_limit, so a crafted header cannot exhaust memory or time
+    min_fs: float = 50.0  # Hz, lowest plausible ECG sampling rate
+    max_fs: float = 20000.0  # Hz, highest plausible ECG sampling rate
+    max_duration_s: float = 600.0  # longest ECG record, seconds
+    max_channels: int = 64  # signals in one ECG record
+    max_header_kb: int = 1024  # size of a WFDB header or an XML export
+    max_frames: int = 2000  # frames of one XA cine
+    max_decoded_mb: float = 1024.0  # decoded size of one file, MiB
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
     frame_encoder: str = "convstem_tiny"  # registry name of the frame encoder (paper: dinov2_vits14)
-    frame_checkpoint: str = ""  # local DINOv2 weights or a stage-A frame_encoder.pt; empty = seeded random init
+    frame_checkpoint: str = path_field()  # local DINOv2 weights or a stage-A frame_encoder.pt; empty = seeded random init
     # stage A trains the frame encoder end to end with the aggregator on the cached key frames and exports it:
     # "auto" = only without frame_checkpoint (random init gives useless frozen features), "true" / "false"
     train_frame_encoder: str = "auto"
@@ -81,7 +96,7 @@ class FeatureConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     ecg: str = "otis_tiny"  # registry name of the ECG encoder
-    ecg_checkpoint: str = ""  # local OTIS / EchoingECG weights; empty = random init
+    ecg_checkpoint: str = path_field()  # local OTIS / EchoingECG weights; empty = random init
     lead_order: str = "standard"  # "standard" or "mimic" (aVF before aVL, as OTIS pretraining)
     angio_dim: int = 64  # aggregator width (paper: 512); equals feature.feature_dim
     angio_layers: int = 2  # decoder layers
@@ -91,7 +106,7 @@ class ModelConfig:
     angulation_embedding: bool = True  # add a view-angulation embedding to patch tokens
     frozen_no_cls: bool = False  # ablation: frozen aggregator, study embedding from the patient query
     proj_dim: int = 256  # shared embedding width of both projection heads
-    angio_checkpoint: str = ""  # stage A checkpoint used to initialise the aggregator in stage B
+    angio_checkpoint: str = path_field()  # stage A checkpoint used to initialise the aggregator in stage B
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     name: str = "stence"  # run name; the same (storage_path, name) resumes
-    storage_path: str = "runs/ray"  # checkpoints and Tune state (shared path or s3:// on a cluster)
+    storage_path: str = path_field("runs/ray")  # checkpoints and Tune state (shared path or s3:// on a cluster)
     workers: int = 2  # Ray Train workers (0 = in-process local mode)
     gpus: int = 0  # GPUs per worker
     cpus_per_worker: int = 1
@@ -137,7 +152,7 @@ class TrainConfig:
 class DownstreamConfig:
     task: str = "0_100"  # threshold task name, "a_b" custom, or "echonext"
     mode: str = "probe"  # "probe" (head only) or "finetune" (whole encoder)
-    encoder_checkpoint: str = ""  # StenCE checkpoint; empty = baseline (random or model.ecg_checkpoint)
+    encoder_checkpoint: str = path_field()  # StenCE checkpoint; empty = baseline (random or model.ecg_checkpoint)
     lr_head: float = 1e-3
     lr_backbone: float = 1e-4
     weight_decay: float = 0.05
@@ -151,7 +166,7 @@ class DownstreamConfig:
     train_fraction: float = 1.0  # seeded stratified subset of the training split
     hidden: int = 0  # 0 = linear head
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
-    echonext_root: str = ""  # EchoNext release folder (task "echonext")
+    echonext_root: str = path_field()  # EchoNext release folder (task "echonext")
 
 
 @dataclass(frozen=True)
@@ -323,6 +338,37 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _is_uri(value: str) -> bool:
+    """s3://..., file://..., models:/NAME@ALIAS, runs:/ID/...: not a local path."""
+    return "://" in value or value.startswith(("models:/", "runs:/"))
+
+
+def path_keys(cfg: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys of every path field (`data.cohort`, `train.storage_path`, ...)."""
+    cls = type(cfg) if cfg is not None else Config
+    out: list[str] = []
+    for f in fields(cls):
+        tp = _field_types(cls)[f.name]
+        if is_dataclass(tp):
+            out += path_keys(tp(), prefix + f.name + ".")
+        elif f.metadata.get("path"):
+            out.append(prefix + f.name)
+    return out
+
+
+def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """The config with every non-empty local path field made absolute against `base` (default: the
+    current directory); URIs pass through."""
+    root = Path(base) if base is not None else Path.cwd()
+    changes: dict[str, str] = {}
+    flat = flatten(to_dict(cfg))
+    for key in path_keys():
+        value = str(flat[key] or "")
+        if value and not _is_uri(value):
+            changes[key] = str((root / Path(value).expanduser()).resolve())
+    return apply_overrides(cfg, changes) if changes else cfg
+
+
 def config_hash(cfg: Config) -> str:
     """Short stable hash of the resolved config (tags, cache keys)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
@@ -348,11 +394,14 @@ __all__ = [
     "THRESHOLD_TASKS",
     "TrackingConfig",
     "TrainConfig",
+    "absolute_paths",
     "apply_overrides",
     "config_hash",
     "flatten",
     "from_dict",
     "load_config",
+    "path_field",
+    "path_keys",
     "save_config",
     "to_dict",
     "dataclasses",

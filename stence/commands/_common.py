@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stence.config import Config, ConfigError, apply_overrides, load_config
+from stence.config import Config, ConfigError, absolute_paths, apply_overrides, load_config
 
 RAW = argparse.RawDescriptionHelpFormatter
 RUN_FLAGS = (("workers", "train.workers"), ("gpus", "train.gpus"), ("name", "train.name"))
@@ -30,10 +30,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults <- --config YAML <- --set overrides <- run shortcuts."""
+    """Defaults <- --config YAML <- --set overrides <- run shortcuts; every path field made absolute against
+    the current directory, once, here (Ray workers and Tune trials run in other working directories)."""
     try:
         cfg = load_config(getattr(args, "config", None), list(getattr(args, "set", []) or []))
         extra = {key: getattr(args, flag) for flag, key in RUN_FLAGS if getattr(args, flag, None) is not None}
-        return apply_overrides(cfg, extra)
+        return absolute_paths(apply_overrides(cfg, extra))
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e
