@@ -15,7 +15,7 @@ step "1/8 synthetic cohort in real clinical formats (WFDB, DICOM XA, annotations
 $S synth "$RUNS/raw" --size demo --corrupt-fraction 0.05 --seed 0 --overwrite ${SYNTH_ARGS:-}
 
 step "2/8 ingest: pseudonymise, quarantine bad files, pair, split by patient, cache"
-$S ingest "$RUNS/raw" --out "$RUNS/cohort"
+$S ingest "$RUNS/raw" --out "$RUNS/cohort" --overwrite
 
 step "3/8 stage A: angiography stenosis model (frame encoder + aggregator, end to end on the key frames)"
 $S train-angio $CFG --name demo-angio --workers 0 --set optim.epochs=150 optim.batch_size=8 optim.lr_angio=1e-3
@@ -30,9 +30,11 @@ $S tune $CFG --space default --num-samples "${DEMO_TRIALS:-3}" --max-concurrent 
 
 step "6/8 probe the champion and a random-init baseline on the four stenosis thresholds"
 $S probe $CFG --workers 0 --encoder models:/stence-ecg-encoder@champion --label StenCE \
-  --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/stence"
-$S probe $CFG --workers 0 --label baseline --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/baseline"
-$S probe --compare "$RUNS/results/stence/results.json" "$RUNS/results/baseline/results.json" --out "$RUNS/results"
+  --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/stence" --overwrite
+$S probe $CFG --workers 0 --label baseline --tasks 0_100 0_90 lt70_ge70 le50_ge99 --out "$RUNS/results/baseline" \
+  --overwrite
+$S probe --compare "$RUNS/results/stence/results.json" "$RUNS/results/baseline/results.json" \
+  --out "$RUNS/results/compare" --overwrite
 
 step "7/8 registered models"
 $S models
@@ -41,5 +43,5 @@ step "8/8 score one new ECG with the champion"
 $S predict --model models:/stence-ecg-encoder@champion "$RUNS/raw/ecg/E000000.hea"
 
 echo
-echo "done in $(( $(date +%s) - t0 )) s. Results: $RUNS/results/results.md and fig2_auroc_vs_threshold.png"
+echo "done in $(( $(date +%s) - t0 )) s. Results: $RUNS/results/compare/results.md and fig2_auroc_vs_threshold.png"
 echo "Open the MLflow UI on these runs:  make ui   (then http://127.0.0.1:5000)"

@@ -64,6 +64,8 @@ class IngestConfig:
     salt_env: str = "STENCE_SALT"  # environment variable holding the site's pseudonymisation secret
     salt: str = ""  # the secret itself (prefer the environment variable; never stored in the cohort)
     processes: int = 0  # parallel decode processes; 0 = all cores
+    # site-only map of file pseudonyms to original paths (holds identifiers); "" = <cohort>.site-identifiers
+    site_dir: str = path_field()
     min_valid_fraction: float = 0.5  # an ECG with less finite signal than this is rejected
     # per-file bounds checked from the header before decoding (stence/data/limits.py); a file over one is
     # quarantined as file_over_limit, so a crafted header cannot exhaust memory or time
@@ -137,6 +139,9 @@ class TrainConfig:
     workers: int = 2  # Ray Train workers (0 = in-process local mode)
     gpus: int = 0  # GPUs per worker
     cpus_per_worker: int = 1
+    # custom resources each Ray Train worker also asks for, "NAME=AMOUNT" (e.g. spot=1): the workers then run
+    # only on nodes that offer them (ray start --resources); CPU and GPU are cpus_per_worker and gpus
+    worker_resources: tuple[str, ...] = ()
     seed: int = 0
     knn_every: int = 1  # run the kNN probe every k epochs
     knn_k: int = 5

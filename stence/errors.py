@@ -21,6 +21,7 @@ ECG_NAN = "ecg_nan"  # mostly NaN / non-finite
 ECG_DUPLICATE = "ecg_duplicate"  # same signal content as an earlier record
 ECG_NOT_INDEXED = "ecg_not_indexed"  # record has no row in ecg_index.csv
 ECG_UNPAIRED = "ecg_unpaired"  # no angiogram of the patient within the pairing window
+STUDY_UNPAIRED = "study_unpaired"  # view of a study with no ECG of the patient within the pairing window
 DICOM_UNREADABLE = "dicom_unreadable"  # not a DICOM file or broken
 DICOM_NOT_XA = "dicom_not_xa"  # another modality
 DICOM_NO_PIXELS = "dicom_no_pixels"  # no pixel data

@@ -44,7 +44,10 @@ def check_output(
     out: str | Path, kind: str, inputs: Iterable[str | Path] = (), overwrite: bool = False, flag: str = "--overwrite"
 ) -> Path:
     """Resolve `out` and check that `kind` may be written there (see the module docstring); touches nothing."""
-    path = Path(out).expanduser().resolve()
+    given = Path(out).expanduser()
+    if given.is_symlink() and not given.exists():
+        raise OutputRefused(f"output {given} is a dangling symbolic link; choose another folder")
+    path = given.resolve()
     for src in inputs:
         s = Path(src).expanduser().resolve()
         if _within(path, s):
@@ -53,8 +56,6 @@ def check_output(
         if _within(s, path):
             raise OutputRefused(f"output {path} contains the input {s}; choose a folder outside it")
     if not path.exists():
-        if path.is_symlink():
-            raise OutputRefused(f"output {path} is a dangling symbolic link; choose another folder")
         return path
     if not path.is_dir():
         raise OutputRefused(f"output {path} exists and is not a folder; choose another path")

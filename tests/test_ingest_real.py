@@ -12,6 +12,7 @@ import pytest
 from stence.config import Config, apply_overrides
 from stence.data.cohort_io import Cohort
 from stence.data.ingest import ingest
+from tests.ingest_helpers import quarantine_with_paths, site_map
 
 PHANTOM_ID, XA1_ID = "000000000000000", "20XA1"
 IDENTIFIERS = [PHANTOM_ID, "fantom^as", "fantom", XA1_ID, "CompressedSamples^XA1", "CompressedSamples"]
@@ -54,12 +55,12 @@ def test_real_files_pair_and_decode(real_cohort):
     c = Cohort.open(out)
     assert report.n_pairs == 5 and report.n_patients == 2 and report.n_views == 4
     assert c.ecg_cache.shape[0] == 12
-    ecgs = c.ecgs.set_index("source")
+    ecgs = c.ecgs.assign(path=c.ecgs["file"].map(site_map(out).set_index("file")["path"])).set_index("path")
     assert set(ecgs["fs_orig"]) == {500.0, 1000.0}
     # s0010_re: 38.4 s at 1000 Hz -> 500 Hz
     assert ecgs.loc["ecg/s0010_re.hea", "n_samples"] == 19200
     assert ecgs.loc["ecg/HR06000.hea", "n_samples"] == 5000
-    q = c.quarantine.set_index("path")
+    q = quarantine_with_paths(out).set_index("path")
     assert q.loc["ecg/HR06004.hea", "reason"] == "ecg_unpaired"
     assert q.loc["angio/d/XA-MONO2-8-12x-catheter.dcm", "reason"] == "dicom_no_patient"
     assert (c.quarantine["reason"] == "annotation_invalid").sum() == 1  # degree 140

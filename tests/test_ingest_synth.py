@@ -14,6 +14,7 @@ from stence.data.ingest import ingest
 from stence.data.labels import TARGET_NAMES, targets_from_segments
 from stence.data.pseudonym import Pseudonymizer
 from stence.data.synth import SynthConfig, write_cohort
+from tests.ingest_helpers import quarantine_with_paths, site_map
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +30,15 @@ def built(tmp_path_factory):
 
 def test_every_corrupt_file_quarantined_with_its_reason(built):
     raw, out, truth, report = built
-    q = Cohort.open(out).quarantine
-    expected = {(c["path"], c["kind"]) for c in truth["corrupt"]}
-    got = set()
+    q = quarantine_with_paths(out)
+    assert q["path"].notna().all(), "every quarantine row is found in the site-side map"
+    explained = set()
     for c in truth["corrupt"]:
-        rows = q[q["path"].str.startswith(c["path"].rsplit(".", 1)[0]) | (q["path"] == c["path"])]
-        if c["kind"] == "annotation_unknown_study":
-            rows = q[q["reason"] == c["kind"]]
-        if c["kind"] == "study_no_annotations":
-            rows = q[(q["reason"] == c["kind"]) & q["path"].str.startswith(c["path"])]
-        got |= {(c["path"], r) for r in rows["reason"]}
-    assert expected <= got, f"missing: {expected - got}"
-    assert len(q) == len(truth["corrupt"]), q.to_string()
+        stem = c["path"].rsplit(".", 1)[0] if c["kind"] != "study_no_annotations" else c["path"] + "/"
+        rows = q[(q["path"] == c["path"]) | q["path"].str.startswith(stem)]
+        assert c["kind"] in set(rows["reason"]), f"{c['path']}: expected {c['kind']}, got {list(rows['reason'])}"
+        explained |= set(rows[rows["reason"] == c["kind"]].index)
+    assert explained == set(q.index), q.drop(index=list(explained)).to_string()  # nothing quarantined by mistake
     assert all(q["detail"].str.len() > 0)
 
 
@@ -49,7 +47,8 @@ def test_no_good_record_lost_and_pairs_targets_right(built):
     c = Cohort.open(out)
     pseudo = Pseudonymizer(os.environ["STENCE_SALT"])
     good_ecgs = {e["record"] for p in truth["patients"] for e in p["ecgs"]}
-    assert set(c.ecgs["source"].str.removesuffix(".hea")) == good_ecgs
+    paths = site_map(out).set_index("file")["path"]
+    assert set(c.ecgs["file"].map(paths).str.removesuffix(".hea")) == good_ecgs
     assert set(c.ecgs["fs_orig"]) == {250.0, 500.0, 1000.0}
     assert (c.ecgs["n_samples"] == 5000).all()  # 10 s at the model's 500 Hz whatever the source rate
     m = c.manifest.set_index("ecg_id")
@@ -92,7 +91,7 @@ def test_no_name_or_id_in_any_output(built):
 
 def test_rerun_redoes_cleanly_and_is_deterministic(built, tmp_path):
     raw, out, truth, report = built
-    again = ingest(raw, out, Config(), processes=1)
+    again = ingest(raw, out, Config(), processes=1, overwrite=True)
     assert again.fingerprint == report.fingerprint
     assert not out.with_name(out.name + ".partial").exists()
     # a different window pairs fewer ECGs; a different salt gives other pseudonyms

@@ -40,16 +40,18 @@ from stence.data.synth_echonext import (
     plan_echonext,
     waveform_path,
 )
+from stence.outputs import MARKER, OutputRefused, output_kind
 
 # a small cohort exercising every option: mixed rates, RLE, corrupt files, EchoNext
 CFG = SynthConfig.preset("tiny", fs=(500, 250), compression="rle", corrupt_fraction=0.1, echonext=40, seed=3)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
+    """Hashes of the cohort's files (not the ownership marker, which records when it was written)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != MARKER
     }
 
 
@@ -90,11 +92,14 @@ def test_refuses_non_empty_folder_unless_overwrite(cohort: Path, tmp_path: Path)
     out = tmp_path / "c"
     cfg = SynthConfig.preset("tiny", patients=6)
     write_cohort(out, cfg)
-    with pytest.raises(FileExistsError):
-        write_cohort(out, cfg)
+    assert output_kind(out) == "synth"
     before = tree_digest(out)
+    marker = (out / MARKER).read_bytes()
+    with pytest.raises(OutputRefused, match="--overwrite"):
+        write_cohort(out, cfg)
+    assert tree_digest(out) == before and (out / MARKER).read_bytes() == marker  # nothing touched
     write_cohort(out, cfg, overwrite=True)
-    assert tree_digest(out) == before
+    assert tree_digest(out) == before and output_kind(out) == "synth"
 
 
 # --- ECG files -----------------------------------------------------------------------------------------

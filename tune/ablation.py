@@ -41,7 +41,7 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
     write results.json/.md, fig2_auroc_vs_threshold.png and delong.json into `out_dir` (default: the sweep
     folder's `ablation/`), log them to the sweep's parent run. Returns the merged results."""
     from stence.eval.compare import delong_table, paired_delong
-    from stence.eval.report import plot_auroc_vs_threshold, write_json, write_results
+    from stence.eval.report import claim_results, plot_auroc_vs_threshold, write_json, write_results
     from stence.train.stages import run_downstream
     from stence.train.tracking import Tracker, resolve_tracking_uri
 
@@ -71,7 +71,7 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
                 merged[label][task] = {**out["metrics"][task],
                                        "predictions": str(Path(out["out"]).resolve() / "test_predictions.npz")}
     out = Path(out_dir) if out_dir else Path(result.path) / "ablation"
-    _, md = write_results(merged, out)
+    _, md = write_results(merged, claim_results(out, overwrite=True))  # the sweep's own, replaced on a re-run
     plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png", tasks=tasks)
     scored = {k: v for k, v in merged.items() if v}
     if reference is not None:  # reference first: paired_delong compares the first model with the others

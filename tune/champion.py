@@ -9,6 +9,7 @@ from typing import Any
 
 from stence.config import Config, to_dict
 from stence.data.cohort_io import Cohort
+from stence.outputs import claim_output
 from stence.train.driver import absolute_storage
 from stence.train.tracking import resolve_tracking_uri
 from stence.train.worker import load_state
@@ -32,14 +33,14 @@ def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: 
     """Probe, log, register and (maybe) promote the sweep's best encoder. Returns what happened."""
     from stence.serving.registry import log_scorer, promote_if_better, register, scorer_version_tags
     from stence.serving.scorer import scorer_metadata
-    from stence.train.stages import run_downstream
+    from stence.train.stages import EXPORT_KIND, run_downstream
 
     if not result.best_checkpoint:
         raise RuntimeError("the sweep produced no checkpoint to register")
     best = result.best_config
     task = task or best.downstream.task
     out_dir = Path(absolute_storage(best.train.storage_path)) / "exports" / f"sweep-{sweep_name or best.train.name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output(out_dir, EXPORT_KIND, overwrite=True)  # the sweep's own export, re-written on a re-run
     encoder = export_best_encoder(result.best_checkpoint, best, out_dir)
     probe_cfg = replace(best, downstream=replace(best.downstream, mode="probe", task=task,
                                                  encoder_checkpoint=str(encoder)),

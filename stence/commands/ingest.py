@@ -3,36 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from stence.commands._common import RAW, add_config_args, config_from_args
 
 EXAMPLE = """example:
   export STENCE_SALT=<site secret>        # keyed pseudonyms; never stored in the cohort
   stence ingest runs/raw --out runs/cohort --set data.fs=500 data.pair_window_days=30
+  stence ingest runs/raw --out runs/cohort --overwrite     # replace an earlier cohort in runs/cohort
 
-RAW layout: ecg/**.hea (WFDB), ecg_index.csv (record,patient_id,acquisition_date),
-angio/** (DICOM XA views), annotations.csv (study_uid,segment,stenosis)."""
+RAW layout: ecg/** (WFDB .hea + signal files), ecg_index.csv (record,patient_id,acquisition_date),
+angio/** (DICOM XA views), annotations.csv (study_uid,segment,stenosis). Every file is used or
+quarantined with a reason; the map of file pseudonyms to original paths (identifiers: site only) goes to
+COHORT.site-identifiers/ (ingest.site_dir)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="build a pseudonymised cohort from a raw export", description=__doc__,
                        epilog=EXAMPLE, formatter_class=RAW)
-    p.add_argument("raw", help="raw export folder")
-    p.add_argument("--out", required=True, help="cohort folder to write (built atomically)")
+    p.add_argument("raw", help="raw export folder (read only: nothing is written inside it)")
+    p.add_argument("--out", required=True, help="cohort folder to write: new, empty, or an earlier cohort "
+                   "with --overwrite (built beside it and renamed into place when complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier cohort in --out")
     p.add_argument("--processes", type=int, default=None, help="decode processes (default: all cores)")
     add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.data.ingest import NothingUsableError, ingest
+    from stence.data.export_tables import ExportTableError
+    from stence.data.ingest import DiskFullError, IdentifierLeakError, NothingUsableError, ingest
     from stence.data.pseudonym import SaltError
+    from stence.outputs import OutputRefused
 
     cfg = config_from_args(args)
     try:
-        report = ingest(args.raw, args.out, cfg, processes=args.processes)
-    except (NothingUsableError, SaltError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+        report = ingest(args.raw, args.out, cfg, processes=args.processes, overwrite=args.overwrite)
+    except (OutputRefused, ExportTableError, NothingUsableError, IdentifierLeakError, DiskFullError, SaltError,
+            FileNotFoundError) as e:
+        print(f"stence ingest: {e}", file=sys.stderr)
         return 1
     print(report.summary())
     print(f"  quarantine details: {report.cohort}/quarantine.parquet; de-identification: "

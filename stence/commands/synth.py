@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stence.commands._common import RAW
 from stence.data.synth import SynthConfig, write_cohort
+from stence.outputs import OutputRefused
 
 EXAMPLES = """\
 examples:
@@ -50,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=RAW,
     )
-    p.add_argument("out", metavar="OUT", type=Path, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("out", metavar="OUT", type=Path,
+                   help="output folder: new or empty, or an earlier `stence synth` output with --overwrite")
     p.add_argument("--size", choices=("tiny", "demo", "bench"), default="demo", help="preset (default: demo)")
     p.add_argument("--patients", type=int, metavar="N", help="patients, one angiography study each")
     p.add_argument("--ecgs-per-patient", type=int, metavar="N", help="good ECGs per patient")
@@ -65,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", choices=("none", "rle"), help="DICOM transfer syntax")
     p.add_argument("--echonext", type=int, metavar="N", help="ECGs in an EchoNext-format folder (0 = none)")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
-    p.add_argument("--overwrite", action="store_true", help="replace a cohort already in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `stence synth` output in OUT (never a folder synth did not write)")
     p.set_defaults(func=run)
 
 
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = synth_config_from_args(args)
         summary = write_cohort(args.out, cfg, progress=True, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as e:
+    except (OutputRefused, ValueError) as e:
         print(f"stence synth: {e}", file=sys.stderr)
         return 2
     print(summary.format())

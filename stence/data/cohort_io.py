@@ -4,7 +4,7 @@
   ecgs.parquet        one row per ECG; `offset`/`n_samples` locate it in cache/ecg.npy
   studies.parquet     one row per angiography study (targets, segment degrees)
   views.parquet       one row per view; `cache_index` is its row in cache/frames.npy
-  quarantine.parquet  path, reason, detail: one row per rejected file or record
+  quarantine.parquet  file (pseudonym, or table row such as annotations.csv:7), reason, detail
   cache/ecg.npy       (12, total_samples) float32: every ECG after decode, resample and baseline removal
   cache/frames.npy    (n_views, key_frames, S, S) float16 in [0, 1]
   cohort.json, deid_report.json
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +29,15 @@ def write_table(path: Path, df: pd.DataFrame) -> None:
     pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), path)
 
 
+def _open_cache(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy memmap whose disk blocks are reserved up front: a full disk raises OSError(ENOSPC) here,
+    instead of a SIGBUS at the first write into a sparse page."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as fh:
+        os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+    return mm
+
+
 def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
     """Concatenate per-record arrays into one (12, total) memmap; sets ecgs['offset'] in place."""
     lengths = ecgs["n_samples"].to_numpy(dtype=np.int64)
@@ -36,8 +46,7 @@ def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
     n_leads = 12
     if len(ecgs):
         n_leads = int(np.load(ecgs["array"].iloc[0], mmap_mode="r").shape[0])
-    mm = np.lib.format.open_memmap(root / "cache" / "ecg.npy", mode="w+", dtype=np.float32,
-                                   shape=(n_leads, int(lengths.sum())))
+    mm = _open_cache(root / "cache" / "ecg.npy", np.float32, (n_leads, int(lengths.sum())))
     for path, off, n in zip(ecgs["array"], offsets, lengths, strict=True):
         mm[:, off : off + n] = np.load(path)
     mm.flush()
@@ -48,8 +57,7 @@ def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
 def write_frame_cache(root: Path, views: pd.DataFrame, key_frames: int, size: int) -> None:
     """Stack per-view key frames into (n_views, K, S, S) float16; sets views['cache_index'] in place."""
     (root / "cache").mkdir(exist_ok=True)
-    mm = np.lib.format.open_memmap(root / "cache" / "frames.npy", mode="w+", dtype=np.float16,
-                                   shape=(len(views), key_frames, size, size))
+    mm = _open_cache(root / "cache" / "frames.npy", np.float16, (len(views), key_frames, size, size))
     for i, path in enumerate(views["array"]):
         mm[i] = np.load(path)
     mm.flush()

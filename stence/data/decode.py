@@ -7,6 +7,7 @@ that ingest can pseudonymise them and scan its outputs for them; they are never 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import traceback
@@ -16,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from stence.data.limits import Limits
 from stence.errors import BadInputError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # not a file's fault: raised, never quarantined
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class DecodeSettings:
     min_valid_fraction: float
     frame_size: int
     key_frames: int
+    limits: Limits = Limits()
 
 
 def source_key(path: Path) -> str:
@@ -43,6 +48,14 @@ def source_key(path: Path) -> str:
 
 def _ecg_sidecar_size(hea: Path) -> int:
     return sum(p.stat().st_size for p in hea.parent.glob(hea.stem + ".*") if p.is_file())
+
+
+def _signal_files(hea: Path) -> list[str]:
+    """Names of the signal files a (valid) WFDB header lists, relative to its folder."""
+    import wfdb
+
+    header = wfdb.rdheader(str(hea.with_suffix("")))
+    return sorted({f for f in (header.file_name or []) if f and f != "~"})
 
 
 def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
@@ -56,7 +69,7 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     try:
         key = hashlib.sha256(f"{rel}|{_ecg_sidecar_size(hea)}|{hea.stat().st_mtime_ns}".encode()).hexdigest()[:24]
         arr_path = Path(s.staging) / "records" / f"{key}.npy"
-        rec = read_ecg(hea, s.leads)
+        rec = read_ecg(hea, s.leads, limits=s.limits)
         validate_signal(rec.signal, s.min_valid_fraction)
         # duplicate detection on the decoded source signal (before any processing)
         raw_sig = np.nan_to_num(rec.signal.astype(np.float32), nan=0.0)
@@ -79,9 +92,14 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
             sex=meta.get("sex"),
             base_date=meta.get("base_date"),
             identifiers=dict(rec.identifiers),
+            signal_files=_signal_files(hea),
         )
     except BadInputError as e:
         out.update(ok=False, reason=e.reason, detail=e.detail)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise
+        out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
     except Exception as e:  # an unexpected failure is still one quarantined file, never a crashed batch
         out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
         out["trace"] = traceback.format_exc(limit=3)
@@ -97,7 +115,7 @@ def decode_xa(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": "xa", "rel": rel}
     try:
         arr_path = Path(s.staging) / "views" / f"{source_key(path)}.npy"
-        view = read_xa(path)
+        view = read_xa(path, limits=s.limits)
         frames = select_key_frames(view.frames, min(s.key_frames, view.frames.shape[0]))
         if frames.shape[0] < s.key_frames:  # a short cine repeats its last key frame
             pad = np.repeat(frames[-1:], s.key_frames - frames.shape[0], axis=0)
@@ -125,6 +143,10 @@ def decode_xa(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
         )
     except BadInputError as e:
         out.update(ok=False, reason=e.reason, detail=e.detail)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise
+        out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
     except Exception as e:
         out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
-import itertools
+import json
 import logging
 import os
 import re
@@ -122,20 +122,49 @@ def _chunks(path: Path, overlap: int) -> Iterator[bytes]:
             tail = data[-overlap:] if overlap else b""
 
 
-def _decoded_streams(path: Path) -> Iterator[bytes]:
-    """Content hidden from a raw byte scan by compression: parquet cells, gzip and zip/npz members."""
+def _npy_header(path: Path) -> bytes:
+    """The text header of a .npy file (dtype, shape): its numeric body holds no text to leak."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 (no public reader)
+    return f"{shape} {fortran} {dtype}".encode()
+
+
+def _json_strings(value: object) -> Iterator[str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _json_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _json_strings(v)
+    elif isinstance(value, str):  # numbers are measurements and counts the platform computed, not text
+        yield value
+
+
+def _streams(path: Path, overlap: int) -> Iterator[bytes]:
+    """What a file says, as byte strings to search: the cell values of a parquet table (not the format's own
+    metadata), the keys and values of a JSON document, the header of a .npy array, the contents of gzip and
+    zip/npz members, and the raw bytes of anything else."""
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            yield str(table.schema.metadata or {}).encode("utf-8", "replace")
-            yield " ".join(table.column_names).encode("utf-8", "replace")
-            for col in table.columns:
+            for col in pq.read_table(path).columns:
+                if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+                    continue  # measurements and counts the platform computed (an offset of 120000 is no time)
                 for batch in col.chunks:
                     yield "\x1f".join(map(str, batch.to_pylist())).encode("utf-8", "replace")
-        elif name.endswith(".gz"):
+            return
+        if name.endswith(".json"):
+            yield "\x1f".join(_json_strings(json.loads(path.read_text(encoding="utf-8")))).encode("utf-8")
+            return
+        if name.endswith(".npy"):
+            yield _npy_header(path)
+            return
+        if name.endswith(".gz"):
             with gzip.open(path, "rb") as fh:
                 yield fh.read()
         elif name.endswith((".zip", ".npz")):
@@ -144,16 +173,10 @@ def _decoded_streams(path: Path) -> Iterator[bytes]:
                     yield zf.read(member)
     except Exception as e:  # an unreadable container is still scanned raw; say so
         log.warning("leak scan: could not decode %s (%s); scanned its raw bytes only", path, type(e).__name__)
+    yield from _chunks(path, overlap)
 
 
-def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[str, str]]:
-    """(file, needle) for every identifier found in the raw bytes of the files (directories recursed).
-
-    Matching ignores ASCII case (and tries lower/upper forms otherwise), in UTF-8 and latin-1, for the
-    value and its DICOM name parts; parquet,
-    gzip and zip/npz contents are also searched decoded. Needles shorter than MIN_NEEDLE_LEN are skipped
-    with a warning (the warning gives their count, never their values).
-    """
+def _patterns(needles: Iterable[str]) -> dict[str, list[bytes]]:
     patterns: dict[str, list[bytes]] = {}
     skipped = 0
     for n in dict.fromkeys(str(x) for x in needles):
@@ -164,6 +187,19 @@ def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[
             skipped += 1
     if skipped:
         log.warning("leak scan: %d identifier(s) shorter than %d characters skipped", skipped, MIN_NEEDLE_LEN)
+    return patterns
+
+
+def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[str, str]]:
+    """(file, needle) for every identifier found in what the files say (directories recursed; see `_streams`).
+
+    Matching ignores ASCII case (and tries lower/upper forms otherwise), in UTF-8 and latin-1, for the
+    value and its DICOM name parts, as a whole value: a match inside a longer word or number ("Field" in
+    "fields", "1234" in "912345", "edda" inside a hex digest) does not count. Parquet numeric columns and JSON
+    numbers are not text and are not searched. Needles shorter than
+    MIN_NEEDLE_LEN are skipped with a warning (the warning gives their count, never their values).
+    """
+    patterns = _patterns(needles)
     if not patterns:
         return []
     overlap = max(len(p) for pats in patterns.values() for p in pats) - 1
@@ -171,12 +207,36 @@ def scan_files_for(paths: Iterable[Path], needles: Iterable[str]) -> list[tuple[
     hits: list[tuple[str, str]] = []
     for path in _iter_files(paths):
         found: set[str] = set()
-        for stream in itertools.chain(_chunks(path, overlap), _decoded_streams(path)):
-            found |= index.search(stream.lower())  # ASCII case-insensitive; non-ASCII via the needle's forms
+        for stream in _streams(path, overlap):
+            found |= {m[2] for m in index.search(stream.lower())}  # ASCII case-insensitive
             if len(found) == len(patterns):
                 break
         hits += [(str(path), n) for n in patterns if n in found]
     return hits
+
+
+class Redactor:
+    """Removes whole-value occurrences of identifiers from free text the platform writes (quarantine details)
+    before the final scan; the needle index is built once for many texts."""
+
+    def __init__(self, needles: Iterable[str], mask: str = "<redacted>"):
+        patterns = _patterns(needles)
+        self.index = _PrefixIndex(patterns) if patterns else None
+        self.mask = mask
+
+    def __call__(self, text: str) -> tuple[str, set[str]]:
+        """(`text` with each identifier replaced by the mask, the identifiers found)."""
+        if self.index is None or not text:
+            return text, set()
+        data = text.encode("utf-8")
+        spans = sorted(self.index.search(data.lower()))
+        out, last = [], 0
+        for pos, n, _ in spans:
+            if pos >= last:
+                out.append(data[last:pos].decode("utf-8", "replace") + self.mask)
+                last = pos + n
+        out.append(data[last:].decode("utf-8", "replace"))
+        return "".join(out), {m[2] for m in spans}
 
 
 class _PrefixIndex:
@@ -185,41 +245,53 @@ class _PrefixIndex:
     compared in full. Scanning for thousands of identifiers costs about as much as scanning for one."""
 
     def __init__(self, patterns: dict[str, list[bytes]]):
-        self.by_prefix: dict[int, list[tuple[bytes, str, bool]]] = {}
+        self.by_prefix: dict[int, list[tuple[bytes, str]]] = {}
         for needle, pats in patterns.items():
             for p in {q.lower() for q in pats}:
                 key = int.from_bytes(p[:4], "little")
-                self.by_prefix.setdefault(key, []).append((p, needle, _hex_like(p)))
+                self.by_prefix.setdefault(key, []).append((p, needle))
         keys = np.array(sorted(self.by_prefix), dtype=np.uint32)
         self.table = np.zeros(1 << 24, dtype=bool)  # a 16 MB direct lookup on the low 3 bytes
         self.table[keys & 0xFFFFFF] = True
 
-    def search(self, data: bytes) -> set[str]:
+    def search(self, data: bytes) -> list[tuple[int, int, str]]:
+        """(position, length, needle) of every whole-value match in `data` (already lower-cased)."""
         a = np.frombuffer(data, dtype=np.uint8)
         if len(a) < 4:
-            return set()
+            return []
         low3 = a[:-3].astype(np.uint32) | (a[1:-2].astype(np.uint32) << 8) | (a[2:-1].astype(np.uint32) << 16)
-        found: set[str] = set()
+        found: list[tuple[int, int, str]] = []
         for pos in np.flatnonzero(self.table[low3]):  # (N-3,) windows whose first 3 bytes start a needle
             key = int(low3[pos]) | (int(a[pos + 3]) << 24)
-            for p, needle, hex_like in self.by_prefix.get(key, ()):
-                if data.startswith(p, int(pos)) and not (hex_like and _inside_hex_run(data, int(pos), len(p))):
-                    found.add(needle)
+            for p, needle in self.by_prefix.get(key, ()):
+                if data.startswith(p, int(pos)) and _stands_alone(data, int(pos), p):
+                    found.append((int(pos), len(p), needle))
         return found
 
 
-_HEX = frozenset(b"0123456789abcdef")
+_DIGITS = frozenset(b"0123456789")
 
 
-def _hex_like(pattern: bytes) -> bool:
-    """A lower-cased needle made only of hex digits ("edda", "12345678") also occurs inside hashes,
-    pseudonyms and hex digests by chance."""
-    return all(c in _HEX for c in pattern)
+def _same_class(a: int, b: int | None) -> bool:
+    """Both bytes digits, or both letters (ASCII letters or any byte of a multi-byte character)."""
+    if b is None:
+        return False
+    if a in _DIGITS or b in _DIGITS:
+        return a in _DIGITS and b in _DIGITS
+    letter = lambda c: (97 <= c <= 122) or (65 <= c <= 90) or c >= 0x80  # noqa: E731
+    return letter(a) and letter(b)
 
 
-def _inside_hex_run(data: bytes, pos: int, n: int) -> bool:
-    """The match at data[pos:pos+n] continues a longer hex run on either side: part of a digest, not a
-    leak. (The identifier standing alone, or beside any non-hex byte such as "P", "_" or "^", still counts.)"""
+def _stands_alone(data: bytes, pos: int, p: bytes) -> bool:
+    """The match data[pos:pos+len(p)] is a whole value: the byte before it does not continue its first
+    character's class (digit or letter), nor the byte after its last ("P12345678" holds the ID 12345678;
+    "912345678" and the hex digest "3fedda91" hold neither 12345678 nor "Edda")."""
     before = data[pos - 1] if pos > 0 else None
-    after = data[pos + n] if pos + n < len(data) else None
-    return before in _HEX or after in _HEX
+    after = data[pos + len(p)] if pos + len(p) < len(data) else None
+    if _same_class(p[0], before) or _same_class(p[-1], after):
+        return False
+    # a needle made only of hex digits ("edda", "120000") also occurs inside pseudonyms and digests by chance
+    return not (all(c in _HEX for c in p) and (before in _HEX or after in _HEX))
+
+
+_HEX = frozenset(b"0123456789abcdef")

@@ -30,6 +30,7 @@ from stence.data.synth_angio import CoronaryTree, View, render_view, sample_tree
 from stence.data.synth_dicom import COMPRESSIONS, XaMeta, make_uid, write_xa
 from stence.data.synth_ecg import EcgPatient, sample_patient, simulate_ecg
 from stence.data.synth_echonext import write_echonext
+from stence.outputs import check_output, mark_output
 
 MAX_DEGREE_LEVELS = (0, 50, 70, 90, 99, 100)  # balanced over patients: every threshold task has 2 classes
 MINOR_DEGREES = (30, 40, 50, 60)
@@ -326,17 +327,21 @@ def write_study(out: Path, cfg: SynthConfig, p: Patient) -> list[str]:
     return paths
 
 
+SYNTH_KIND = "synth"  # output kind in the ownership marker (stence/outputs.py)
+_SYNTH_ENTRIES = ("ecg", "angio", "echonext", "ecg_index.csv", "annotations.csv", TRUTH_FILE)
+
+
 def _prepare(out: Path, overwrite: bool) -> None:
-    names = ("ecg", "angio", "echonext", "ecg_index.csv", "annotations.csv", TRUTH_FILE)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; choose a new folder or overwrite")
-        for name in names:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    """Claim `out` (new, empty, or our own earlier synth output with `overwrite`; else OutputRefused, nothing
+    touched), then remove what an earlier synth wrote there (only the entries synth writes)."""
+    check_output(out, SYNTH_KIND, overwrite=overwrite)
+    for name in _SYNTH_ENTRIES:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    mark_output(out, SYNTH_KIND)
     (out / "ecg").mkdir(parents=True, exist_ok=True)
     (out / "angio").mkdir(parents=True, exist_ok=True)
 
@@ -351,7 +356,10 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 def write_cohort(
     out: Path, cfg: SynthConfig, *, progress: bool = False, overwrite: bool = False
 ) -> SynthSummary:
-    """Write the whole synthetic cohort under `out` (see the module docstring); returns the counts."""
+    """Write the whole synthetic cohort under `out` (see the module docstring); returns the counts.
+
+    `out` must be new, empty, or (with `overwrite`) this function's own earlier output, recognised by its
+    marker (stence/outputs.py); anything else raises `OutputRefused` and leaves the folder untouched."""
     from stence.data.synth_corrupt import plant_corrupt  # corrupt planting builds on this module
 
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from stence.config import THRESHOLD_TASKS
+from stence.outputs import check_output, mark_output
 
 TASK_LABELS: dict[str, str] = {
     "0_100": "(=0|=100)",
@@ -117,8 +118,27 @@ def write_json(obj, path: str | Path) -> Path:
     return Path(path)
 
 
+RESULTS_KIND = "results"  # output kind in the ownership marker (stence/outputs.py)
+FIG2_FILE = "fig2_auroc_vs_threshold.png"
+RESULT_FILES = ("results.json", "results.md", FIG2_FILE, "delong.json")  # what a results folder holds
+
+
+def claim_results(out_dir: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Claim `out_dir` for results (stence/outputs.py) before `write_results`: it must be new, empty, or (with
+    `overwrite`) an earlier results folder, whose results files are then removed, and must not be, lie inside
+    or contain any of `inputs`; anything else raises `OutputRefused` and touches nothing. Returns `out_dir`."""
+    check_output(out_dir, RESULTS_KIND, inputs, overwrite)
+    out = Path(out_dir)
+    for name in RESULT_FILES:  # nothing stale from the earlier results (a delong.json of an earlier compare)
+        if (out / name).is_file() or (out / name).is_symlink():
+            (out / name).unlink()
+    mark_output(out, RESULTS_KIND)
+    return out
+
+
 def write_results(results: Results, out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
-    """Write `<stem>.json` (strict JSON, NaN as null) and `<stem>.md` (AUROC, AUPRC and count tables)."""
+    """Write `<stem>.json` (strict JSON, NaN as null) and `<stem>.md` (AUROC, AUPRC and count tables).
+    Commands claim the folder first with `claim_results`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"

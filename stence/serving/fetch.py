@@ -8,8 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from stence.outputs import claim_output
 from stence.serving.registry import SCORER_FILE, _client, _global_tracking_uri, _uri
 from stence.serving.scorer import Scorer, load_scorer, scorer_metadata
+
+FETCHED_KIND = "fetched"  # output kind in the ownership marker (stence/outputs.py)
 
 
 def _find_scorer(root: Path) -> Path:
@@ -77,6 +80,7 @@ def fetch_scorer(ref: str, dst: str | Path, *, uri: str | None = None) -> Path:
             raise FileNotFoundError(f"{ref!r} is neither a file nor a models:/ or runs:/ URI")
     if ref.startswith("runs:/"):
         ref = _resolve_run_ref(_client(uri), ref)
+    claim_output(dst, FETCHED_KIND, overwrite=True)  # ours (re-fetched) or new; never a folder stence did not write
     with _global_tracking_uri(tracking):  # models:/ resolution ignores the explicit URIs in places
         out = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=tracking,
                                                   registry_uri=tracking)

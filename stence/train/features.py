@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stence.config import Config, to_dict
 from stence.data.cohort_io import Cohort
 from stence.data.feature_store import FeatureStore
+from stence.outputs import claim_output
 
 
 def _weights_id(path: str) -> str:
@@ -47,6 +48,9 @@ def feature_key(cohort: Cohort, cfg: Config) -> str:
     ingredients["feature"].pop("encoder_lr_scale", None)
     ingredients["feature"].pop("train_rotate_deg", None)
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:12]
+
+
+FEATURES_KIND = "features"  # output kind in the ownership marker (stence/outputs.py)
 
 
 def features_dir(cohort: Cohort, cfg: Config) -> Path:
@@ -111,7 +115,8 @@ def extract_features(cfg: Config, cohort_root: str | Path | None = None, progres
     out = features_dir(cohort, cfg)
     if (out / "meta.json").exists():
         return FeatureStore.open(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # ours (a partial cache resumes) or new; a folder there that stence did not write is refused
+    claim_output(out, FEATURES_KIND, overwrite=True)
     n_views, n_var = len(cohort.views), cfg.feature.variants
     probe = FrameEncoderActor(str(cohort.root), to_dict(cfg))({"row": np.array([0]), "variant": np.array([0])})
     p, f = probe["feats"].shape[1:]

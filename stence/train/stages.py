@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stence.config import Config, to_dict
+from stence.outputs import MARKER, claim_output
 from stence.train.driver import absolute_storage, fit, tune_trial_id
 from stence.train.tracking import Tracker, loop_tracking, resolve_tracking_uri, start_run
 from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
@@ -35,9 +36,14 @@ def _finish(uri: str | None, run_id: str | None, owned: bool, ok: bool) -> None:
         Tracker(uri, run_id).end("FINISHED" if ok else "FAILED")
 
 
+EXPORT_KIND = "export"  # output kind in the ownership marker (stence/outputs.py)
+
+
 def _output_dir(cfg: Config, stage: str, run_name: str) -> Path:
+    """`<storage>/exports/<stage>-<name>`, claimed as an export: the same run name re-writes (resumes) its own
+    export; a folder there that stence did not write is refused (OutputRefused), never written into."""
     out = Path(absolute_storage(cfg.train.storage_path)) / "exports" / f"{stage}-{run_name}"
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, EXPORT_KIND, overwrite=True)
     return out
 
 
@@ -232,7 +238,8 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
                          if isinstance(v, (int, float))})
             t.log_metrics(flat, step=int(final["epoch"]))
             for f in out.iterdir():
-                t.log_artifact(f)
+                if f.name != MARKER:
+                    t.log_artifact(f)
         ok = True
         return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run_id,
                 "scorer": str(out / "scorer.pt")}
