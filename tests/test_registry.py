@@ -244,14 +244,14 @@ def test_predict_on_real_records(logged: dict, mlflow_db: str, shared_data: Path
     broken = tmp_path / "broken.hea"
     args = ["predict", "--model", f"models:/{name}@champion", "--set", f"tracking.uri={mlflow_db}", "--"]
 
-    assert main([*args[:-3], "--json", *args[-3:], str(hr), str(ptb), str(broken)]) == 0
+    assert main([*args[:-3], "--json", *args[-3:], str(hr), str(ptb), str(broken)]) == 1  # one record failed
     rows = json.loads(capsys.readouterr().out)
     assert [r["record"] for r in rows] == [str(hr), str(ptb), str(broken)]
     for r in rows[:2]:
         assert r["error"] is None and 0.0 <= r["probability"] <= 1.0
     assert rows[2]["probability"] is None and rows[2]["reason"] == "ecg_truncated"
     assert "broken.mat" in rows[2]["error"]
-    assert main([*args, str(broken)]) == 1  # nothing scored
+    assert main([*args, str(broken)]) == 1
     assert "ERROR ecg_truncated" in capsys.readouterr().out
 
     # the same record with its leads in another order scores identically (leads are picked by name)

@@ -85,6 +85,7 @@ def test_ptb_record_selects_12_lowercase_leads_and_ignores_frank_leads(wfdb_dir:
         assert not any(np.allclose(r, f) for r in rec.signal)
     assert rec.meta["age"] == 81 and rec.meta["sex"] == "F"
     assert rec.meta["fs_orig"] == 1000.0 and rec.meta["n_samples_orig"] == 38400
+    assert rec.meta["signal_files"] == ["s0010_re.dat", "s0010_re.xyz"]  # every file the header lists
     # dates in the PTB comments are quasi-identifiers: kept away from comments_kept
     assert rec.identifiers.get("date_ecgdate") == "01/10/1990"
     assert not any("1990" in c or "-90" in c for c in rec.meta["comments_kept"])
@@ -223,3 +224,50 @@ def test_validate_signal_accepts_good_and_rejects_nan_and_flat() -> None:
     sig = _good_signal()
     sig[0, :100] = np.nan  # a short gap is fine
     validate_signal(sig, 0.5)
+
+
+def test_hospital_comment_keys_are_identifiers_and_never_kept() -> None:
+    """The identifying keys hospitals write (people, carers, places, contacts, visit numbers, dates)."""
+    identifying = {
+        "Patient Name: Jane Roe": "Jane Roe",
+        "Patient ID: 123456": "123456",
+        "SSN: 078-05-1120": "078-05-1120",
+        "Date of Birth: 02 March 1950": "02 March 1950",
+        "Referring Physician: Dr. Gregory House": "Dr. Gregory House",
+        "Doctor: James Wilson": "James Wilson",
+        "Confirmed by = Lisa Cuddy": "Lisa Cuddy",
+        "Physician: Allison Cameron": "Allison Cameron",
+        "Physician: Robert Chase": "Robert Chase",  # a second value of a kind must not replace the first
+        "Technician: Bob Tech": "Bob Tech",
+        "Hospital: St. Mary Hospital": "St. Mary Hospital",
+        "Site: Plainsboro Teaching": "Plainsboro Teaching",
+        "Location: Ward 7B": "Ward 7B",
+        "Address: 1 Main Street, Springfield": "1 Main Street, Springfield",
+        "Home phone: +1 555 0100": "+1 555 0100",
+        "E-mail: jane.roe@example.org": "jane.roe@example.org",
+        "Accession Number: ACC-778899": "ACC-778899",
+        "Visit ID: V-4411": "V-4411",
+        "Acquired: 2020-05-06T10:32:00": "2020-05-06T10:32:00",
+        "Exam: May 6, 2020": "May 6, 2020",
+        "Admitted 29-Sep-90 from ER": "Admitted 29-Sep-90 from ER",
+    }
+    harmless = ["Dx: 164934002,426783006", "In hospital medication: ASA", "Device name: MAC55",
+                "Lytic agent: Gamma-TPA", "Peripheral blood Pressure (syst/diast):  140/80 mmHg"]
+    meta, ids = parse_comments([*identifying, *harmless])
+    assert meta["comments_kept"] == harmless
+    for value in identifying.values():
+        assert value in ids.values(), value
+    assert ids["patient_id"] == "123456" and ids["other_id"] == "078-05-1120"  # only the patient ID is the key
+    assert ids["name"] == "Jane Roe" and ids["dob"] == "02 March 1950"
+    assert ids["physician"] == "Dr. Gregory House" and ids["institution"] == "St. Mary Hospital"
+    assert ids["accession_number"] == "ACC-778899" and ids["contact"] == "+1 555 0100"
+    assert len(ids) == len(identifying)  # none overwritten
+
+
+def test_identifier_keys_ignore_placeholders_and_keep_ptb_clinical_comments(wfdb_dir: Path) -> None:
+    _, ids = parse_comments(["Physician: unknown", "Hospital: n/a", "Name: Anonymized"])
+    assert ids == {}
+    rec = read_ecg(wfdb_dir / "s0010_re")
+    kept = rec.meta["comments_kept"]
+    assert any(c.startswith("In hospital medication:") for c in kept)
+    assert not any("-90" in c for c in kept)  # PTB's dates ("29-Sep-90") are identifiers

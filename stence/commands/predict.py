@@ -15,15 +15,21 @@ EXAMPLE = """example:
   stence predict --set tracking.uri=sqlite:////data/mlflow.db -- new_ecgs/*.hea   # `--` ends --set
 
 Each record is read at its own sampling rate and lead order (leads are picked by name), resampled,
-baseline-corrected and cropped exactly as in training. Exit code 0 if at least one record was scored,
-1 if none. The registry lives at the tracking URI (tracking.uri, MLFLOW_TRACKING_URI or runs/mlflow.db)."""
+baseline-corrected and cropped exactly as in training. A folder stands for every .hea file under it; a
+folder with none is reported as an error. Every argument gets a probability or one error line (with
+--json: a row with "error" and "reason"), and the others are still scored. Records over the ingest limits
+(sampling rate outside ingest.min_fs..ingest.max_fs, longer than ingest.max_duration_s, more than
+ingest.max_channels signals, a header over ingest.max_header_kb, decoding to more than
+ingest.max_decoded_mb) are refused before reading; raise a limit with e.g. --set ingest.max_duration_s=3600.
+Exit code 0 if every record was scored, 1 if any argument failed or the model could not be loaded.
+The registry lives at the tracking URI (tracking.uri, MLFLOW_TRACKING_URI or runs/mlflow.db)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score WFDB ECG records with a registered model",
                        description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
     p.add_argument("records", nargs="+", metavar="RECORD",
-                   help="WFDB header files (.hea) or folders of them")
+                   help="WFDB header files (.hea) or folders of them (every .hea under a folder)")
     p.add_argument("--model", default=None,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a scorer.pt "
                    "(default: models:/<tracking.registered_model>@champion)")
@@ -45,6 +51,7 @@ def _print_table(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from stence.data.limits import Limits
     from stence.serving.fetch import load_champion
     from stence.serving.predict import expand_records, predict_records
     from stence.train.tracking import resolve_tracking_uri
@@ -58,11 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot load model {ref!r} from {uri}: {e}\n"
               "  list registered versions with `stence models`; register one with `stence register RUN_ID`")
         return 1
-    paths = expand_records(args.records)
-    if not paths:
-        print("error: no records given (folders contained no .hea files)")
-        return 1
-    rows = predict_records(model, paths)
+    # an empty folder stays an argument of its own, so it gets an error row rather than vanishing
+    rows = predict_records(model, expand_records(args.records), limits=Limits.from_config(cfg.ingest))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -70,4 +74,4 @@ def run(args: argparse.Namespace) -> int:
     n_ok = sum(r["error"] is None for r in rows)
     if not args.json:
         print(f"scored {n_ok} of {len(rows)} record(s) with {ref} (task {model.metadata['task']})")
-    return 0 if n_ok else 1
+    return 0 if n_ok == len(rows) else 1

@@ -50,14 +50,6 @@ def _ecg_sidecar_size(hea: Path) -> int:
     return sum(p.stat().st_size for p in hea.parent.glob(hea.stem + ".*") if p.is_file())
 
 
-def _signal_files(hea: Path) -> list[str]:
-    """Names of the signal files a (valid) WFDB header lists, relative to its folder."""
-    import wfdb
-
-    header = wfdb.rdheader(str(hea.with_suffix("")))
-    return sorted({f for f in (header.file_name or []) if f and f != "~"})
-
-
 def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     """WFDB record -> cached (12, T) float32 at the model rate, baseline removed."""
     from stence.data.preprocess import deterministic_ecg
@@ -92,7 +84,7 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
             sex=meta.get("sex"),
             base_date=meta.get("base_date"),
             identifiers=dict(rec.identifiers),
-            signal_files=_signal_files(hea),
+            signal_files=list(rec.meta.get("signal_files") or ()),
         )
     except BadInputError as e:
         out.update(ok=False, reason=e.reason, detail=e.detail)

@@ -2,8 +2,10 @@
 
 Leads are selected by name (case-insensitive, whatever their order in the header); extra channels such as
 Frank leads are ignored. Problems a user can act on raise `BadInputError` with a quarantine reason code.
-Identifying header comments (name, patient ID, birth date, other dates) are returned separately in
-`identifiers` so that only the pseudonymiser ever looks at them.
+Identifying header comments (name, patient ID, birth date, other dates, physicians, sites, addresses,
+phone numbers, accession numbers) are returned separately in `identifiers` so that only the pseudonymiser
+and the leak scanner ever look at them. Headers are checked against `Limits` (stence/data/wfdb_header.py)
+before any sample is read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ import numpy as np
 import wfdb
 
 from stence.config import STANDARD_LEADS
+from stence.data.limits import Limits
+from stence.data.wfdb_header import (
+    check_extent,
+    check_record_line,
+    check_wfdb_agrees,
+    frame_bits,
+    length_from_first_file,
+    parse_record_line,
+    read_header_text,
+    signals_in_files,
+)
 from stence.errors import (
     ECG_BAD_HEADER,
     ECG_FLAT_LEAD,
@@ -46,37 +59,56 @@ _UNIT_TO_MV: dict[str, float] = {
     "volts": 1e3,
 }
 
-# Bits per sample of the WFDB storage formats with a fixed size (FLAC formats 508/516/524 are compressed
-# and cannot be size-checked up front; they are checked after reading).
-_FMT_BITS: dict[str, float] = {
-    "8": 8,
-    "16": 16,
-    "24": 24,
-    "32": 32,
-    "61": 16,
-    "80": 8,
-    "160": 16,
-    "212": 12,
-    "310": 32 / 3,
-    "311": 32 / 3,
+# Comment keys (casefolded, non-alphanumerics removed) that identify a person, a carer, a place or a visit
+# -> identifier name. Names follow dicom_io.IDENTIFYING_KEYWORDS where one exists. Only "patient_id" is
+# used as the patient key by ingest (when there is no ecg_index.csv): other numbers never go there.
+_ID_GROUPS: dict[str, tuple[str, ...]] = {
+    "name": ("name", "patientname", "patientsname", "fullname", "firstname", "lastname", "surname",
+             "givenname", "familyname", "forename", "middlename", "maidenname", "birthname", "mothersname"),
+    "patient_id": ("patient", "patientid", "patientnumber", "patientno", "patientidentifier", "pid", "id",
+                   "mrn", "medicalrecordnumber", "medicalrecordno", "medicalrecord", "hospitalnumber",
+                   "hospitalno", "hospitalid", "chartnumber"),
+    "other_id": ("ssn", "socialsecuritynumber", "nhsnumber", "insurancenumber", "insuranceid",
+                 "healthcardnumber", "nationalid", "passport"),
+    "dob": ("dob", "birthdate", "dateofbirth", "birthday", "born"),
+    "physician": ("physician", "doctor", "referringphysician", "orderingphysician", "attendingphysician",
+                  "requestingphysician", "readingphysician", "performingphysician", "referringdoctor",
+                  "referrer", "referredby", "orderedby", "requestedby", "cardiologist", "confirmedby",
+                  "overreadby", "reviewedby", "editedby", "interpretedby", "readby", "signedby"),
+    "operators": ("operator", "technician", "tech", "nurse", "acquiredby", "recordedby"),
+    "institution": ("hospital", "institution", "site", "sitename", "hospitalname", "institutionname",
+                    "clinic", "facility", "center", "centre"),
+    "location": ("department", "ward", "location", "locationname", "room", "bed", "station", "stationname"),
+    "address": ("address", "street", "city", "town", "zip", "zipcode", "postcode", "postalcode",
+                "homeaddress", "patientaddress"),
+    "contact": ("phone", "telephone", "tel", "phonenumber", "mobile", "cell", "fax", "email", "emailaddress"),
+    "accession_number": ("accession", "accessionnumber", "accessionno", "orderid", "ordernumber", "orderno",
+                         "requestid", "requestnumber", "encounter", "encounterid", "encounternumber",
+                         "visit", "visitid", "visitnumber", "admissionid", "admissionnumber", "caseid",
+                         "casenumber"),
 }
-
-# Comment keys (casefolded, non-alphanumerics removed) that identify a person -> identifier name.
-_ID_KEYS: dict[str, str] = {
-    "name": "name",
-    "patientname": "name",
-    "patient": "patient_id",
-    "patientid": "patient_id",
-    "id": "patient_id",
-    "mrn": "patient_id",
-    "medicalrecordnumber": "patient_id",
-    "dob": "dob",
-    "birthdate": "dob",
-    "dateofbirth": "dob",
-}
-_DATE_RE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b|\b\d{1,2}[-/ ][A-Za-z]{3}[-/ ]\d{2,4}\b")
+_ID_KEYS: dict[str, str] = {key: ident for ident, keys in _ID_GROUPS.items() for key in keys}
+# Word parts that make any longer key identifying ("Referring physician name", "Home phone"), tried in
+# order after the exact table; "name" last, and not for things that are not people. ("hospital" is no stem:
+# PTB writes "In hospital medication: ...".)
+_ID_STEMS: tuple[tuple[str, str], ...] = (
+    ("birth", "dob"), ("physician", "physician"), ("doctor", "physician"), ("technician", "operators"),
+    ("operator", "operators"), ("institution", "institution"),
+    ("address", "address"), ("phone", "contact"), ("email", "contact"), ("accession", "accession_number"),
+    ("patientid", "patient_id"), ("mrn", "patient_id"), ("name", "name"),
+)
+_NOT_PERSON = ("device", "lead", "file", "signal", "test", "protocol", "software", "program", "cart", "model",
+               "drug", "medication", "diagnos", "dx", "record", "study", "filter")
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?")
+_DATE_RE = re.compile(
+    r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}(?!\d)"  # 2020-05-06, 06/05/2020, 2020-05-06T10:32 (no \b before T)
+    rf"|\b\d{{1,2}}(?:st|nd|rd|th)?[-/ .]{_MONTH}[-/ .,]*\d{{2,4}}\b"  # 6-May-2020, 06 March 2020
+    rf"|\b{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}\b",  # May 6, 2020
+    re.IGNORECASE,
+)
 _PAIR_RE = re.compile(r"<([^<>]+)>\s*:?\s*([^<]*)")  # "<age>: 60 <sex>: M" (older PhysioNet headers)
-_KV_RE = re.compile(r"^\s*([^:]{1,60}?)\s*:\s*(.*)$")
+_KV_RE = re.compile(r"^\s*([^:=]{1,60}?)\s*[:=]\s*(.*)$")  # "Key: value" or "Key = value"
 _PLACEHOLDERS = {"unknown", "anonymized", "anonymised", "anonymous", "none", "n/a", "na", "null", "removed"}
 _MALE = {"m", "male", "man", "masculine"}
 _FEMALE = {"f", "female", "w", "woman", "feminine"}
@@ -89,7 +121,7 @@ class EcgRecord:
     signal: np.ndarray = field(repr=False)  # (12, T) float32 mV, rows in the requested lead order
     fs: float
     leads: tuple[str, ...]
-    meta: dict[str, Any]  # age, sex, base_date, n_samples_orig, fs_orig, comments_kept
+    meta: dict[str, Any]  # age, sex, base_date, n_samples_orig, fs_orig, comments_kept, signal_files
     identifiers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
@@ -122,11 +154,36 @@ def _parse_sex(value: str) -> str | None:
     return None
 
 
+def _identifier_kind(key: str) -> str | None:
+    """Identifier name for a normalised comment key ("referringphysician" -> "physician"), else None."""
+    if key in _ID_KEYS:
+        return _ID_KEYS[key]
+    for stem, kind in _ID_STEMS:
+        if stem in key and not (kind == "name" and any(w in key for w in _NOT_PERSON)):
+            return kind
+    return None
+
+
+def _put(ids: dict[str, str], names: Sequence[str], value: str) -> None:
+    """Store `value` under the first free name of `names` (then numbered): a second value of a kind must
+    not replace the first, since the leak scanner looks for every one of them."""
+    for name in names:
+        if name not in ids:
+            ids[name] = value
+            return
+    n = 2
+    while f"{names[-1]}_{n}" in ids:
+        n += 1
+    ids[f"{names[-1]}_{n}"] = value
+
+
 def parse_comments(comments: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Header comment lines -> ({age, sex, comments_kept}, identifiers).
 
-    Identifying lines (name, patient ID / MRN, birth date) and any line carrying a date go to
-    `identifiers`; everything else (e.g. `Dx: ...`) is kept verbatim in `comments_kept`.
+    Identifying lines (name, patient ID / MRN, other ID numbers, birth date, physician / operator,
+    institution / location, address, phone / e-mail, accession / visit number; see `_ID_GROUPS`) and
+    any line carrying a date go to `identifiers`; everything else (e.g. `Dx: ...`) is kept verbatim in
+    `comments_kept`. Lines are `Key: value`, `Key = value` or `<key>: value <key>: value`.
     """
     age: float | None = None
     sex: str | None = None
@@ -143,13 +200,13 @@ def parse_comments(comments: Sequence[str]) -> tuple[dict[str, Any], dict[str, s
         identifying = False
         for key, value in pairs:
             k, v = _norm_key(key), value.strip()
-            if k in _ID_KEYS:
-                name = _ID_KEYS[k]  # first of a kind wins; later ones (an MRN after an ID) get their own key
+            kind = _identifier_kind(k) if k else None
+            if kind:  # first of a kind wins the plain name; later ones (an MRN after an ID) get their own
                 if v and v.casefold() not in _PLACEHOLDERS:
-                    ids[name if name not in ids else f"{name}_{k}"] = v
+                    _put(ids, (kind, f"{kind}_{k}"), v)
                 identifying = True
             elif ("date" in k and re.search(r"\d", v)) or _DATE_RE.search(v):
-                ids[f"date_{k or len(ids)}"] = v
+                _put(ids, (f"date_{k or len(ids)}",), v)
                 identifying = True
             elif k == "age" and age is None:
                 age = _parse_age(v)
@@ -160,10 +217,17 @@ def parse_comments(comments: Sequence[str]) -> tuple[dict[str, Any], dict[str, s
     return {"age": age, "sex": sex, "comments_kept": kept}, ids
 
 
-def _read_header(base: Path) -> wfdb.Record:
+def _read_header(base: Path, limits: Limits) -> wfdb.Record:
+    """The parsed header, after its size, signal count and sampling rate passed the limits.
+
+    The text is checked before wfdb parses it (wfdb's cost grows with the signal lines), and wfdb's
+    reading of the rate and length is compared with the text's (its regex misreads some numbers).
+    """
     hea = base.parent / (base.name + ".hea")
     if not hea.is_file():
         raise BadInputError(ECG_BAD_HEADER, f"header file {hea.name} not found")
+    line = parse_record_line(read_header_text(hea, limits))
+    check_record_line(line, limits)
     try:
         header = wfdb.rdheader(str(base))
     except Exception as e:  # wfdb raises a mix of ValueError/IndexError/TypeError on malformed headers
@@ -174,6 +238,7 @@ def _read_header(base: Path) -> wfdb.Record:
         raise BadInputError(ECG_BAD_HEADER, f"{hea.name}: multi-segment records are not supported")
     if not header.n_sig or not header.fs or header.fs <= 0 or not header.sig_name or not header.file_name:
         raise BadInputError(ECG_BAD_HEADER, f"{hea.name}: no signals, no sampling rate or no signal files")
+    check_wfdb_agrees(header, line)
     return header
 
 
@@ -191,31 +256,27 @@ def _select_channels(header: wfdb.Record, leads: Sequence[str]) -> list[int]:
     return [index[_norm_lead(lead)] for lead in leads]
 
 
-def _check_signal_files(base: Path, header: wfdb.Record, channels: Sequence[int]) -> None:
-    """Each signal file holding a selected channel exists and is long enough for `sig_len` samples.
+def _check_signal_files(base: Path, header: wfdb.Record, channels: Sequence[int], n: int) -> None:
+    """Each signal file holding a selected channel exists and is long enough for `n` samples.
 
     wfdb may read a short file without complaint (or fail with an opaque reshape error), so the size is
     checked against the header before reading.
     """
-    for fname in dict.fromkeys(header.file_name[c] for c in channels):
+    for fname, in_file in signals_in_files(header, channels).items():
         path = base.parent / fname
         if fname == "~" or not path.is_file():
             raise BadInputError(
                 ECG_MISSING_SIGNAL_FILE, f"signal file {fname} named in the header is missing"
             )
-        in_file = [i for i, f in enumerate(header.file_name) if f == fname]
-        fmts = {str(header.fmt[i]) for i in in_file}
-        if not header.sig_len or not fmts <= set(_FMT_BITS):
+        bits = frame_bits(header, in_file)
+        if bits is None:  # compressed: checked after reading
             continue
-        spf = header.samps_per_frame or [1] * header.n_sig
-        frame_bits = sum(_FMT_BITS[str(header.fmt[i])] * (spf[i] or 1) for i in in_file)
         offset = (header.byte_offset[in_file[0]] if header.byte_offset else None) or 0
-        need = offset + int(header.sig_len * frame_bits // 8)
+        need = offset + int(n * bits // 8)
         have = path.stat().st_size
         if have < need:
             raise BadInputError(
-                ECG_TRUNCATED,
-                f"signal file {fname} has {have} bytes; the header ({header.sig_len} samples) needs {need}",
+                ECG_TRUNCATED, f"signal file {fname} has {have} bytes; {n} samples need {need}"
             )
 
 
@@ -232,19 +293,37 @@ def _units_to_mv(header: wfdb.Record, channels: Sequence[int]) -> np.ndarray:
     return np.asarray(factors, dtype=np.float64)
 
 
-def read_ecg(path: str | Path, leads: Sequence[str] = STANDARD_LEADS) -> EcgRecord:
+def _bounded_length(base: Path, header: wfdb.Record, channels: Sequence[int], limits: Limits) -> int:
+    """Samples per signal wfdb will read, checked against the duration and decoded-size limits first.
+
+    With a length in the header the check needs no signal file (a 10 h header is refused even when its
+    files are absent); without one the length is inferred from the first signal file's size, as wfdb does.
+    """
+    n = int(header.sig_len or 0)
+    if n:
+        check_extent(header, channels, n, limits)
+    else:
+        n = length_from_first_file(base, header)
+        check_extent(header, channels, n, limits)
+    _check_signal_files(base, header, channels, n)
+    return n
+
+
+def read_ecg(path: str | Path, leads: Sequence[str] = STANDARD_LEADS, limits: Limits = Limits()) -> EcgRecord:
     """Read a WFDB record (path of the .hea, with or without extension) as (len(leads), T) float32 mV.
 
-    Rows follow `leads`; NaN (invalid samples) stays NaN. Raises `BadInputError` with ECG_BAD_HEADER,
-    ECG_MISSING_LEADS, ECG_MISSING_SIGNAL_FILE or ECG_TRUNCATED.
+    Rows follow `leads`; NaN (invalid samples) stays NaN. Before any sample is read, the header is checked
+    against `limits` (size, signals, sampling rate, duration, decoded size), so peak memory is bounded by
+    the limits, not by the file. Raises `BadInputError` with FILE_OVER_LIMIT, ECG_BAD_HEADER (also for an
+    implausible sampling rate), ECG_MISSING_LEADS, ECG_MISSING_SIGNAL_FILE or ECG_TRUNCATED.
     """
     base = _record_base(path)
-    header = _read_header(base)
+    header = _read_header(base, limits)
     channels = _select_channels(header, leads)
-    _check_signal_files(base, header, channels)
+    n = _bounded_length(base, header, channels, limits)
     to_mv = _units_to_mv(header, channels)
     order = sorted(set(channels))
-    try:
+    try:  # wfdb reads header.sig_len samples, or infers the n checked above (it refuses sampto without one)
         rec = wfdb.rdrecord(str(base), channels=order, physical=True)
     except Exception as e:  # the files exist and are long enough, so the header misdescribes them
         raise BadInputError(
@@ -252,14 +331,15 @@ def read_ecg(path: str | Path, leads: Sequence[str] = STANDARD_LEADS) -> EcgReco
             f"{base.name}: signal files do not decode as the header says ({type(e).__name__}: {e})",
         ) from e
     p = rec.p_signal
-    if p is None or p.ndim != 2 or p.shape[0] == 0 or (header.sig_len and p.shape[0] < header.sig_len):
+    if p is None or p.ndim != 2 or p.shape[0] == 0 or p.shape[0] < n:
         got = 0 if p is None else p.shape[0]
-        raise BadInputError(ECG_TRUNCATED, f"{base.name}: read {got} samples, header says {header.sig_len}")
+        raise BadInputError(ECG_TRUNCATED, f"{base.name}: read {got} samples, header says {n}")
     cols = [order.index(c) for c in channels]
     sig = (p[:, cols].T * to_mv[:, None]).astype(np.float32)  # (T, n_read) -> (len(leads), T)
     meta, identifiers = parse_comments(header.comments or [])
     base_date = header.base_date if isinstance(header.base_date, dt.date) else None
-    meta.update(base_date=base_date, n_samples_orig=int(sig.shape[1]), fs_orig=float(header.fs))
+    meta.update(base_date=base_date, n_samples_orig=int(sig.shape[1]), fs_orig=float(header.fs),
+                signal_files=sorted({f for f in header.file_name if f and f != "~"}))
     return EcgRecord(signal=sig, fs=float(header.fs), leads=tuple(leads), meta=meta, identifiers=identifiers)
 
 

@@ -4,23 +4,26 @@ Each record goes through exactly what a training example went through: the inges
 name at whatever rate and order the file has, reject unusable signals, resample to the model rate, ALS
 baseline removal) and the evaluation crop (first window of the contract's length, NaN -> 0, clipping,
 group-wise z-score). The sampling rate, window and leads come from the model's input contract; the
-baseline, clipping and rejection settings from the config stored in the scorer.
+baseline, clipping and rejection settings from the config stored in the scorer; the per-file limits
+(`stence.data.limits.Limits`, the `ingest.*` keys) from the caller, so that an operator can raise them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stence.config import DataConfig, IngestConfig
+from stence.data.limits import Limits
 from stence.errors import BadInputError
 from stence.serving.scorer import Scorer
 
 UNEXPECTED = "unexpected_error"
+NO_RECORDS = "no_records"  # a folder argument with no WFDB header (.hea) under it
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,15 @@ class Preprocessing:
     als_iter: int = DataConfig.als_iter
     clip_sigma: float = DataConfig.clip_sigma
     min_valid_fraction: float = IngestConfig.min_valid_fraction
+    limits: Limits = field(default_factory=Limits)  # refused before decoding: rate, duration, size
 
 
-def preprocessing_for(scorer: Scorer) -> Preprocessing:
+def preprocessing_for(scorer: Scorer, limits: Limits | None = None) -> Preprocessing:
     """The input contract of `scorer` plus the `data`/`ingest` settings of the config stored with it
-    (`scorer.metadata`, set by `load_champion`); defaults where a scorer carries no config."""
+    (`scorer.metadata`, set by `load_champion`); defaults where a scorer carries no config.
+
+    `limits` (default `Limits()`) are the reader's safety bounds, not a property of the model: they come
+    from the caller's config (`Limits.from_config(cfg.ingest)`), never from the scorer."""
     spec = scorer.input_spec
     cfg = (getattr(scorer, "metadata", None) or {}).get("config") or {}
     data, ingest = cfg.get("data") or {}, cfg.get("ingest") or {}
@@ -50,37 +57,59 @@ def preprocessing_for(scorer: Scorer) -> Preprocessing:
         als_iter=int(data.get("als_iter", DataConfig.als_iter)),
         clip_sigma=float(data.get("clip_sigma", DataConfig.clip_sigma)),
         min_valid_fraction=float(ingest.get("min_valid_fraction", IngestConfig.min_valid_fraction)),
+        limits=limits or Limits(),
     )
 
 
 def prepare_record(path: str | Path, prep: Preprocessing) -> np.ndarray:
-    """WFDB record -> (n_leads, n_samples) float32 model input; raises BadInputError for unusable input."""
+    """WFDB record -> (n_leads, n_samples) float32 model input; raises BadInputError for unusable input
+    (a folder, a record over `prep.limits`, a bad header or signal)."""
     from stence.data.preprocess import crop, deterministic_ecg, normalise_crop
     from stence.data.wfdb_io import read_ecg, validate_signal
 
-    rec = read_ecg(path, prep.leads)  # (12, T) mV at the file's rate, rows in contract order
+    if Path(path).is_dir():
+        raise _folder_error(Path(path))
+    rec = read_ecg(path, prep.leads, prep.limits)  # (12, T) mV at the file's rate, rows in contract order
     validate_signal(rec.signal, prep.min_valid_fraction, prep.leads)
     sig, _ = deterministic_ecg(rec.signal, rec.fs, prep.fs, prep.als_lambda, prep.als_p, prep.als_iter)
     x = crop(sig, prep.n_samples, 0)  # (12, T') -> (12, W): the first window, as in evaluation
     return normalise_crop(x, prep.clip_sigma)
 
 
+def _headers_under(folder: Path) -> list[Path]:
+    """Every WFDB header file under `folder`, sorted (rglob does not follow folder links: no cycles)."""
+    return sorted(p for p in folder.rglob("*.hea") if p.is_file())
+
+
+def _folder_error(folder: Path) -> BadInputError:
+    """Why a folder cannot be scored as a record: it holds none, or its records must be named."""
+    if not _headers_under(folder):
+        return BadInputError(NO_RECORDS, "is a directory with no WFDB records (.hea files) under it")
+    return BadInputError(NO_RECORDS, "is a directory: pass its records, e.g. DIR/*.hea (`stence predict` "
+                                     "expands folders itself)")
+
+
 def expand_records(items: Iterable[str | Path]) -> list[Path]:
-    """Record arguments -> paths: a folder stands for every `.hea` under it (sorted)."""
+    """Record arguments -> paths: a folder stands for every `.hea` file under it (sorted, recursively).
+
+    A folder with none stays in the list as itself, so that scoring reports it (NO_RECORDS) instead of
+    dropping the argument without a word.
+    """
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        out.extend(sorted(p.rglob("*.hea")) if p.is_dir() else [p])
+        out.extend((_headers_under(p) or [p]) if p.is_dir() else [p])
     return out
 
 
 def predict_records(model: Scorer | str, paths: Sequence[str | Path], batch_size: int = 32,
-                    uri: str | None = None) -> list[dict[str, Any]]:
-    """Score each record: `{"record", "probability", "error", "reason"}` in input order.
+                    uri: str | None = None, limits: Limits | None = None) -> list[dict[str, Any]]:
+    """Score each record: `{"record", "probability", "error", "reason"}` in input order, one row per path.
 
     `model` is a loaded Scorer or a reference for `load_champion` (models:/..., runs:/..., a file).
-    A record that cannot be used gets `probability` None and an `error` saying why (the BadInputError
-    reason code and detail); the others are still scored. Multi-label scorers give a list per record.
+    A record that cannot be used (over `limits`, default `Limits()`; a folder; a bad header or signal) gets
+    `probability` None and an `error` saying why (the BadInputError reason code and detail); the others
+    are still scored. Multi-label scorers give a list per record.
     """
     from stence.serving.pyfunc import score_batch
 
@@ -88,7 +117,7 @@ def predict_records(model: Scorer | str, paths: Sequence[str | Path], batch_size
         from stence.serving.fetch import load_champion
 
         model = load_champion(model, uri=uri)
-    prep = preprocessing_for(model)
+    prep = preprocessing_for(model, limits)
     rows: list[dict[str, Any]] = []
     ready: list[tuple[int, np.ndarray]] = []
     for path in paths:
@@ -108,4 +137,4 @@ def predict_records(model: Scorer | str, paths: Sequence[str | Path], batch_size
     return rows
 
 
-__all__ = ["Preprocessing", "expand_records", "predict_records", "prepare_record", "preprocessing_for"]
+__all__ = ["NO_RECORDS", "Preprocessing", "expand_records", "predict_records", "prepare_record", "preprocessing_for"]
