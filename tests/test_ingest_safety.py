@@ -209,3 +209,148 @@ def test_tables_are_validated_before_any_decoding(base_export, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "ecg_index.csv" in err and "missing column" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c2.partial").exists()
+
+
+# ---- every file accounted for; crafted files quarantined in bounded memory --------------------------------
+
+def _signal_lines(name: str, n: int) -> str:
+    leads = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    return "".join(f"{name}.dat 16 200/mV 16 0 0 0 0 {leads[i % 12]}\n" for i in range(n))
+
+
+def _crafted_export(base: Path, root: Path) -> tuple[Path, dict[str, str]]:
+    """The base export plus one crafted or unexpected file per problem; returns (raw, path -> expected reason)."""
+    raw = _copy(base, root / "raw")
+    ecg, angio = raw / "ecg", raw / "angio"
+    expect: dict[str, str] = {}
+    (ecg / "bad_fs.hea").write_text("bad_fs 12 0.01 100\n" + _signal_lines("bad_fs", 12))  # asks for 22 GiB
+    (ecg / "bad_fs.dat").write_bytes(b"\0" * 2400)
+    expect["ecg/bad_fs.hea"] = "ecg_bad_header"
+    (ecg / "fs_1e9.hea").write_text("fs_1e9 12 1e9 5000\n" + _signal_lines("fs_1e9", 12))  # wfdb reads 1 Hz
+    expect["ecg/fs_1e9.hea"] = "ecg_bad_header"
+    with open(ecg / "ten_hours.hea", "w") as fh:  # 10 h at 500 Hz, a sparse 432 MB signal file
+        fh.write("ten_hours 12 500 18000000\n" + _signal_lines("ten_hours", 12))
+    with open(ecg / "ten_hours.dat", "wb") as fh:
+        fh.truncate(12 * 2 * 18_000_000)
+    expect["ecg/ten_hours.hea"] = "file_over_limit"
+    with open(ecg / "million.hea", "w") as fh:  # a 30 MB header with 10^6 signals
+        fh.write("million 1000000 500 5000\n")
+        fh.write(_signal_lines("million", 12) * (1_000_000 // 12))
+    expect["ecg/million.hea"] = "file_over_limit"
+    shutil.copy(pydicom.data.get_testdata_file("waveform_ecg.dcm"), ecg / "waveform.dcm")
+    expect["ecg/waveform.dcm"] = "ecg_unsupported_format"
+    (ecg / "notes.txt").write_text("nothing to see")
+    expect["ecg/notes.txt"] = "unrecognised_file"
+    (raw / "export_log.pdf").write_bytes(b"%PDF-1.4")
+    expect["export_log.pdf"] = "unrecognised_file"
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "secret.hea").write_text("x")
+    os.symlink(outside / "secret.hea", ecg / "linked.hea")
+    os.symlink(outside, angio / "linked_study")
+    expect["ecg/linked.hea"] = expect["angio/linked_study"] = "symlink_outside_export"
+
+    views = _dicoms(raw)
+    ds = pydicom.dcmread(views[0])  # a cine claiming 5000 frames of 2048 x 2048 (42 GB decoded)
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 5000, 2048, 2048
+    (angio / "huge").mkdir()
+    ds.save_as(angio / "huge" / "cine.dcm")
+    expect["angio/huge/cine.dcm"] = "file_over_limit"
+    ds = pydicom.dcmread(views[1])
+    ds.NumberOfFrames = 0
+    (angio / "zero").mkdir()
+    ds.save_as(angio / "zero" / "cine.dcm")
+    expect["angio/zero/cine.dcm"] = "dicom_bad_frame_count"
+    burned = views[2]
+    _edit_dicom(burned, BurnedInAnnotation="YES")
+    expect[str(burned.relative_to(raw))] = "dicom_burned_in"
+
+    idx = pd.read_csv(raw / "ecg_index.csv", dtype=str)
+    recs = list(idx["record"])
+    idx.loc[idx["record"] == recs[2], "acquisition_date"] = "09/02/2022"  # day or month first: ambiguous
+    idx.loc[idx["record"] == recs[3], "acquisition_date"] = "23.03.2021"
+    iso = idx.loc[idx["record"] == recs[4], "acquisition_date"].iloc[0]
+    idx.loc[idx["record"] == recs[4], "acquisition_date"] = f"{iso}T13:33:00"  # an ISO datetime is fine
+    idx.loc[idx["record"] == recs[5], "patient_id"] = "Müller-778812"  # Latin-1 below; no study: unpaired
+    idx.loc[len(idx)] = ["ecg/not_there", "1234567", "2020-01-01"]
+    (raw / "ecg_index.csv").write_bytes(idx.to_csv(index=False).encode("latin-1"))
+    expect[recs[2] + ".hea"] = expect[recs[3] + ".hea"] = "ecg_index_invalid"
+    expect[recs[5] + ".hea"] = "ecg_unpaired"
+    hea = raw / f"{recs[6]}.hea"
+    hea.write_text(hea.read_text().replace("# Age:", "# Age: 95\n# Old age:"))
+    with open(raw / "annotations.csv", "a") as fh:
+        fh.write(",3,50\n")
+    return raw, expect
+
+
+def test_crafted_and_unexpected_files_are_quarantined_in_bounded_memory(base_export, tmp_path):
+    """One ingest of an export full of crafted files, through the real command, in a process whose data
+    segment is capped at 1.5 GiB (decode workers inherit the cap): each file gets its own reason, the
+    rest of the batch is ingested."""
+    raw, expect = _crafted_export(base_export, tmp_path)
+    out = tmp_path / "cohort"
+    cap = 3 << 29
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, ({cap}, {cap})); "
+            "from stence.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "ingest", str(raw), "--out", str(out), "--processes", "2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    q = quarantine_with_paths(out)
+    by_path = dict(zip(q["path"], q["reason"], strict=True))
+    for path, reason in expect.items():
+        assert by_path.get(path) == reason, f"{path}: expected {reason}, got {by_path.get(path)}"
+    table_rows = q[q["file"].str.startswith(("ecg_index.csv:", "annotations.csv:"))]
+    assert {"ecg_index_invalid", "ecg_index_missing_file"} <= set(table_rows["reason"])
+    assert "annotation_no_study_uid" in set(table_rows["reason"])
+    c = Cohort.open(out)
+    assert c.ecgs["age"].max() == 90  # Safe Harbor: 95 is written as 90 (90 or older)
+    assert len(c.manifest) >= 8 and "unexpected_error" not in set(q["reason"])
+    iso_rec = site_map(out).set_index("path").loc[
+        pd.read_csv(raw / "ecg_index.csv", encoding="latin-1")["record"].iloc[4] + ".hea"]
+    assert iso_rec["status"] == "used"
+
+
+# ---- failures that must not hang or half-write ------------------------------------------------------------
+
+def test_a_dying_decode_worker_fails_its_file_and_the_batch_goes_on():
+    from stence.data.pool import run_jobs
+    from tests.pool_jobs import kill_on_three
+
+    out = run_jobs(kill_on_three, list(range(8)), 2, "test", on_death=lambda j: {"died": j}, progress=False)
+    assert out == [{"x": i} if i != 3 else {"died": 3} for i in range(8)]
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a private mount namespace to fill a small tmpfs")
+def test_a_full_disk_ends_with_one_line_and_leaves_the_earlier_cohort_intact(base_export, tmp_path):
+    raw = _copy(base_export, tmp_path / "raw")
+    cohort = tmp_path / "cohort"
+    ingest(raw, cohort, Config(), processes=1)
+    size_kb = sum(p.stat().st_size for p in cohort.rglob("*") if p.is_file()) // 1024 + 1500
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f"""
+set -e
+mount -t tmpfs -o size={size_kb}k tmpfs {disk}
+cp -a {cohort} {disk}/cohort
+(cd {disk}/cohort && find . -type f | sort | xargs sha256sum) > {tmp_path}/before.txt
+set +e
+{sys.executable} -m stence.cli ingest {raw} --out {disk}/cohort --overwrite --processes 1 2> {tmp_path}/err.txt
+echo $? > {tmp_path}/rc.txt
+(cd {disk}/cohort && find . -type f | sort | xargs sha256sum) > {tmp_path}/after.txt
+"""
+    proc = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "rc.txt").read_text().strip() == "1"
+    err = (tmp_path / "err.txt").read_text()
+    last = [line for line in err.splitlines() if line.startswith("stence ingest:")]
+    assert len(last) == 1 and "disk full" in last[0] and "Traceback" not in err, err[-2000:]
+    assert (tmp_path / "before.txt").read_text() == (tmp_path / "after.txt").read_text()

@@ -35,13 +35,20 @@ def run_jobs(
 ) -> list[dict]:
     """`[fn(j) for j in jobs]` in `processes` worker processes, in job order; a job whose worker dies
     (twice: once in the pool, once alone) yields `on_death(job)` instead of hanging the batch."""
-    results: list[dict | None] = [None] * len(jobs)
     bar = tqdm(total=len(jobs), desc=desc, unit="file", mininterval=0.5, disable=not progress or not jobs)
+    try:  # the bar ends its line even when a job raises (a full disk), so the error starts on its own
+        return _run(fn, jobs, processes, on_death, bar)
+    finally:
+        bar.close()
+
+
+def _run(fn: Callable[[Any], dict], jobs: Sequence[Any], processes: int, on_death: Callable[[Any], dict],
+         bar: tqdm) -> list[dict]:
+    results: list[dict | None] = [None] * len(jobs)
     if processes <= 1:
         for i, j in enumerate(jobs):  # in-process: nothing to survive, a crash here is the caller's
             results[i] = fn(j)
             bar.update()
-        bar.close()
         return results  # type: ignore[return-value]
     todo = list(range(len(jobs)))
     while todo:
@@ -72,5 +79,4 @@ def run_jobs(
             results[i] = _isolated(fn, jobs[i], on_death)
             bar.update()
         todo = rest
-    bar.close()
     return results  # type: ignore[return-value]
