@@ -51,3 +51,24 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.loss.w_sten == 1.0 and cfg.loss.temperature == 0.1
     assert config_hash(cfg) != config_hash(Config())
     assert "loss.w_sten" in flatten(to_dict(cfg))
+
+
+def test_the_cli_makes_every_path_field_absolute_once(tmp_path, monkeypatch):
+    """Ray workers and Tune trials run in other working directories: a relative `data.cohort=runs/cohort`
+    must reach them as an absolute path (URIs and empty fields pass through)."""
+    import argparse
+
+    from stence.commands._common import config_from_args
+    from stence.config import flatten, path_keys, to_dict
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config=None, set=["data.cohort=runs/cohort", "model.ecg_checkpoint=w/otis.pth",
+                                                "downstream.encoder_checkpoint=models:/m@champion",
+                                                "train.storage_path=s3://bucket/x"])
+    flat = flatten(to_dict(config_from_args(args)))
+    assert flat["data.cohort"] == str(tmp_path / "runs" / "cohort")
+    assert flat["model.ecg_checkpoint"] == str(tmp_path / "w" / "otis.pth")
+    assert flat["downstream.encoder_checkpoint"] == "models:/m@champion"
+    assert flat["train.storage_path"] == "s3://bucket/x"
+    assert flat["feature.frame_checkpoint"] == ""
+    assert {"data.cohort", "train.storage_path", "ingest.site_dir", "model.angio_checkpoint"} <= set(path_keys())

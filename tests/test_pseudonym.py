@@ -142,3 +142,15 @@ def test_hex_looking_names_inside_digests_are_not_leaks(tmp_path: Path) -> None:
     leak.write_text("loading EDDA_scan.dcm\npatient P12345678 done\n")
     hits = set(scan_files_for([leak, digest], ["Edda^Smith", "12345678"]))
     assert hits == {(str(leak), "Edda^Smith"), (str(leak), "12345678")}
+
+
+def test_whole_value_matching_ignores_identifiers_inside_other_words(tmp_path: Path) -> None:
+    """A patient called "Field" must not stop an ingest because a file says "fields" or "field_count";
+    the same name standing alone, or beside punctuation, is a leak."""
+    clean = tmp_path / "report.json"
+    clean.write_text(json.dumps({"fields_found": 3, "manifest": "Fieldwork summary", "n": 123456789}))
+    pq.write_table(pa.table({"field_name": ["ok", "P-0a1b2c3d4e5f6a7b"], "n": [4471029, 1]}), tmp_path / "t.parquet")
+    assert scan_files_for([clean, tmp_path / "t.parquet"], ["Field^Anna", "4471029", "23456789"]) == []
+    leak = tmp_path / "leak.json"
+    leak.write_text(json.dumps({"note": "seen by FIELD, Anna (MRN4471029)"}))
+    assert {n for _, n in scan_files_for([leak], ["Field^Anna", "4471029"])} == {"Field^Anna", "4471029"}
