@@ -1,14 +1,29 @@
 """DICOM X-ray angiography views -> frames in [0, 1], C-arm angulation, dates and UIDs.
 
 A single-frame image is read as a one-frame cine. Raw identifying header values are returned separately
-in `identifiers`, which only the pseudonymiser may read. Problems a user can act on raise
-`BadInputError` with a quarantine reason code.
+in `identifiers` (see `stence.data.dicom_ids`), which only the pseudonymiser and the leak scan may read.
+Problems a user can act on raise `BadInputError` with a quarantine reason code; a crafted or unexpected
+file is refused with a reason, never a crash, a hang or a memory blow-up.
+
+Memory bound. Before any pixel data is read, the file size and the header are checked against `Limits`:
+file size <= max_decoded_bytes, frames <= max_frames, and both the decoded array (frames x rows x cols x
+samples x bytes per sample) and the float32 copy (frames x rows x cols x 4 B) <= max_decoded_bytes.
+Encapsulated frames whose codestream header declares more pixels than the DICOM header are refused
+before decoding. Peak memory of `read_xa` is then about 2 x max_decoded_bytes: the file's pixel data
+with the decoded array while decoding, then the decoded array with the float32 copy (the pixel data is
+dropped first), plus one frame being decoded. One exception: pydicom's RLE decoder expands a segment
+before checking its length, so an RLE frame (whose encoded size is checked: at most 2 bytes per decoded
+byte) can transiently take up to ~128 x one frame plane (rows x cols bytes).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,54 +32,41 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.pixels import get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from scipy.ndimage import binary_erosion, uniform_filter
 
-from stence.errors import DICOM_NO_DECODER, DICOM_NO_PIXELS, DICOM_NOT_XA, DICOM_UNREADABLE, BadInputError
+from stence.data.dicom_checks import (
+    DECODER_HINT,
+    BudgetedFile,
+    HeaderTooLarge,
+    as_float,
+    check_file_size,
+    check_header,
+    check_pixel_data,
+    int_or,
+    unsupported_hint,
+)
+from stence.data.dicom_ids import IDENTIFYING_KEYWORDS as IDENTIFYING_KEYWORDS  # re-exported
+from stence.data.dicom_ids import dictionary_vr, identifiers
+from stence.data.limits import Limits
+from stence.errors import (
+    DICOM_NO_DECODER,
+    DICOM_NO_PIXELS,
+    DICOM_NOT_XA,
+    DICOM_UNREADABLE,
+    FILE_OVER_LIMIT,
+    BadInputError,
+)
+
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")  # a quoted value (or bytes) in an error message
 
 XA_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image Storage
     "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA Image Storage
 }
-
-# Header keywords that identify a person or a site (after DICOM PS3.15 Basic Profile) -> identifier name.
-IDENTIFYING_KEYWORDS: dict[str, str] = {
-    "PatientName": "patient_name",
-    "PatientID": "patient_id",
-    "PatientBirthDate": "birth_date",
-    "OtherPatientIDs": "other_patient_ids",
-    "OtherPatientNames": "other_patient_names",
-    "PatientBirthName": "patient_birth_name",
-    "PatientMotherBirthName": "patient_mother_birth_name",
-    "PatientAddress": "patient_address",
-    "PatientTelephoneNumbers": "patient_telephone",
-    "MedicalRecordLocator": "medical_record_locator",
-    "IssuerOfPatientID": "issuer_of_patient_id",
-    "AccessionNumber": "accession_number",
-    "InstitutionName": "institution",
-    "InstitutionAddress": "institution_address",
-    "InstitutionalDepartmentName": "department",
-    "ReferringPhysicianName": "referring_physician",
-    "PerformingPhysicianName": "performing_physician",
-    "PhysiciansOfRecord": "physicians_of_record",
-    "NameOfPhysiciansReadingStudy": "reading_physician",
-    "OperatorsName": "operators",
-    "RequestingPhysician": "requesting_physician",
-    "StationName": "station_name",
-    "DeviceSerialNumber": "device_serial_number",
-}
-
-# Values that say "nothing here": not identifiers, and useless (even harmful) as leak-scan needles.
-_PLACEHOLDERS = {"unknown", "anonymized", "anonymised", "anonymous", "none", "n/a", "na", "null", "removed"}
-
-# Transfer syntaxes and the pixel-data plugins that decode them, for the "install a decoder" hint.
-_DECODER_HINT = (
-    "install a pydicom pixel-data plugin for it, e.g. `pip install pylibjpeg pylibjpeg-libjpeg "
-    "pylibjpeg-openjpeg` (JPEG, JPEG-LS, JPEG 2000, HTJ2K) or `pip install python-gdcm`"
-)
 
 
 @dataclass
@@ -104,79 +106,77 @@ def _find(ds: Dataset, keyword: str, depth: int = 3) -> Any:
         return ds.get(keyword)
     if depth == 0:
         return None
-    for elem in ds:
-        if elem.VR == "SQ" and elem.value:
-            found = _find(elem.value[0], keyword, depth - 1)
+    for tag in ds.keys():  # only sequences are converted: converting every element is slow on big headers
+        if (ds.get_item(tag).VR or dictionary_vr(tag)) == "SQ" and (items := ds[tag].value):
+            found = _find(items[0], keyword, depth - 1)
             if found is not None:
                 return found
     return None
 
 
-def _as_float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        value = value[0] if len(value) else None
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _frame_time_ms(ds: Dataset) -> float | None:
-    ft = _as_float(_find(ds, "FrameTime"))
+    ft = as_float(_find(ds, "FrameTime"))
     if ft:
         return ft
     ftv = ds.get("FrameTimeVector")
-    if ftv is not None and len(ftv) > 1:
-        return float(np.mean([float(v) for v in list(ftv)[1:]]))
+    if isinstance(ftv, pydicom.multival.MultiValue) and len(ftv) > 1:
+        steps = [as_float(v) for v in list(ftv)[1:]]
+        return float(np.mean(steps)) if None not in steps else None
     for kw in ("CineRate", "RecommendedDisplayFrameRate"):
-        rate = _as_float(ds.get(kw))
+        rate = as_float(ds.get(kw))
         if rate:
             return 1000.0 / rate
     return None
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+def _scrub(err: Exception) -> str:
+    """An error message fit for a quarantine detail: quoted values (header bytes) replaced, length capped.
+
+    Quarantine details are written to the cohort, and a quoted header value may identify the patient.
+    """
+    return _QUOTED.sub("'...'", str(err))[:300]
 
 
-def _identifiers(ds: Dataset) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for kw, name in IDENTIFYING_KEYWORDS.items():
-        v = ds.get(kw)
-        if v is None:
-            continue
-        text = _text(v)
-        bare = text.replace("^", "").replace("\\", "").strip()  # "^^^^" is an empty person name
-        if bare and bare.casefold() not in _PLACEHOLDERS:
-            out[name] = text
-    return out
+def _read_dataset(path: Path, stop_before_pixels: bool) -> Dataset:
+    """The parsed file (header only with `stop_before_pixels`); files without preamble are read leniently.
 
-
-def _read_dataset(path: str | Path, stop_before_pixels: bool) -> Dataset:
-    p = Path(path)
-    try:
-        return pydicom.dcmread(p, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        pass  # no preamble / "DICM" marker: retry leniently below
-    except Exception as e:
-        raise BadInputError(DICOM_UNREADABLE, f"{p.name}: {type(e).__name__}: {e}") from e
-    try:
-        ds = pydicom.dcmread(p, stop_before_pixels=stop_before_pixels, force=True)
-        if not any(k in ds for k in ("SOPClassUID", "Modality", "StudyInstanceUID")):
-            raise InvalidDicomError("no DICOM image attributes found")
+    The header-only read, which comes first, is read through a `BudgetedFile`: a crafted header of very
+    many tiny elements is refused (FILE_OVER_LIMIT) before pydicom has built them all.
+    """
+    for force in (False, True):  # without preamble / "DICM" marker: retry leniently
+        try:
+            with BudgetedFile(path) if stop_before_pixels else open(path, "rb") as fh:
+                ds = pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels, force=force)
+        except HeaderTooLarge as e:
+            raise BadInputError(
+                FILE_OVER_LIMIT,
+                f"{path.name}: {e} (a fixed bound, MAX_HEADER_READS in stence/data/dicom_checks.py)",
+            ) from e
+        except InvalidDicomError:
+            if not force:
+                continue
+            raise BadInputError(DICOM_UNREADABLE, f"{path.name}: not a readable DICOM file") from None
+        except Exception as e:
+            what = "not a readable DICOM file" if force else type(e).__name__
+            raise BadInputError(DICOM_UNREADABLE, f"{path.name}: {what} ({_scrub(e)})") from e
+        if force and not any(k in ds for k in ("SOPClassUID", "Modality", "StudyInstanceUID")):
+            raise BadInputError(
+                DICOM_UNREADABLE, f"{path.name}: not a readable DICOM file (no DICOM image attributes)"
+            )
         return ds
-    except Exception as e:
-        raise BadInputError(DICOM_UNREADABLE, f"{p.name}: not a readable DICOM file ({e})") from e
+    raise AssertionError("unreachable")
 
 
 def _transfer_syntax(ds: Dataset) -> str:
+    """The file's transfer syntax; for a file without meta header, the encoding it was read with."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    return str(ts) if ts else str(ImplicitVRLittleEndian)
+    if ts:
+        return str(ts)
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit is False:
+        return str(ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+    return str(ImplicitVRLittleEndian)
 
 
 def _check_xa(ds: Dataset, name: str) -> str:
@@ -185,12 +185,14 @@ def _check_xa(ds: Dataset, name: str) -> str:
     if modality == "XA" or (not modality and sop in XA_SOP_CLASSES):
         return "XA"
     sop_name = UID(sop).name if sop else "unknown SOP class"
-    raise BadInputError(DICOM_NOT_XA, f"{name}: Modality {modality or 'missing'!s} ({sop_name}), expected XA")
+    if modality and not re.fullmatch(r"[A-Z0-9 _]{1,16}", modality):  # not a code string: never echoed
+        modality = "(not a modality code)"
+    raise BadInputError(DICOM_NOT_XA, f"{name}: Modality {modality or 'missing'} ({sop_name}), expected XA")
 
 
-def _view_from_header(ds: Dataset, frames: np.ndarray | None) -> XaView:
-    primary = _as_float(_find(ds, "PositionerPrimaryAngle"))
-    secondary = _as_float(_find(ds, "PositionerSecondaryAngle"))
+def _view_from_header(ds: Dataset, name: str, frames: np.ndarray | None, n_frames: int) -> XaView:
+    primary = as_float(_find(ds, "PositionerPrimaryAngle"))
+    secondary = as_float(_find(ds, "PositionerSecondaryAngle"))
     return XaView(
         frames=frames,
         primary_angle=primary,
@@ -202,12 +204,12 @@ def _view_from_header(ds: Dataset, frames: np.ndarray | None) -> XaView:
         study_date=parse_dicom_date(ds.get("StudyDate")) or parse_dicom_date(ds.get("SeriesDate")),
         modality=str(ds.get("Modality", "") or "XA"),
         transfer_syntax=_transfer_syntax(ds),
-        identifiers=_identifiers(ds),
+        identifiers=identifiers(ds, name),
         meta={
-            "rows": int(ds.get("Rows", 0) or 0),
-            "cols": int(ds.get("Columns", 0) or 0),
-            "n_frames": int(ds.get("NumberOfFrames", 1) or 1),
-            "bits_stored": int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 8) or 8),
+            "rows": int_or(ds, "Rows", 0),
+            "cols": int_or(ds, "Columns", 0),
+            "n_frames": n_frames,
+            "bits_stored": int_or(ds, "BitsStored", 0) or int_or(ds, "BitsAllocated", 8) or 8,
             "manufacturer": str(ds.get("Manufacturer", "") or ""),
             "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
             "sop_class_uid": str(ds.get("SOPClassUID", "") or ""),
@@ -215,14 +217,55 @@ def _view_from_header(ds: Dataset, frames: np.ndarray | None) -> XaView:
     )
 
 
-def read_header(path: str | Path) -> XaView:
-    """Header only (frames=None): fast grouping of views into studies. Raises DICOM_UNREADABLE / NOT_XA."""
-    ds = _read_dataset(path, stop_before_pixels=True)
-    _check_xa(ds, Path(path).name)
-    return _view_from_header(ds, None)
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Read a file quietly, and turn any failure to read a header value into DICOM_UNREADABLE.
+
+    pydicom warns about (and logs) invalid values quoting them, and a header value may identify the
+    patient: those warnings are dropped. pydicom converts values when they are first used, so a damaged
+    element (an unknown VR, a value of the wrong length) fails where it is read; the detail names the
+    exception and the tag, never the value.
+    """
+    logger = logging.getLogger("pydicom")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except BadInputError:
+        raise
+    except Exception as e:
+        tag = re.search(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)", str(e))
+        where = f" in {tag.group(0)}" if tag else ""
+        raise BadInputError(
+            DICOM_UNREADABLE, f"{name}: a header value cannot be read ({type(e).__name__}{where})"
+        ) from e
+    finally:
+        logger.disabled = was_disabled
 
 
-def _decode(ds: Dataset, name: str) -> np.ndarray:
+def _read_checked_header(p: Path, limits: Limits) -> tuple[Dataset, int]:
+    """File size, then the header alone (no pixel data read): XA, frame count, limits, burned-in."""
+    check_file_size(p, limits)
+    ds = _read_dataset(p, stop_before_pixels=True)
+    _check_xa(ds, p.name)
+    return ds, check_header(ds, p.name, limits)
+
+
+def read_header(path: str | Path, limits: Limits = Limits()) -> XaView:
+    """Header only (frames=None): fast grouping of views into studies.
+
+    Raises `BadInputError`: DICOM_UNREADABLE, DICOM_NOT_XA, DICOM_BAD_FRAME_COUNT, FILE_OVER_LIMIT,
+    DICOM_BURNED_IN (the same header checks as `read_xa`).
+    """
+    p = Path(path)
+    with _reading(p.name):
+        ds, n_frames = _read_checked_header(p, limits)
+        return _view_from_header(ds, p.name, None, n_frames)
+
+
+def _decode(ds: Dataset, name: str, n_frames: int) -> np.ndarray:
+    """Decoded pixel data (native dtype); DICOM_NO_DECODER when no installed plugin can decode it."""
     ts = _transfer_syntax(ds)
     ts_name = UID(ts).name
     try:
@@ -232,48 +275,64 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
         raise BadInputError(
-            DICOM_NO_DECODER, f"{name}: no installed decoder for {ts_name} ({ts}): {missing}; {_DECODER_HINT}"
+            DICOM_NO_DECODER, f"{name}: no installed decoder for {ts_name} ({ts}): {missing}; {DECODER_HINT}"
         )
+    check_pixel_data(ds, name, n_frames, ts)
+    if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(ts)  # pixel_array needs it; a file without meta header
     try:
-        return np.asarray(ds.pixel_array)
+        px = np.asarray(pixel_array(ds))  # unlike ds.pixel_array, not cached on `ds`
     except Exception as e:
+        hint = unsupported_hint(e)
+        if hint:
+            raise BadInputError(
+                DICOM_NO_DECODER, f"{name}: no installed decoder reads this {ts_name} ({ts}) data: {hint}"
+            ) from e
         raise BadInputError(
             DICOM_UNREADABLE,
-            f"{name}: pixel data could not be decoded as {ts_name} ({type(e).__name__}: {e})",
+            f"{name}: pixel data could not be decoded as {ts_name} ({type(e).__name__}: {_scrub(e)})",
         ) from e
+    del ds["PixelData"]  # the encoded bytes are not needed any more: free them before the float32 copy
+    return px
 
 
 def _to_unit_range(px: np.ndarray, ds: Dataset, n_frames: int) -> np.ndarray:
-    """Stored values -> (F, H, W) float32 in [0, 1] by the stored bit depth; MONOCHROME1 inverted."""
-    if px.ndim == 4 or (px.ndim == 3 and n_frames == 1 and int(ds.get("SamplesPerPixel", 1) or 1) > 1):
-        px = px.mean(axis=-1)  # colour (rare for XA): average the samples  (..., H, W, 3) -> (..., H, W)
-    if px.ndim == 2:
-        px = px[None]  # (H, W) -> (1, H, W): a single frame is a one-frame cine
-    bits = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 8) or 8)
-    x = px.astype(np.float32)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+    """Stored values -> (F, H, W) float32 in [0, 1] by the stored bit depth; MONOCHROME1 inverted.
+
+    Works in place on one float32 array: the peak is the decoded array plus its float32 copy.
+    """
+    if px.ndim == 4 or (px.ndim == 3 and n_frames == 1 and int_or(ds, "SamplesPerPixel", 1) > 1):
+        x = px.mean(axis=-1, dtype=np.float32)  # colour (rare for XA): average samples -> (..., H, W)
+    else:
+        x = px.astype(np.float32)
+    if x.ndim == 2:
+        x = x[None]  # (H, W) -> (1, H, W): a single frame is a one-frame cine
+    bits = int_or(ds, "BitsStored", 0) or int_or(ds, "BitsAllocated", 8) or 8
+    if int_or(ds, "PixelRepresentation", 0) == 1:
         x += np.float32(2 ** (bits - 1))  # signed -> offset binary
-    x = np.clip(x / np.float32(2**bits - 1), 0.0, 1.0)
+    np.divide(x, np.float32(2**bits - 1), out=x)
+    np.clip(x, 0.0, 1.0, out=x)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
-        x = 1.0 - x
+        np.subtract(np.float32(1.0), x, out=x)
     return x
 
 
-def read_xa(path: str | Path) -> XaView:
+def read_xa(path: str | Path, limits: Limits = Limits()) -> XaView:
     """Read one XA view with its decoded frames (F, H, W) float32 in [0, 1].
 
-    Raises `BadInputError`: DICOM_UNREADABLE, DICOM_NOT_XA, DICOM_NO_PIXELS, DICOM_NO_DECODER.
+    The header is checked against `limits` before any pixel data is read (see the module docstring).
+    Raises `BadInputError`: DICOM_UNREADABLE, DICOM_NOT_XA, DICOM_BAD_FRAME_COUNT, FILE_OVER_LIMIT,
+    DICOM_BURNED_IN, DICOM_NO_PIXELS, DICOM_NO_DECODER.
     """
-    name = Path(path).name
-    ds = _read_dataset(path, stop_before_pixels=False)
-    _check_xa(ds, name)
-    if "PixelData" not in ds:
-        raise BadInputError(DICOM_NO_PIXELS, f"{name}: no PixelData element")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    frames = _to_unit_range(_decode(ds, name), ds, n_frames)
-    view = _view_from_header(ds, frames)
-    view.meta["n_frames"] = int(frames.shape[0])
-    return view
+    p = Path(path)
+    with _reading(p.name):
+        _, n_frames = _read_checked_header(p, limits)
+        ds = _read_dataset(p, stop_before_pixels=False)
+        if "PixelData" not in ds:
+            raise BadInputError(DICOM_NO_PIXELS, f"{p.name}: no PixelData element")
+        frames = _to_unit_range(_decode(ds, p.name, n_frames), ds, n_frames)
+        return _view_from_header(ds, p.name, frames, int(frames.shape[0]))
 
 
 def _frame_scores(frames: np.ndarray, max_side: int = 128) -> np.ndarray:

@@ -23,6 +23,7 @@ import datetime as dt
 import errno
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -200,8 +201,8 @@ def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, proces
     mark_output(staging, STAGING_KIND)
     ecg_res, xa_res = _decode_all(staging, raw, cfg, inv, processes)
     for r in ecg_res + xa_res:
-        for k, v in (r.get("identifiers") or {}).items():
-            ledger.identifier(f"{r['kind']}:{k}", v)
+        for k, v in (r.get("identifiers") or {}).items():  # repeated elements come as tag_X, tag_X_2, ...
+            ledger.identifier(f"{r['kind']}:{re.sub(r'_[0-9]+$', '', k)}", v)
         for uid in (r.get("study_uid"), r.get("sop_uid"), r.get("series_uid")):
             ledger.identifier("dicom:uid", uid)
     d = cfg.data
@@ -347,6 +348,8 @@ def _write_quarantine_and_scan(staging: Path, site: Path, ledger: Ledger, report
     }
     (staging / "deid_report.json").write_text(json.dumps(deid, indent=2))
     _scan(finals + [staging / "deid_report.json"], staging, ledger, report)
+    deid["hits"] = report.identifier_hits  # a number, added once the scan of this file passed
+    (staging / "deid_report.json").write_text(json.dumps(deid, indent=2))
 
 
 def _finish_without_cohort(staging: Path, site: Path, ledger: Ledger, report: IngestReport) -> None:

@@ -125,8 +125,9 @@ def _chunks(path: Path, overlap: int) -> Iterator[bytes]:
 def _npy_header(path: Path) -> bytes:
     """The text header of a .npy file (dtype, shape): its numeric body holds no text to leak."""
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001 (no public reader)
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
     return f"{shape} {fortran} {dtype}".encode()
 
 
