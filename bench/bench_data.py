@@ -49,10 +49,12 @@ def bench_cached(cohort, cfg, seconds: float) -> float:
 def bench_paper(raw: Path, cohort, cfg, seconds: float) -> float:
     """WFDB read + resample + ALS baseline on every access, then the same crop/normalise/augment."""
     from stence.data.augment import augment_ecg
+    from stence.data.ingest import read_site_map, site_dir_for
     from stence.data.preprocess import crop, deterministic_ecg, normalise_crop, random_start
     from stence.data.wfdb_io import read_ecg
 
-    sources = [raw / s for s in cohort.ecgs["source"]]
+    paths = read_site_map(site_dir_for(cfg, cohort.root)).set_index("file")["path"]  # the cohort names no file
+    sources = [raw / paths[f] for f in cohort.ecgs["file"]]
     d = cfg.data
     n_win = int(d.window_s * d.fs)
     n, t0 = 0, time.perf_counter()

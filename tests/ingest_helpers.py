@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from stence.data.ingest import SITE_MAP
+from stence.data.ingest import read_site_map
 
 
 def site_map(cohort: Path) -> pd.DataFrame:
     """The site-only map written beside the cohort (file pseudonym -> original path, status, reason)."""
-    return pd.read_csv(Path(f"{cohort}.site-identifiers") / SITE_MAP, dtype=str, keep_default_na=False)
+    return read_site_map(Path(f"{cohort}.site-identifiers"))
 
 
 def quarantine_with_paths(cohort: Path, quarantine: pd.DataFrame | None = None) -> pd.DataFrame:

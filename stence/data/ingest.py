@@ -108,6 +108,11 @@ def site_dir_for(cfg: Config, out: Path) -> Path:
     return Path(cfg.ingest.site_dir).resolve() if cfg.ingest.site_dir else out.with_name(out.name + ".site-identifiers")
 
 
+def read_site_map(site: Path) -> pd.DataFrame:
+    """The site-only map (file pseudonym -> original path, status, reason, record); it holds identifiers."""
+    return pd.read_csv(Path(site) / SITE_MAP, dtype=str, keep_default_na=False)
+
+
 def _check_outputs(raw: Path, out: Path, site: Path, overwrite: bool) -> Path:
     """Every folder ingest writes is checked before anything is read; returns the staging folder."""
     check_output(out, COHORT_KIND, [raw], overwrite)

@@ -177,7 +177,7 @@ def _streams(path: Path, overlap: int) -> Iterator[bytes]:
     yield from _chunks(path, overlap)
 
 
-def _patterns(needles: Iterable[str]) -> dict[str, list[bytes]]:
+def _patterns(needles: Iterable[str], warn: bool = True) -> dict[str, list[bytes]]:
     patterns: dict[str, list[bytes]] = {}
     skipped = 0
     for n in dict.fromkeys(str(x) for x in needles):
@@ -186,7 +186,7 @@ def _patterns(needles: Iterable[str]) -> dict[str, list[bytes]]:
             patterns[n] = pats
         else:
             skipped += 1
-    if skipped:
+    if skipped and warn:
         log.warning("leak scan: %d identifier(s) shorter than %d characters skipped", skipped, MIN_NEEDLE_LEN)
     return patterns
 
@@ -221,7 +221,7 @@ class Redactor:
     before the final scan; the needle index is built once for many texts."""
 
     def __init__(self, needles: Iterable[str], mask: str = "<redacted>"):
-        patterns = _patterns(needles)
+        patterns = _patterns(needles, warn=False)  # the scan that follows reports skipped needles once
         self.index = _PrefixIndex(patterns) if patterns else None
         self.mask = mask
 
