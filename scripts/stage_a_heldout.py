@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ DEMO_STAGE_A = {"optim.epochs": 150, "optim.batch_size": 8, "optim.lr_angio": 1e
 def make_cohort(out: Path, **synth: object) -> Path:
     if not (out / "cohort").exists():
         write_cohort(out / "raw", SynthConfig.preset("demo", echonext=0, **synth))
-        ingest(out / "raw", out / "cohort", apply_overrides(Config(), {"ingest.salt": DEMO_SALT}), processes=2)
+        os.environ["STENCE_SALT"] = DEMO_SALT
+        ingest(out / "raw", out / "cohort", Config(), processes=2)
     return out / "cohort"
 
 

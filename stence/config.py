@@ -62,7 +62,9 @@ class DataConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     salt_env: str = "STENCE_SALT"  # environment variable holding the site's pseudonymisation secret
-    salt: str = ""  # the secret itself (prefer the environment variable; never stored in the cohort)
+    # or a site-only file holding it (first line). The secret itself is never a config value: configs are
+    # saved with every run, checkpoint and registered model
+    salt_file: str = path_field()
     processes: int = 0  # parallel decode processes; 0 = all cores
     # site-only map of file pseudonyms to original paths (holds identifiers); "" = <cohort>.site-identifiers
     site_dir: str = path_field()
@@ -271,10 +273,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+SECRET_KEYS = {"ingest.salt"}  # never config values (see IngestConfig.salt_file)
+
+
+def _refuse_secret(key: str) -> None:
+    if key in SECRET_KEYS:
+        raise ConfigError(f"{key} is refused: a config is saved with every run, checkpoint and model, so the "
+                          "pseudonymisation secret must not be in one; set the environment variable STENCE_SALT "
+                          "or ingest.salt_file=/site/only/secret")
+
+
 def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a dict, rejecting unknown keys."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        _refuse_secret(prefix + str(k))
     hints = _field_types(cls)
     valid = {f.name for f in fields(cls)}
     unknown = set(d) - valid
@@ -315,6 +329,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | None) -
         overrides = pairs
     nested = to_dict(cfg)
     for key, value in overrides.items():
+        _refuse_secret(key)
         parts = key.split(".")
         node: Any = nested
         for i, p in enumerate(parts[:-1]):

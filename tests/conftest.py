@@ -10,7 +10,7 @@ import pytest
 from tests.ray_fixture import ray_session  # noqa: F401
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("STENCE_SALT", "test-site-secret")
+os.environ["STENCE_SALT"] = "test-site-secret-7c1e"  # not the demo's public one (refused on real exports)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STENCE_SHARED_DATA", REPO.parent / "shared" / "data"))

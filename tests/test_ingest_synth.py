@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stence.config import Config, apply_overrides
+from stence.config import Config
 from stence.data.cohort_io import Cohort
 from stence.data.ingest import ingest
 from stence.data.labels import TARGET_NAMES, targets_from_segments
@@ -89,13 +89,14 @@ def test_no_name_or_id_in_any_output(built):
     assert deid["hits"] == 0 and deid["identifier_values_scanned"] >= len(truth["patients"])
 
 
-def test_rerun_redoes_cleanly_and_is_deterministic(built, tmp_path):
+def test_rerun_redoes_cleanly_and_is_deterministic(built, tmp_path, monkeypatch):
     raw, out, truth, report = built
     again = ingest(raw, out, Config(), processes=1, overwrite=True)
     assert again.fingerprint == report.fingerprint
     assert not out.with_name(out.name + ".partial").exists()
     # a different window pairs fewer ECGs; a different salt gives other pseudonyms
-    other = ingest(raw, tmp_path / "c2", apply_overrides(Config(), ["ingest.salt=another-secret"]), processes=1)
+    monkeypatch.setenv("STENCE_SALT", "another-site-secret")
+    other = ingest(raw, tmp_path / "c2", Config(), processes=1)
     assert set(Cohort.open(tmp_path / "c2").manifest["patient"]).isdisjoint(Cohort.open(out).manifest["patient"])
     assert other.n_pairs == report.n_pairs
 

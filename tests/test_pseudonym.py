@@ -51,9 +51,11 @@ def test_empty_salt_and_empty_value_raise() -> None:
         Pseudonymizer("k").pseudonym("  ")
 
 
-def test_resolve_salt_prefers_config_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_salt_prefers_the_site_file_then_environment(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
     monkeypatch.setenv("MY_SALT", "from-env")
-    assert resolve_salt("from-config", "MY_SALT") == "from-config"
+    (tmp_path / "salt").write_text("from-file\n")
+    assert resolve_salt(str(tmp_path / "salt"), "MY_SALT") == "from-file"
     assert resolve_salt("", "MY_SALT") == "from-env"
     monkeypatch.delenv("MY_SALT")
     with pytest.raises(SaltError, match="STENCE_SALT|MY_SALT"):

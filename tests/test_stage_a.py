@@ -255,7 +255,7 @@ def test_stage_b_features_from_the_exported_encoder_match_the_trained_model(
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_cohort_stage_a(tmp_path: Path) -> None:
+def test_demo_cohort_stage_a(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default demo cohort (120 patients: 72 training studies, split as `make demo` splits it), the
     demo's stage-A settings (150 epochs, about 1.5 minutes on one CPU core).
 
@@ -270,8 +270,8 @@ def test_demo_cohort_stage_a(tmp_path: Path) -> None:
     from stence.train.stages import run_angio
 
     write_cohort(tmp_path / "raw", SynthConfig.preset("demo", echonext=0))  # corrupt files change nothing
-    demo_salt = apply_overrides(Config(), {"ingest.salt": "demo-site-secret-change-me"})  # scripts/demo.sh's
-    ingest(tmp_path / "raw", tmp_path / "cohort", demo_salt, processes=2)  # the salt decides the split
+    monkeypatch.setenv("STENCE_SALT", "demo-site-secret-change-me")  # scripts/demo.sh's: the salt decides the split
+    ingest(tmp_path / "raw", tmp_path / "cohort", Config(), processes=2)
     cfg = _stage_a_cfg(tmp_path / "cohort", tmp_path / "storage", **{"optim.epochs": 150})
     out = run_angio(cfg)
     assert out["metrics"]["val/auroc_patient"] >= 0.9  # the acceptance item, on the exported epoch

@@ -64,6 +64,18 @@ def test_sweep_runs_are_nested_finished_and_complete(sweep: dict) -> None:
                for c in children)
 
 
+def test_the_pseudonymisation_secret_reaches_no_run_checkpoint_or_model(sweep: dict) -> None:
+    """The sweep ran with STENCE_SALT in every process's environment: no byte of the MLflow store, its
+    artifacts (scorers, configs), the checkpoints or the Ray storage holds it."""
+    import os
+
+    secret = os.environ["STENCE_SALT"].encode()
+    store = Path(sweep["db"][len("sqlite:///"):]).parent  # mlflow.db and mlartifacts/
+    files = [p for root in (store, sweep["root"]) for p in Path(root).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    assert not [p for p in files if secret in p.read_bytes()]
+
+
 def test_champion_is_the_best_checkpoint_and_scores_a_real_record(
     sweep: dict, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

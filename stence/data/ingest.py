@@ -42,7 +42,7 @@ from stence.data.ledger import Ledger
 from stence.data.limits import Limits
 from stence.data.pairing import drop_private, ecg_rows, pair, study_rows, view_rows
 from stence.data.pool import run_jobs
-from stence.data.pseudonym import Pseudonymizer, resolve_salt, scan_files_for
+from stence.data.pseudonym import Pseudonymizer, check_secret, resolve_salt, scan_files_for
 from stence.data.splits import check_no_leakage, stratified_patient_split
 from stence.outputs import MARKER, OutputRefused, check_output, mark_output, output_kind
 
@@ -69,6 +69,7 @@ class IngestReport:
     identifier_hits: int = 0
     identifiers_scanned: int = 0
     redacted: Counter = field(default_factory=Counter)
+    public_secret: bool = False  # pseudonymised with the demo's public secret (a synthetic export only)
 
     def summary(self) -> str:
         lines = [
@@ -85,6 +86,9 @@ class IngestReport:
             lines.append(f"  identifiers removed from quarantine details: {sum(self.redacted.values())}")
         lines.append(f"  identifier scan of every written file ({self.identifiers_scanned} values, file and "
                      f"folder names included): {self.identifier_hits} hit(s)")
+        if self.public_secret:
+            lines.append("  pseudonyms made with the demo's PUBLIC secret: fine for this synthetic export only "
+                         "(cohort.json says so)")
         if self.site_dir:
             lines.append(f"  site-only map of pseudonyms to original paths (holds identifiers): "
                          f"{self.site_dir / SITE_MAP}")
@@ -139,7 +143,11 @@ def ingest(raw: str | Path, out: str | Path, cfg: Config, processes: int | None 
         raise FileNotFoundError(f"raw export folder {raw} does not exist")
     site = site_dir_for(cfg, out)
     staging = _check_outputs(raw, out, site, overwrite)
-    ledger = Ledger(Pseudonymizer(resolve_salt(cfg.ingest.salt, cfg.ingest.salt_env)))
+    secret = resolve_salt(cfg.ingest.salt_file, cfg.ingest.salt_env)
+    synthetic = output_kind(raw) == "synth"  # the marker `stence synth` writes
+    public_secret = check_secret(secret, synthetic)
+    ledger = Ledger(Pseudonymizer(secret))
+    del secret
     inv = take_inventory(raw)
     if inv.annotations is None:
         raise ExportTableError(f"annotations.csv not found in {raw}: the segment-level stenosis table "
@@ -148,7 +156,8 @@ def ingest(raw: str | Path, out: str | Path, cfg: Config, processes: int | None 
     index = read_ecg_index(raw / inv.index) if inv.index else None
     _account_tables(inv, ann, index, ledger)
     try:
-        return _build(raw, out, staging, site, cfg, inv, ann, index, ledger, processes, overwrite)
+        return _build(raw, out, staging, site, cfg, inv, ann, index, ledger, processes, overwrite,
+                      {"synthetic_export": synthetic, "public_demo_secret": public_secret})
     except OSError as e:
         if e.errno in _DISK_FULL:
             raise DiskFullError(f"disk full while writing {staging} ({os.strerror(e.errno)}); free space and "
@@ -202,7 +211,8 @@ def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes
     return ecg, xa
 
 
-def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, processes, overwrite) -> IngestReport:
+def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, processes, overwrite,
+           provenance: dict) -> IngestReport:
     mark_output(staging, STAGING_KIND)
     ecg_res, xa_res = _decode_all(staging, raw, cfg, inv, processes)
     for r in ecg_res + xa_res:
@@ -226,7 +236,8 @@ def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, proces
     ecgs = [e for e in ecgs if e["ecg_id"] in paired_ecgs]
     views = [v for v in views if v["study_id"] in paired_studies]
     _account_used(inv, ecg_res, ecgs, views, ledger)
-    report = IngestReport(cohort=out, site_dir=site, n_files=len(inv.all_paths), ignored=len(inv.ignored))
+    report = IngestReport(cohort=out, site_dir=site, n_files=len(inv.all_paths), ignored=len(inv.ignored),
+                          public_secret=provenance["public_demo_secret"])
     if not pairs:
         _finish_without_cohort(staging, site, ledger, report)
         raise NothingUsableError(
@@ -235,7 +246,8 @@ def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, proces
             + f". Which file is which: {site / SITE_MAP}"
         )
     studies = studies[studies["study_id"].isin(paired_studies)].reset_index(drop=True)
-    _write_cohort(staging, cfg, pd.DataFrame(ecgs), studies, pd.DataFrame(views), pd.DataFrame(pairs), report)
+    _write_cohort(staging, cfg, pd.DataFrame(ecgs), studies, pd.DataFrame(views), pd.DataFrame(pairs), report,
+                  provenance)
     _write_quarantine_and_scan(staging, site, ledger, report)
     _publish(staging, out, overwrite)
     return report
@@ -272,7 +284,7 @@ def _account_used(inv: Inventory, ecg_res: list[dict], ecgs: list[dict], views: 
 
 
 def _write_cohort(staging: Path, cfg: Config, ecgs: pd.DataFrame, studies: pd.DataFrame, views: pd.DataFrame,
-                  pairs: pd.DataFrame, report: IngestReport) -> None:
+                  pairs: pd.DataFrame, report: IngestReport, provenance: dict) -> None:
     """Splits by patient, caches and tables, cohort.json."""
     d = cfg.data
     split_of = stratified_patient_split(studies.groupby("patient")["max_stenosis"].max(), d.split_fractions,
@@ -305,6 +317,7 @@ def _write_cohort(staging: Path, cfg: Config, ecgs: pd.DataFrame, studies: pd.Da
         "splits": manifest.groupby("split")["patient"].nunique().to_dict(),
         "pairs_by_split": manifest["split"].value_counts().to_dict(),
         "ages": "ages above 89 are written as 90 (90 or older)",
+        **provenance,  # a synthetic export pseudonymised with the public demo secret says so
     }
     (staging / "cohort.json").write_text(json.dumps(meta, indent=2, default=str))
 

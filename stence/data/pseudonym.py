@@ -33,18 +33,51 @@ class SaltError(ValueError):
     """No usable pseudonymisation secret."""
 
 
-def resolve_salt(cfg_salt: str, env_name: str = "STENCE_SALT") -> str:
-    """The site secret: the config value if set, else the environment variable `env_name`, else an error."""
-    if cfg_salt:
-        return cfg_salt
+MIN_SECRET_LEN = 16  # characters; `openssl rand -hex 32` gives 64
+# secrets written in this repository (the demo's default): anyone can recompute pseudonyms made with them
+PUBLIC_SECRETS = frozenset({"demo-site-secret-change-me"})
+
+
+def resolve_salt(salt_file: str = "", env_name: str = "STENCE_SALT") -> str:
+    """The site secret: the first line of `salt_file` if set, else the environment variable `env_name`.
+
+    The secret is never part of a config (configs are saved with every run, checkpoint and model)."""
+    if salt_file:
+        path = Path(salt_file)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise SaltError(f"ingest.salt_file {path}: cannot be read ({e.strerror or e})") from e
+        if not value:
+            raise SaltError(f"ingest.salt_file {path} is empty")
+        if path.stat().st_mode & 0o077:
+            log.warning("ingest.salt_file %s can be read by other users: chmod 600 it", path)
+        return value
     value = os.environ.get(env_name, "") if env_name else ""
     if value:
         return value
     raise SaltError(
         f"no pseudonymisation secret: set the environment variable {env_name or 'STENCE_SALT'} to a long "
-        "random string kept at the site (e.g. `export STENCE_SALT=$(openssl rand -hex 32)`), or set "
-        "ingest.salt in the config. The same secret must be used for every ingest of one cohort."
+        "random string kept at the site (e.g. `export STENCE_SALT=$(openssl rand -hex 32)`), or point "
+        "ingest.salt_file at a site-only file holding it. The same secret must be used for every ingest of "
+        "one cohort."
     )
+
+
+def check_secret(secret: str, synthetic: bool) -> bool:
+    """Refuse a public or short secret for a real export; returns whether the secret is a public one (allowed
+    only for a synthetic export, and then recorded as such)."""
+    public = secret in PUBLIC_SECRETS
+    if synthetic:
+        return public
+    if public:
+        raise SaltError("the pseudonymisation secret is the demo's public default, which anyone can use to map a "
+                        "known MRN to its pseudonym: set STENCE_SALT to the site's own secret "
+                        "(`openssl rand -hex 32`) for a real export")
+    if len(secret) < MIN_SECRET_LEN:
+        raise SaltError(f"the pseudonymisation secret has {len(secret)} characters; a real export needs at least "
+                        f"{MIN_SECRET_LEN} (`openssl rand -hex 32`)")
+    return False
 
 
 def normalise_identifier(value: str) -> str:
