@@ -284,6 +284,9 @@ class RayCluster:
 
     The dashboard (and its Jobs API) binds to 127.0.0.1 on a free port; every port the nodes open by
     default at a fixed number is given a free one, so other local Ray instances are not disturbed.
+    Every node has its own temp dir, as separate machines do: nodes sharing one session folder share its
+    runtime_resources, and a node that first meets a job's working_dir deletes and unpacks it again there,
+    under the feet of the job's driver on another node (its cwd is gone).
     """
 
     def __init__(self, root: Path, base_env: dict[str, str] | None = None) -> None:
@@ -306,6 +309,10 @@ class RayCluster:
     def dashboard_url(self) -> str:
         """Dashboard / Jobs API URL (what `stence cluster --address` takes)."""
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def node_temp_dir(self, name: str) -> Path:
+        """Ray temp dir of one node (the head's is `temp_dir`; the others' names start with it too)."""
+        return self.temp_dir if name == "head" else Path(f"{self.temp_dir}-{name}")
 
     def log(self, name: str) -> Path:
         """Log of one node's `ray start` process."""
@@ -345,7 +352,8 @@ class RayCluster:
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float]) -> None:
         """Another node joining the head (same machine, its own raylet and resources)."""
         self._start(name, [
-            f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+            f"--address={self.address}", f"--temp-dir={self.node_temp_dir(name)}", f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps(resources)}",
         ])
         self.wait_nodes({"head", name}, timeout_s=120.0)
 
@@ -356,11 +364,13 @@ class RayCluster:
         r.raise_for_status()
         return list(r.json()["data"]["result"]["result"])
 
-    def actors(self) -> list[dict[str, Any]]:
-        """ALIVE actors (class name, node id) as the State API sees them."""
-        r = requests.get(f"{self.dashboard_url}/api/v0/actors",
-                         params={"detail": "1", "limit": "1000", "filter_keys": "state",
-                                 "filter_predicates": "=", "filter_values": "ALIVE"},
+    def actors(self, state: str | None = "ALIVE") -> list[dict[str, Any]]:
+        """Actors in `state` (None: every state, DEAD ones too) with class name and node id, as the State
+        API sees them."""
+        params = {"detail": "1", "limit": "10000"}
+        if state:
+            params.update({"filter_keys": "state", "filter_predicates": "=", "filter_values": state})
+        r = requests.get(f"{self.dashboard_url}/api/v0/actors", params=params,
                          headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"}, timeout=10)
         r.raise_for_status()
         return list(r.json()["data"]["result"]["result"])
@@ -385,7 +395,8 @@ class RayCluster:
         stop_process_group(proc, grace_s=15.0)
 
     def stop(self) -> None:
-        """Stop every node (extra nodes first), then anything still running from this cluster's temp dir."""
+        """Stop every node (extra nodes first), then anything still running from this cluster's temp dirs
+        (every node's starts with the head's)."""
         for name in sorted(self.procs, key=lambda n: n == "head"):
             stop_process_group(self.procs.pop(name), grace_s=20.0)
         for pid in pids_mentioning(str(self.temp_dir)):

@@ -33,6 +33,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SMOKE_EXPERIMENT = "stence-cluster-smoke"
 SMOKE_MODEL = "stence-cluster-smoke"
+# Custom resource of the (preemptible) worker nodes only, never of the head: the sweep's Train workers ask
+# for it (train.worker_resources), so they run on node2 every time and are not left to the scheduler.
+WORKER_RESOURCE = "spot"
+WORKER_NODE_RESOURCES = {WORKER_RESOURCE: 2}  # two 1-CPU trials at a time, as many as node2's 2 CPUs
 
 # The job's entrypoint: a driver pinned to the head (driver resource) runs one Ray task on the second
 # node, which logs a run, a metric history and a registered model to the MLflow server whose URI only
@@ -94,7 +98,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    """PostgreSQL + MLflow + Ray head (3 CPUs, driver resource) + node2 (2 CPUs); all stopped at the end."""
+    """PostgreSQL + MLflow + Ray head (3 CPUs, driver resource) + node2 (2 CPUs, the node2 and worker
+    resources); all stopped at the end."""
     if not postgres_available():
         pytest.skip("PostgreSQL server binaries not installed here: run `bash cluster/ci_install.sh`")
     root = make_root()
@@ -106,7 +111,7 @@ def stack() -> Iterator[Stack]:
         pg.start(("mlflow", "mlflow_auth"))
         mlflow.start()
         ray.start_head(num_cpus=3, resources={"driver": 2})
-        ray.add_node("node2", num_cpus=2, resources={"node2": 1})
+        ray.add_node("node2", num_cpus=2, resources={"node2": 1, **WORKER_NODE_RESOURCES})
         yield Stack(root, pg, mlflow, ray)
         failed = False
     finally:
@@ -264,6 +269,13 @@ def _commands_present(*names: str) -> list[str]:
     return [n for n in names if not (REPO / "stence" / "commands" / f"{n}.py").exists()]
 
 
+def _train_workers(stack: Stack, state: str | None = "ALIVE") -> list[str]:
+    """Node ids of the Ray Train workers (RayTrainWorker actors) in `state` (None: every state, the dead too)
+    that were placed on a node."""
+    return [a["node_id"] for a in stack.ray.actors(state)
+            if a.get("class_name") == "RayTrainWorker" and a.get("node_id")]
+
+
 def _runs(stack: Stack, experiment_id: str) -> list[dict]:
     r = stack.mlflow.api("POST", "runs/search", json={"experiment_ids": [experiment_id], "max_results": 100})
     r.raise_for_status()
@@ -272,7 +284,8 @@ def _runs(stack: Stack, experiment_id: str) -> list[dict]:
 
 @pytest.mark.timeout(2400)
 def test_cluster_sweep(stack: Stack) -> None:
-    """`stence tune --space smoke --num-samples 2` as a job; node2 is stopped once mid-sweep."""
+    """`stence tune --space smoke --num-samples 2` as a job whose Train workers are pinned to the worker
+    nodes (train.worker_resources); node2 is stopped once mid-sweep and a replacement node joins."""
     missing = _commands_present("tune", "synth", "ingest", "features")
     if missing:
         pytest.skip(f"stence {', '.join(missing)} not written yet (stence/commands/<name>.py missing)")
@@ -290,37 +303,47 @@ def test_cluster_sweep(stack: Stack) -> None:
         "stence", "tune", "--space", "smoke", "--num-samples", "2",
         "--set", f"data.cohort={cohort}", "train.workers=1", f"train.storage_path={shared / 'ray'}",
         "train.name=cluster-sweep", f"tracking.experiment={SWEEP_EXPERIMENT}", "optim.epochs=2",
-        "train.max_failures=3",
+        "train.max_failures=3", f"train.worker_resources={WORKER_RESOURCE}=1",
     ]
     job_id, _ = submit(stack, sweep, timeout_s=60)
 
-    # wait until training is under way (a child run has a metric), then take node2 away once
+    # wait until training is under way (a child run has a metric, so there is a checkpoint to resume from)
+    # while a Train worker is alive, then take node2 away once
+    node2 = stack.ray.alive()["node2"]["node_id"]
     deadline = time.monotonic() + 900
     exp_id = None
     while True:
         st = status(stack, job_id)["status"]
         assert st in ("PENDING", "RUNNING"), f"sweep ended early ({st}):\n{job_logs(stack, job_id)[-5000:]}"
-        assert time.monotonic() < deadline, "no trial reported a metric in time"
+        assert time.monotonic() < deadline, "no trial reported a metric while a Train worker ran, in time"
         got = stack.mlflow.api("GET", "experiments/get-by-name", params={"experiment_name": SWEEP_EXPERIMENT})
         if got.status_code == 200:
             exp_id = got.json()["experiment"]["experiment_id"]
             runs = _runs(stack, exp_id)
             if any(r["data"].get("metrics") and "mlflow.parentRunId" in {t["key"] for t in r["data"].get("tags", [])}
-                   for r in runs):
+                   for r in runs) and (workers := _train_workers(stack)):
                 break
         time.sleep(3)
-    node2 = stack.ray.alive()["node2"]["node_id"]
-    on_node2 = [a["class_name"] for a in stack.ray.actors() if a.get("node_id") == node2]
-    assert on_node2, "nothing of the sweep runs on node2: stopping it would prove nothing"
+    # deterministic placement: every Train worker is on node2, the one node offering the worker resource
+    assert workers and set(workers) == {node2}, (workers, node2, stack.ray.alive())
+    on_node2 = sorted({a["class_name"] for a in stack.ray.actors() if a.get("node_id") == node2})
     stack.ray.stop_node("node2")
     assert "node2" not in stack.ray.alive()
-    print(f"stopped node2 while it ran {sorted(set(on_node2))}")
+    print(f"stopped node2 while it ran {on_node2}")
+    # what a cluster's autoscaler does for a reclaimed spot node: a replacement offering the same resource
+    stack.ray.add_node("node3", num_cpus=2, resources=WORKER_NODE_RESOURCES)
+    node3 = stack.ray.alive()["node3"]["node_id"]
 
     deadline = time.monotonic() + 1500
     while (st := status(stack, job_id)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, "sweep did not finish"
         time.sleep(5)
     assert st == "SUCCEEDED", job_logs(stack, job_id)[-8000:]
+    # every Train worker of the sweep (and of the probe of its best encoder) ran on a worker node, and the
+    # work node2 lost was resumed on its replacement
+    every_worker = _train_workers(stack, state=None)
+    assert set(every_worker) <= {node2, node3}, (every_worker, node2, node3)
+    assert node2 in every_worker and node3 in every_worker, (every_worker, node2, node3)
 
     runs = _runs(stack, exp_id)
     def tags(r):

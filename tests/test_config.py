@@ -72,3 +72,15 @@ def test_the_cli_makes_every_path_field_absolute_once(tmp_path, monkeypatch):
     assert flat["train.storage_path"] == "s3://bucket/x"
     assert flat["feature.frame_checkpoint"] == ""
     assert {"data.cohort", "train.storage_path", "ingest.site_dir", "model.angio_checkpoint"} <= set(path_keys())
+
+
+def test_worker_resources_are_validated_when_the_cli_builds_the_config() -> None:
+    import argparse
+
+    from stence.commands._common import config_from_args
+    from stence.train.driver import parse_worker_resources
+
+    assert parse_worker_resources(("spot=1", "ssd=0.5")) == {"spot": 1.0, "ssd": 0.5}
+    for bad in ("spot", "=1", "GPU=1", "spot=0", "spot=x"):
+        with pytest.raises(SystemExit, match="train.worker_resources"):
+            config_from_args(argparse.Namespace(config=None, set=[f"train.worker_resources=[{bad}]"]))

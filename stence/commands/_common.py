@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from stence.config import Config, ConfigError, absolute_paths, apply_overrides, load_config
+from stence.train.driver import parse_worker_resources
 
 RAW = argparse.RawDescriptionHelpFormatter
 RUN_FLAGS = (("workers", "train.workers"), ("gpus", "train.gpus"), ("name", "train.name"))
@@ -35,6 +36,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     try:
         cfg = load_config(getattr(args, "config", None), list(getattr(args, "set", []) or []))
         extra = {key: getattr(args, flag) for flag, key in RUN_FLAGS if getattr(args, flag, None) is not None}
-        return absolute_paths(apply_overrides(cfg, extra))
+        cfg = absolute_paths(apply_overrides(cfg, extra))
+        parse_worker_resources(cfg.train.worker_resources)  # a bad entry fails here, not in every trial
+        return cfg
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e

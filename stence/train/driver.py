@@ -9,13 +9,14 @@ run from the latest checkpoint: the same (storage_path, name) resumes, hence no 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stence.config import Config, to_dict
+from stence.config import Config, ConfigError, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,42 @@ def run_name_for(cfg: Config, stage: str, run_name: str | None = None) -> str:
     return run_name or f"{cfg.train.name}-{stage}"
 
 
+def parse_worker_resources(entries: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """train.worker_resources ("NAME=AMOUNT" strings) as {name: amount}; ConfigError on a bad entry."""
+    out: dict[str, float] = {}
+    for entry in entries:
+        name, sep, amount = str(entry).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"train.worker_resources: {entry!r} is not of the form NAME=AMOUNT (e.g. spot=1)")
+        if name.upper() in ("CPU", "GPU"):
+            key = "cpus_per_worker" if name.upper() == "CPU" else "gpus"
+            raise ConfigError(f"train.worker_resources: {entry!r}: set {name.upper()} with train.{key}")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"train.worker_resources: {entry!r}: the amount must be a number > 0")
+        if name in out:
+            raise ConfigError(f"train.worker_resources: {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+def _warn_unoffered(resources: dict[str, float]) -> None:
+    """Warn about custom resources no node of the connected cluster offers (yet: an autoscaler may add one)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    offered = ray.cluster_resources()
+    missing = sorted(k for k, v in resources.items() if offered.get(k, 0) < v)
+    if missing:
+        logger.warning("train.worker_resources: no node offers enough of %s; the workers wait for such a node",
+                       missing)
+
+
 def build_trainer(
     loop_fn: Callable[[dict], Any],
     cfg: Config,
@@ -127,9 +164,13 @@ def build_trainer(
         # ray.train.report() raises inside a Tune session in local mode: a trial needs a worker.
         logger.warning("train.workers=0 (local mode) is not possible inside a Tune trial; using 1 worker")
         workers = 1
+    custom = parse_worker_resources(cfg.train.worker_resources)  # pins workers to nodes offering them
     resources: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}  # upper-case keys
     if cfg.train.gpus > 0:
         resources["GPU"] = float(cfg.train.gpus)
+    if custom and workers:
+        _warn_unoffered(custom)
+        resources.update(custom)
     scaling = ScalingConfig(
         num_workers=workers, use_gpu=cfg.train.gpus > 0, resources_per_worker=resources if workers else None
     )
@@ -173,7 +214,9 @@ def fit(
 
     `config` is {"config": resolved config dict, **loop_config}. Checkpoints are scored by `metric`
     (`mode`) and cfg.train.keep_checkpoints are kept; cfg.train.max_failures worker-group restarts
-    resume from the latest checkpoint; workers=0 runs the loop in this process (local mode). gloo is
+    resume from the latest checkpoint; workers=0 runs the loop in this process (local mode). Each worker
+    asks for cfg.train.cpus_per_worker CPUs, cfg.train.gpus GPUs and the custom resources of
+    cfg.train.worker_resources (which pin it to the nodes offering them). gloo is
     used on CPU and nccl on GPU (Ray chooses from use_gpu). A run that cannot get its resources fails
     after CONTROLLER_FAILURE_LIMIT retries of $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S instead of
     waiting forever.
@@ -197,6 +240,7 @@ __all__ = [
     "build_trainer",
     "ensure_ray",
     "fit",
+    "parse_worker_resources",
     "run_name_for",
     "shutdown_ray",
     "tune_trial_id",
