@@ -101,6 +101,9 @@ class FeatureConfig:
 class ModelConfig:
     ecg: str = "otis_tiny"  # registry name of the ECG encoder
     ecg_checkpoint: str = path_field()  # local OTIS / EchoingECG weights; empty = random init
+    # EchoingECG per-lead input scaler, JSON/npz of mean_ and scale_ (`stence scaler convert ecg_scaler.pkl`
+    # makes it); empty = identity
+    ecg_scaler: str = path_field()
     lead_order: str = "standard"  # "standard" or "mimic" (aVF before aVL, as OTIS pretraining)
     angio_dim: int = 64  # aggregator width (paper: 512); equals feature.feature_dim
     angio_layers: int = 2  # decoder layers

@@ -14,6 +14,7 @@ import torch
 from stence.models.aggregator import SegmentMILAggregator
 from stence.models.base import ECGEncoder
 from stence.models.registry import create_ecg_encoder
+from stence.models.safe_load import safe_torch_load
 from stence.models.stence import StenceModel
 
 FORMAT_VERSION = 1
@@ -28,7 +29,7 @@ def _write(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def _read(path: str | Path, kind: str | tuple[str, ...]) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_torch_load(path, "StenCE checkpoint")
     kinds = (kind,) if isinstance(kind, str) else kind
     if not isinstance(payload, dict) or payload.get("kind") not in kinds:
         raise ValueError(f"{path}: not a {' or '.join(kinds)} checkpoint")

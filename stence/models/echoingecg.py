@@ -4,7 +4,9 @@ Module names follow the public `ProbXResNet1D` (`conv1`, `bn1`, `layer1..4.N.{co
 `linear`, `gpool.{gru,linear}`), so the `ecg_encoder.*` keys of the public checkpoint load directly. Only
 the mean branch is kept; the probabilistic `std_*` branch of the public model is dropped at load time.
 EchoingECG was trained on 10 s at 100 Hz with a per-lead scaler: the encoder resamples its input from
-`fs` to `native_fs` itself and applies the scaler held in `input_scaler`.
+`fs` to `native_fs` itself and applies the scaler held in `input_scaler` (identity until `set_scaler` /
+`load_scaler`; `model.ecg_scaler` reaches it through `build_ecg_encoder`). Checkpoints are read
+weights-only (`safe_torch_load`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from scipy import signal as sps
 from torch import nn
 
 from stence.config import STANDARD_LEADS
-from stence.models.base import ECGEncoder, load_matching
+from stence.models.base import LEAD_ORDERS, ECGEncoder, load_matching
 from stence.models.registry import register_ecg_encoder
+from stence.models.safe_load import CheckpointError, load_scaler, safe_torch_load
 
 RESNET101_LAYERS = (3, 4, 23, 3)
 
@@ -198,6 +201,12 @@ class EchoingECGEncoder(ECGEncoder):
             self.input_scaler.center.copy_(torch.as_tensor(center, dtype=torch.float32))
             self.input_scaler.scale.copy_(torch.as_tensor(scale, dtype=torch.float32).clamp_min(1e-8))
 
+    def load_scaler(self, path: str) -> EchoingECGEncoder:
+        """Install the scaler of a JSON/npz file (`model.ecg_scaler`), validated against the weights' leads."""
+        mean, scale = load_scaler(path, n_features=len(self.leads), leads=LEAD_ORDERS[self.lead_order])
+        self.set_scaler(mean, scale)
+        return self
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 12, T) -> tokens (B, T_native / 16, embed_size)."""
         x = self.input_scaler(self.resample(self.to_model_order(x)))
@@ -228,9 +237,17 @@ def echoingecg_tiny(**kw: Any) -> EchoingECGEncoder:
 def load_echoingecg_checkpoint(
     model_or_name: EchoingECGEncoder | str | None, path: str, **overrides: Any
 ) -> EchoingECGEncoder:
-    """Load `echoingecg.pt` (keys `ecg_encoder.*`; text and std branches ignored) or a bare encoder state."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """Load `echoingecg.pt` (keys `ecg_encoder.*`; text and std branches ignored) or a bare encoder state.
+
+    Read weights-only; the checkpoint records no sampling rate or window (the encoder resamples to its
+    `native_fs`), so the contract check is the lead count: the stem's input channels against the leads.
+    """
+    raw = safe_torch_load(path, "EchoingECG checkpoint")
     raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"EchoingECG checkpoint {path}: expected a state dict, got {type(raw).__name__}"
+        )
     prefixed = any(k.startswith("ecg_encoder.") for k in raw)
     sd = {
         k.removeprefix("ecg_encoder."): v
@@ -238,6 +255,14 @@ def load_echoingecg_checkpoint(
         if k.startswith("ecg_encoder.") or not prefixed
     }
     sd = {k: v for k, v in sd.items() if not k.startswith(("std_linear.", "std_gpool."))}
+    if not isinstance(sd.get("conv1.weight"), torch.Tensor):
+        raise CheckpointError(f"EchoingECG checkpoint {path}: no conv1.weight tensor (ecg_encoder.* keys)")
+    n_leads = len(overrides.get("leads", getattr(model_or_name, "leads", STANDARD_LEADS)))
+    if sd["conv1.weight"].shape[1] != n_leads:
+        raise CheckpointError(
+            f"EchoingECG checkpoint {path} does not fit the input contract: its stem takes "
+            f"{sd['conv1.weight'].shape[1]} leads, the encoder feeds {n_leads} (data.leads)"
+        )
     init_dim = sd["conv1.weight"].shape[0]
     layers = [len({m.group(1) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}) for i in range(1, 5)]
     derived = {

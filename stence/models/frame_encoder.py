@@ -23,6 +23,7 @@ from torch import nn
 from stence.models.base import DropPath, load_matching
 from stence.models.otis import Mlp  # same fc1 -> GELU -> fc2 module and keys as DINOv2
 from stence.models.registry import register_frame_encoder
+from stence.models.safe_load import CheckpointError, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -277,11 +278,16 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def load_dinov2_checkpoint(model: FrameEncoder, path: str) -> FrameEncoder:
-    """Load DINOv2 backbone weights from a local file into `model` (the projection keeps its init)."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """Load DINOv2 backbone weights from a local file into `model` (the projection keeps its init); the file
+    is read weights-only, a pickle referencing code is refused (CheckpointError)."""
+    raw = safe_torch_load(path, "frame encoder checkpoint")
     for key in ("teacher", "model", "state_dict"):
         if isinstance(raw, dict) and key in raw and isinstance(raw[key], dict):
             raw = raw[key]
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"frame encoder checkpoint {path}: expected a state dict, got {type(raw).__name__}"
+        )
     sd = {}
     for k, v in raw.items():
         k = re.sub(r"^(module\.|backbone\.)", "", k)

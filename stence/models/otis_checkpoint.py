@@ -1,11 +1,29 @@
 """Loader of the public OTIS checkpoints into `OTISEncoder`: the encoder is shaped like the checkpoint (time
-and lead tables, MLP kind, width and depth), pretraining-only parts are ignored."""
+and lead tables, MLP kind, width and depth), pretraining-only parts are ignored.
+
+The file is read weights-only (`safe_torch_load`, argparse.Namespace allowed for `args`), and what the
+checkpoint says about its ECG domain is checked against the encoder's input contract (`_check_contract`).
+What a public checkpoint records, and what is used (the golden OTIS-base file, upstream `main_pretrain.py`):
+
+- `domains[domain]` = (input_channels, variates, time_steps), the shape the pretraining data had, e.g. ecg
+  (1, 12, 2400). Checked: channels must be 1 (the patch embedding is a 1-channel Conv2d), variates must equal
+  the encoder's leads (each lead has its own lead-table row), and time_steps against `n_samples`
+  (`data.fs` x `data.window_s`). Upstream fine-tuning takes any length: shorter inputs use the first rows of
+  the time table, longer ones get it interpolated (`main_finetune.py` does the same), so a longer window only
+  warns (ContractWarning); a window shorter than one patch is refused.
+- `args.time_steps` / `args.input_channels` / `args.input_variates`: the same facts, used when `domains` is
+  absent; `args.patch_size` / `args.patch_width` must agree with the patch embedding's kernel.
+- Not used: `args.input_size` (a parser default that pretraining does not read: (1, 12, 5000) in the golden
+  file beside time_steps 2400) and the other training options. No sampling rate is recorded anywhere in an
+  OTIS checkpoint, so `data.fs` cannot be checked against it: the rate is the user's responsibility.
+"""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -14,6 +32,7 @@ import torch.nn.functional as F
 from stence.config import STANDARD_LEADS
 from stence.models.base import load_matching
 from stence.models.otis import OTIS_SIZES, OTISEncoder
+from stence.models.safe_load import CheckpointError, ContractWarning, safe_torch_load
 
 # pretraining-only parts (decoder, projector/predictor, top-level MLP head) and fine-tuning heads
 _IGNORED_PREFIXES = (
@@ -38,12 +57,70 @@ def interpolate_time_table(table: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _read_otis(path: str) -> dict[str, Any]:
-    # The public OTIS format pickles an argparse.Namespace under "args", which torch.load(weights_only=True)
-    # refuses; this loader (and only this format) therefore unpickles fully: load only files you trust.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not an OTIS checkpoint (expected a dict with 'model')")
+    # weights-only: the one class beyond tensors the public format pickles ("args") is allowed by name
+    ckpt = safe_torch_load(path, "OTIS checkpoint")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not an OTIS checkpoint (expected a dict with 'model')")
     return ckpt
+
+
+def _recorded_shape(ckpt: dict[str, Any], domain: str) -> tuple[int | None, int | None, int | None]:
+    """(channels, variates, time_steps) of the checkpoint's `domain` data, from `domains`, else from `args`."""
+    shape = (ckpt.get("domains") or {}).get(domain)
+    if shape is not None and len(tuple(shape)) == 3:
+        return tuple(int(n) for n in shape)  # type: ignore[return-value]
+    args = ckpt.get("args")
+    if not isinstance(args, argparse.Namespace):
+        return None, None, None
+    get = lambda key: int(v) if isinstance(v := getattr(args, key, None), int) else None  # noqa: E731
+    return get("input_channels"), get("input_variates"), get("time_steps")
+
+
+def _check_contract(
+    ckpt: dict[str, Any], sd: dict[str, torch.Tensor], kwargs: dict[str, Any], domain: str, path: str
+) -> None:
+    """The checkpoint's recorded `domain` shape and patching against the encoder's input (module docstring)."""
+    n_leads, n_samples, fs = len(kwargs.get("leads", STANDARD_LEADS)), int(kwargs["n_samples"]), kwargs["fs"]
+    _out, in_ch, height, width = sd["patch_embed.proj.weight"].shape
+    channels, variates, time_steps = _recorded_shape(ckpt, domain)
+    wrong = []
+    if in_ch != 1 or height != 1:
+        wrong.append(
+            f"its patch kernel is ({in_ch}, {height}, {width}), the encoder takes 1-channel (1, w) patches"
+        )
+    if channels is not None and channels != 1:
+        wrong.append(f"its {domain} domain has {channels} input channels, the encoder takes 1")
+    if variates is not None and variates != n_leads:
+        wrong.append(
+            f"its {domain} domain has {variates} variates, the encoder feeds {n_leads} leads (data.leads)"
+        )
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        patch = getattr(args, "patch_size", None) or (1, getattr(args, "patch_width", width))
+        if tuple(patch)[-1] != width:
+            wrong.append(f"args.patch_size {tuple(patch)} disagrees with its patch kernel width {width}")
+    if n_samples < width:
+        wrong.append(
+            f"the window of {n_samples} samples is shorter than one {width}-sample patch "
+            f"(set data.window_s so that data.fs x data.window_s >= {width})"
+        )
+    if wrong:
+        raise CheckpointError(f"OTIS checkpoint {path} does not fit the input contract: " + "; ".join(wrong))
+    n_patches = n_samples // width
+    if time_steps is not None and n_patches > time_steps // width:
+        table = sd["pos_embed_x"].shape[1] - 1 if "pos_embed_x" in sd else n_patches
+        how = (
+            f"its time table is interpolated from {table} to {n_patches} patches"
+            if table < n_patches
+            else (f"its time table covers {table} patches")
+        )
+        warnings.warn(
+            f"OTIS checkpoint {path} was pretrained on {time_steps}-sample {domain} windows; the encoder takes "
+            f"{n_samples} samples ({n_samples / fs:g} s at {fs:g} Hz): {how}, as upstream fine-tuning allows; "
+            f"set data.window_s <= {time_steps / fs:g} to stay within the pretraining length",
+            ContractWarning,
+            stacklevel=3,
+        )
 
 
 def _size_from_args(args: Any, embed_dim: int) -> dict[str, int]:
@@ -113,11 +190,7 @@ def _fit_tables(
     elif len(offsets) > 1 and sum(offsets.values()) == 0:
         offset = 0  # domain-agnostic lead table
     else:
-        raise ValueError(f"{path}: no {domain!r} domain in checkpoint domains {sorted(offsets)}")
-    n_leads = len(kwargs.get("leads", STANDARD_LEADS))
-    domains = ckpt.get("domains") or {}
-    if domain in domains and tuple(domains[domain])[-2] < n_leads:
-        raise ValueError(f"{path}: domain {domain!r} has {tuple(domains[domain])[-2]} variates < {n_leads}")
+        raise CheckpointError(f"{path}: no {domain!r} domain in checkpoint domains {sorted(offsets)}")
     kwargs["lead_rows"] = sd["pos_embed_y.weight"].shape[0]
     kwargs["domain_offset"] = offset
 
@@ -141,13 +214,16 @@ def load_otis_checkpoint(
     """Load a public OTIS checkpoint; return an encoder shaped like it (time/lead tables, MLP kind).
 
     `model_or_name`: an encoder (its settings are kept, tables and MLP follow the checkpoint), a registry
-    name (built with `overrides`), or None (size inferred from the checkpoint's args and width).
+    name (built with `overrides`), or None (size inferred from the checkpoint's args and width). The file is
+    read weights-only and its `domain` shape checked against the encoder's leads and window (module
+    docstring); CheckpointError says what differs.
     """
     ckpt = _read_otis(path)
     sd = {re.sub(r"^module\.", "", k): v for k, v in ckpt["model"].items()}
     derived = _arch_from_state(sd)
     kwargs, arch = _starting_point(model_or_name, ckpt, derived, overrides, path)
     kwargs.update(derived)
+    _check_contract(ckpt, sd, kwargs, domain, path)
     _fit_tables(sd, ckpt, kwargs, domain, path)
     model = OTISEncoder(**kwargs)
     shapes = {k: kwargs[k] for k in _SHAPE_KEYS if k in kwargs}

@@ -96,7 +96,8 @@ def create_aggregator(**kw: Any) -> SegmentMILAggregator:
 
 
 def build_ecg_encoder(cfg: Config) -> ECGEncoder:
-    """ECG encoder of `cfg.model.ecg` for the configured window, with public weights if configured."""
+    """ECG encoder of `cfg.model.ecg` for the configured window, with public weights and the input scaler
+    (`model.ecg_scaler`, EchoingECG only) if configured."""
     fs = cfg.data.fs
     encoder = create_ecg_encoder(
         cfg.model.ecg,
@@ -107,6 +108,12 @@ def build_ecg_encoder(cfg: Config) -> ECGEncoder:
     )
     if cfg.model.ecg_checkpoint:
         encoder = encoder.load_pretrained(cfg.model.ecg_checkpoint)
+    if cfg.model.ecg_scaler:  # after the checkpoint: loading it rebuilds the encoder with an identity scaler
+        if not hasattr(encoder, "load_scaler"):
+            raise ValueError(
+                f"model.ecg_scaler is for EchoingECG encoders; {cfg.model.ecg!r} has no input scaler"
+            )
+        encoder = encoder.load_scaler(cfg.model.ecg_scaler)
     return encoder
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from stence.models.base import ECGEncoder
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
+from stence.models.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1
 
@@ -59,7 +60,7 @@ def save_scorer(path: str | Path, encoder: ECGEncoder, head: ClassifierHead, tas
 
 def load_scorer(path: str | Path) -> Scorer:
     """Rebuild a Scorer from its file alone (weights_only load), in eval mode."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_torch_load(path, "scorer")
     if not isinstance(payload, dict) or payload.get("kind") != "scorer":
         raise ValueError(f"{path}: not a scorer checkpoint (expected kind 'scorer')")
     enc = payload["encoder"]
@@ -72,5 +73,5 @@ def load_scorer(path: str | Path) -> Scorer:
 
 def scorer_metadata(path: str | Path) -> dict[str, Any]:
     """Task, input contract, config and metrics of a scorer file, without building the model."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_torch_load(path, "scorer")
     return {k: payload[k] for k in ("task", "input_spec", "config", "metrics")}
