@@ -1,16 +1,20 @@
 """Submit `stence` commands to a running Ray cluster as Ray Jobs, and follow them.
 
 The job runs the code in this repository (uploaded as the job's `working_dir`, `.gitignore` honoured),
-with the MLflow tracking URI and the site salt passed through from the submitting shell, so a sweep
-started here logs to the cluster's MLflow server. Clusters started with `RAY_AUTH_MODE=token` (the
-platform's default) need the same variable and the cluster's token on the client side; see
-`auth_problems`.
+with the MLflow tracking URI passed through from the submitting shell, so a sweep started here logs to
+the cluster's MLflow server. Secrets are never part of a job: a job's runtime environment is readable by
+every holder of the cluster's token (`list_jobs()`, the dashboard), so the MLflow credentials come from
+the nodes themselves (a mounted MLflow credentials file, see cluster.yaml) and the pseudonymisation
+secret stays where ingest runs (no stage after ingest needs it). Clusters started with
+`RAY_AUTH_MODE=token` (the platform's default) need the same variable and the cluster's token on the
+client side; see `auth_problems` and cluster/ray_token.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -21,14 +25,23 @@ from typing import Any, TextIO
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # `ray dashboard cluster.yaml` forwards the head's port here
 
-# Variables copied from the submitting environment into the job (and so into every Ray worker).
+# Variables copied from the submitting environment into the job (and so into every Ray worker). Nothing
+# secret: the job's runtime environment is shown to every token holder by `list_jobs()`.
 PASSTHROUGH_ENV: tuple[str, ...] = (
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+)
+# Set in a submitting shell, but never sent with a job. The MLflow user comes with its password from the
+# nodes' credentials file (a username from the job would pair with the wrong password); the salt is only
+# needed by ingest, which runs at the site, not on the cluster.
+NOT_FORWARDED: tuple[str, ...] = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_TOKEN",
     "STENCE_SALT",
 )
+# `--env` refuses names like these: their values would be readable through the Jobs API.
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|SALT|CREDENTIAL|API_KEY|PRIVATE_KEY", re.I)
 
 # Never uploaded, on top of what .gitignore already keeps out (runs, checkpoints, local MLflow stores).
 DEFAULT_EXCLUDES: tuple[str, ...] = (
@@ -43,6 +56,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "bench/results/",
     ".pytest_cache/",
     ".ruff_cache/",
+    ".env",  # local secrets some tools keep next to the code
+    "*.env",
 )
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
@@ -50,6 +65,17 @@ TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 class SubmitError(RuntimeError):
     """The job could not be submitted or followed; the message says what to do."""
+
+
+def secret_env_names(names: Iterable[str]) -> list[str]:
+    """The names that must not travel in a job's runtime environment (see NOT_FORWARDED, SECRET_NAME)."""
+    return sorted(n for n in names if n in NOT_FORWARDED or SECRET_NAME.search(n))
+
+
+def held_back(environ: Mapping[str, str] | None = None) -> list[str]:
+    """NOT_FORWARDED variables set in `environ` (default: this process's): what submit leaves behind."""
+    env = os.environ if environ is None else environ
+    return [k for k in NOT_FORWARDED if env.get(k)]
 
 
 def parse_env_pairs(pairs: Iterable[str], flag: str = "--env") -> dict[str, str]:
@@ -92,12 +118,21 @@ def build_runtime_env(
     """The job's runtime environment: repo as working_dir, pass-through and extra env vars, pip or python.
 
     `environ` is where pass-through variables are read from (default: this process's environment);
-    `extra_env` (from `--env K=V`) wins over them. `pip` and `py_executable` are mutually exclusive:
+    `extra_env` (from `--env K=V`) wins over them, but may not carry a secret (a name like
+    MLFLOW_TRACKING_PASSWORD or STENCE_SALT): the runtime environment is readable by every token holder,
+    so secrets come from the nodes instead. `pip` and `py_executable` are mutually exclusive:
     either Ray builds a virtualenv with the pinned packages on each node, or it uses a Python that is
     already installed there (the cluster image installs the package in its setup commands).
     """
     if pip and py_executable:
         raise SubmitError("use either a pip requirement list or --py-executable, not both")
+    secret = secret_env_names(extra_env or {})
+    if secret:
+        raise SubmitError(
+            f"--env {', '.join(secret)}: a job's environment is readable by everyone holding the cluster's "
+            "token (list_jobs, the dashboard); give the nodes their credentials instead (README, 'Run on a "
+            "cluster': ~/.stence-auth/mlflow-credentials) and keep STENCE_SALT at the site (only ingest uses it)"
+        )
     source = os.environ if environ is None else environ
     env_vars = {k: source[k] for k in PASSTHROUGH_ENV if source.get(k)}
     env_vars.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -159,6 +194,19 @@ def auth_problems(environ: Mapping[str, str] | None = None) -> list[str]:
             "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN"
         )
     return problems
+
+
+def token_file_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Make the client's token file private if others can read it (warning returned), or refuse one we
+    do not own (TokenError); nothing to do when the token comes in RAY_AUTH_TOKEN or there is no file."""
+    from cluster.ray_token import check_token_file, default_token_path
+
+    env = os.environ if environ is None else environ
+    path = default_token_path(env)
+    if env.get("RAY_AUTH_TOKEN") or not path.is_file():
+        return []
+    warning = check_token_file(path)
+    return [warning] if warning else []
 
 
 def make_client(address: str | None = None) -> Any:

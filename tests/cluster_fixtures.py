@@ -1,6 +1,6 @@
 """Real processes for the cluster tests, all on 127.0.0.1: PostgreSQL, the MLflow server started by
-cluster/mlflow/serve.sh, and a two-node Ray cluster (head + one `ray start --address` node) with token
-authentication.
+cluster/mlflow/serve.sh (users and permissions on, as by default), and a two-node Ray cluster (head + one
+`ray start --address` node) with token authentication.
 
 Everything started here is stopped here by process id, also when a test fails. `ray stop` is never
 used: it ends every Ray process on the machine, including other people's local clusters.
@@ -157,9 +157,18 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(path, "postgres", "postgres")
 
-    def uri(self, database: str) -> str:
-        """SQLAlchemy URI of one database of this server (psycopg2 named: bare postgresql:// means psycopg 3)."""
-        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+    def uri(self, database: str, with_password: bool = True) -> str:
+        """SQLAlchemy URI of one database of this server (psycopg2 named: bare postgresql:// means psycopg 3);
+        without the password, libpq takes it from PGPASSWORD / a password file."""
+        secret = f":{self.password}" if with_password else ""
+        return f"postgresql+psycopg2://{self.user}{secret}@127.0.0.1:{self.port}/{database}"
+
+    def password_file(self, path: Path) -> Path:
+        """The password in a mode-600 file (what serve.sh's MLFLOW_DB_PASSWORD_FILE takes)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
+        return path
 
     def start(self, databases: tuple[str, ...] = ("mlflow",)) -> None:
         """initdb, start, and create `databases` owned by the user."""
@@ -230,30 +239,41 @@ class Postgres:
 # MLflow
 
 
-class MlflowServer:
-    """`cluster/mlflow/serve.sh` with a PostgreSQL backend and a proxied artifact folder."""
+ADMIN = ("admin", "admin-" + secrets.token_hex(8))  # the first admin serve.sh creates (>= 12 characters)
+_AS_ADMIN = object()
 
-    def __init__(self, root: Path, backend_uri: str, name: str = "mlflow", **env: str) -> None:
+
+class MlflowServer:
+    """`cluster/mlflow/serve.sh` with a PostgreSQL backend, a proxied artifact folder and, as by default,
+    users and permissions (their own database `auth_uri`; the first admin is `ADMIN`)."""
+
+    def __init__(self, root: Path, backend_uri: str, auth_uri: str, name: str = "mlflow", **env: str) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / f"{name}-artifacts"
         self.log = root / f"{name}.log"
+        self.admin = ADMIN
         self.env = {
             "MLFLOW_BACKEND_STORE_URI": backend_uri,
+            "MLFLOW_AUTH_DATABASE_URI": auth_uri,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
             "MLFLOW_ARTIFACTS_DESTINATION": str(self.artifacts),
             "MLFLOW_HOST": "127.0.0.1",
             "MLFLOW_PORT": str(self.port),
             "MLFLOW_WORKERS": "1",
             "MLFLOW_BIN": str(VENV_BIN / "mlflow"),
             "MLFLOW_STATE_DIR": str(root / f"{name}-state"),
+            # a good password check is cached: without it each request costs a PBKDF2 hash (~0.5 s on 2 cores)
+            "MLFLOW_AUTH_CACHE_TTL_S": "300",
             **env,
         }
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start serve.sh and wait for /health."""
-        env = {**os.environ, **self.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PG"))}
+        env.update({**self.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"})
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(["bash", str(SERVE_SH)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -265,14 +285,41 @@ class MlflowServer:
 
         wait_until(healthy, timeout_s, "the MLflow server", (self.log,))
 
-    def api(self, method: str, path: str, auth: tuple[str, str] | None = None, **kwargs: Any) -> requests.Response:
-        """Call the MLflow REST API (`path` after /api/2.0/mlflow/)."""
-        return requests.request(method, f"{self.url}/api/2.0/mlflow/{path}", auth=auth, timeout=30, **kwargs)
+    def api(self, method: str, path: str, auth: Any = _AS_ADMIN, version: str = "2.0",
+            **kwargs: Any) -> requests.Response:
+        """Call the MLflow REST API (`path` after /api/VERSION/mlflow/) as the admin, as `auth=(user,
+        password)`, or anonymously with `auth=None`."""
+        auth = self.admin if auth is _AS_ADMIN else auth
+        return requests.request(method, f"{self.url}/api/{version}/mlflow/{path}", auth=auth, timeout=60, **kwargs)
+
+    def client_env(self, user: tuple[str, str] | None = None) -> dict[str, str]:
+        """Variables of a shell using this server as `user` (default: the admin)."""
+        username, password = user or self.admin
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": username,
+                "MLFLOW_TRACKING_PASSWORD": password}
+
+    def add_user(self, username: str, password: str, *grants: tuple[str, str, str]) -> tuple[str, str]:
+        """Create a user as the admin, with `(resource_type, resource_id, permission)` grants."""
+        r = self.api("POST", "users/create", json={"username": username, "password": password})
+        assert r.status_code == 200, r.text
+        for resource_type, resource_id, permission in grants:
+            r = self.api("POST", "users/permissions/grant", version="3.0",
+                         json={"username": username, "resource_type": resource_type, "resource_id": resource_id,
+                               "permission": permission})
+            assert r.status_code == 200, r.text
+        return username, password
 
     def stop(self) -> None:
         """Stop the server's process group."""
         stop_process_group(self.proc, grace_s=10.0)
         self.proc = None
+
+
+def write_mlflow_credentials(home: Path, user: tuple[str, str]) -> Path:
+    """`home`/.mlflow/credentials (mode 600) for `user`: what cluster.yaml gives every node."""
+    from cluster.users import credentials_text, write_private
+
+    return write_private(home / ".mlflow" / "credentials", credentials_text(*user))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,15 +336,18 @@ class RayCluster:
     under the feet of the job's driver on another node (its cwd is gone).
     """
 
-    def __init__(self, root: Path, base_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, base_env: dict[str, str] | None = None,
+                 node_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.temp_dir = root / "ray"
         self.token_path = root / "ray_auth_token"
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # private from the first byte
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.base_env = dict(base_env or {})
+        self.node_env = dict(node_env or {})  # only the nodes' own processes (e.g. their HOME)
         self.procs: dict[str, subprocess.Popen] = {}
 
     @property
@@ -337,8 +387,11 @@ class RayCluster:
             "--object-store-memory=150000000", *argv,
         ]
         with open(self.log(name), "w") as log:
-            self.procs[name] = subprocess.Popen(cmd, env=self.client_env(), stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True, cwd=self.root)
+            # a node holds no user's MLflow variables and no site salt (conftest puts one in this process)
+            node_env = {k: v for k, v in self.client_env().items()
+                        if not k.startswith("MLFLOW_TRACKING_") and k != "STENCE_SALT"}
+            self.procs[name] = subprocess.Popen(cmd, env={**node_env, **self.node_env}, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
 
     def start_head(self, num_cpus: int, resources: dict[str, float]) -> None:
         """Head node: GCS, dashboard on 127.0.0.1, Jobs API."""

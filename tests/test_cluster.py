@@ -1,5 +1,8 @@
-"""A real cluster on this machine: PostgreSQL, the MLflow server of cluster/mlflow/serve.sh and a two-node
-Ray cluster with token authentication; jobs go in through `stence cluster` (the Ray Jobs SDK).
+"""A real cluster on this machine: PostgreSQL, the MLflow server of cluster/mlflow/serve.sh (users and
+permissions on, as by default) and a two-node Ray cluster with token authentication; jobs go in through
+`stence cluster` (the Ray Jobs SDK). The nodes log to MLflow as their own user, from the MLflow credentials
+file in their home (as cluster.yaml links it); the submitting shell's MLflow password and STENCE_SALT
+never reach a job.
 
 Run with: .venv/bin/pytest tests/test_cluster.py -m cluster -q
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -27,12 +31,15 @@ from tests.cluster_fixtures import (
     make_root,
     postgres_available,
     run_cli,
+    write_mlflow_credentials,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SMOKE_EXPERIMENT = "stence-cluster-smoke"
 SMOKE_MODEL = "stence-cluster-smoke"
+SALT = "cluster-test-salt-0123456789"  # in the submitting shell only
+NODE_USER = ("ray-nodes", "nodes-" + secrets.token_hex(12))  # the nodes' MLflow user (their credentials file)
 # Custom resource of the (preemptible) worker nodes only, never of the head: the sweep's Train workers ask
 # for it (train.worker_resources), so they run on node2 every time and are not left to the scheduler.
 WORKER_RESOURCE = "spot"
@@ -47,6 +54,12 @@ import ray
 
 ray.init()
 driver_node = ray.get_runtime_context().get_node_id()
+
+
+def mlflow_user():
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return read_mlflow_creds().username
 
 
 @ray.remote(num_cpus=1, resources={{"node2": 1}})
@@ -73,13 +86,16 @@ def log_from_worker_node():
         "artifact_uri": run.info.artifact_uri,
         "node_id": node,
         "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
-        "salt_passed": os.environ.get("STENCE_SALT") == "cluster-test-salt",
+        "secret_env": sorted(k for k in os.environ if k in ("STENCE_SALT", "MLFLOW_TRACKING_PASSWORD",
+                                                            "MLFLOW_TRACKING_USERNAME", "RAY_AUTH_TOKEN")),
+        "mlflow_user": mlflow_user(),
         "cwd": os.getcwd(),
     }}
 
 
 result = ray.get(log_from_worker_node.remote())
 result["driver_node_id"] = driver_node
+result["driver_mlflow_user"] = mlflow_user()
 print("SMOKE_RESULT " + json.dumps(result))
 """
 
@@ -92,24 +108,37 @@ class Stack:
     ray: RayCluster
 
     def job_env(self) -> dict[str, str]:
-        """What a user's shell holds when submitting: token auth, the MLflow URI, the site salt."""
-        return {**self.ray.client_env(), "MLFLOW_TRACKING_URI": self.mlflow.url, "STENCE_SALT": "cluster-test-salt"}
+        """What a user's shell holds when submitting: token auth, the MLflow URI with the user's own MLflow
+        credentials (the admin's here), the site salt. Only the URI may reach a job."""
+        return {**self.ray.client_env(), **self.mlflow.client_env(), "STENCE_SALT": SALT}
+
+    def secrets(self) -> dict[str, str]:
+        """Values that must appear in no job info and no CLI output."""
+        return {"salt": SALT, "submitter's MLflow password": self.mlflow.admin[1],
+                "nodes' MLflow password": NODE_USER[1], "Ray token": self.ray.token_path.read_text().strip(),
+                "database password": self.pg.password}
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    """PostgreSQL + MLflow + Ray head (3 CPUs, driver resource) + node2 (2 CPUs, the node2 and worker
-    resources); all stopped at the end."""
+    """PostgreSQL + MLflow (auth on) + Ray head (3 CPUs, driver resource) + node2 (2 CPUs, the node2 and
+    worker resources); every node's HOME holds the nodes' MLflow credentials file. All stopped at the end."""
     if not postgres_available():
         pytest.skip("PostgreSQL server binaries not installed here: run `bash cluster/ci_install.sh`")
+    pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF): cluster/ci_install.sh")
     root = make_root()
     pg = Postgres(root)
-    mlflow = MlflowServer(root, pg.uri("mlflow"), MLFLOW_PUBLIC_HOST="mlflow.test")
-    ray = RayCluster(root)  # the nodes get no MLflow URI: it must come through the job
+    mlflow = MlflowServer(root, pg.uri("mlflow"), pg.uri("mlflow_auth"), MLFLOW_PUBLIC_HOST="mlflow.test")
+    node_home = root / "node-home"  # what /home/ray is on a node of cluster.yaml
+    # the nodes get no MLflow URI (it must come through the job) and no MLflow variables: their user comes
+    # from ~/.mlflow/credentials
+    ray = RayCluster(root, node_env={"HOME": str(node_home)})
     failed = True
     try:
         pg.start(("mlflow", "mlflow_auth"))
         mlflow.start()
+        mlflow.add_user(*NODE_USER)
+        write_mlflow_credentials(node_home, NODE_USER)
         ray.start_head(num_cpus=3, resources={"driver": 2})
         ray.add_node("node2", num_cpus=2, resources={"node2": 1, **WORKER_NODE_RESOURCES})
         yield Stack(root, pg, mlflow, ray)
@@ -171,7 +200,10 @@ def test_smoke_job_logs_to_mlflow_from_the_second_node(stack: Stack) -> None:
     nodes = stack.ray.alive()
     job_id, out = submit(stack, ["python", "-c", SMOKE_JOB], "--wait")
     assert f"job {job_id}: SUCCEEDED" in out, out + job_logs(stack, job_id)
-    assert "MLFLOW_TRACKING_URI" in out and "STENCE_SALT" in out  # reported as passed through
+    passed = next(ln for ln in out.splitlines() if "env passed to the job:" in ln)
+    held = next(ln for ln in out.splitlines() if "not passed" in ln)
+    assert "MLFLOW_TRACKING_URI" in passed and "STENCE_SALT" not in passed and "PASSWORD" not in passed
+    assert "STENCE_SALT" in held and "MLFLOW_TRACKING_PASSWORD" in held  # said, not sent
 
     info = status(stack, job_id)
     assert info["status"] == "SUCCEEDED"
@@ -182,9 +214,11 @@ def test_smoke_job_logs_to_mlflow_from_the_second_node(stack: Stack) -> None:
     # placement: driver on the head (driver resource), the task on the other node
     assert result["driver_node_id"] == nodes["head"]["node_id"]
     assert result["node_id"] == nodes["node2"]["node_id"]
-    # environment: the MLflow URI and the salt came through the job's runtime env, the code as working_dir
+    # environment: the MLflow URI came through the job's runtime env, the code as working_dir; no secret
+    # did; the driver and the task logged as the nodes' user, from the credentials file in their HOME
     assert result["tracking_uri"] == stack.mlflow.url
-    assert result["salt_passed"] is True
+    assert result["secret_env"] == []
+    assert result["mlflow_user"] == result["driver_mlflow_user"] == NODE_USER[0]
     assert "runtime_resources" in result["cwd"] and "working_dir_files" in result["cwd"]
     assert result["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied, no storage credentials
 
@@ -199,6 +233,11 @@ def test_smoke_job_logs_to_mlflow_from_the_second_node(stack: Stack) -> None:
     assert values == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
     versions = stack.mlflow.api("GET", "model-versions/search", params={"filter": f"name='{SMOKE_MODEL}'"}).json()
     assert [v["run_id"] for v in versions["model_versions"]] == [run_id]
+    # the server knows who registered it: the nodes' user MANAGEs the model it created
+    perm = stack.mlflow.api("GET", "users/permissions/get", version="3.0",
+                            params={"username": NODE_USER[0], "resource_type": "registered_model",
+                                    "resource_id": SMOKE_MODEL})
+    assert perm.status_code == 200 and "MANAGE" in perm.text, perm.text
 
     # ... because it is stored in PostgreSQL, and the model files landed in the server's artifact folder
     assert stack.pg.query("mlflow", "SELECT status FROM runs WHERE run_uuid = %s", (run_id,)) == [("FINISHED",)]
@@ -230,33 +269,48 @@ def test_stop_a_running_job(stack: Stack) -> None:
     assert any(line.split()[:2] == [job_id, "STOPPED"] for line in listed.splitlines())
 
 
-def test_mlflow_server_checks_the_host_header(stack: Stack) -> None:
+def test_job_info_holds_no_secret(stack: Stack) -> None:
+    """After a submit from a shell holding STENCE_SALT and the user's MLflow password, neither is in the
+    job info any token holder reads (`list_jobs()`: GET /api/jobs/, `stence cluster list/status`), nor in
+    anything `stence cluster` printed; `--env` cannot send one either."""
+    job_id, out = submit(stack, ["python", "-c", "print('hello')"], "--wait")
+    assert f"job {job_id}: SUCCEEDED" in out, out
+    token = stack.ray.token_path.read_text().strip()
+    jobs = requests.get(f"{stack.ray.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
+                        timeout=30)
+    assert jobs.status_code == 200
+    mine = next(j for j in jobs.json() if j["submission_id"] == job_id)
+    assert mine["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": stack.mlflow.url,
+                                               "MLFLOW_DISABLE_TELEMETRY": "true"}
+    printed = [out]
+    for args in (["list", "--json"], ["status", job_id, "--json"], ["logs", job_id]):
+        r = run_cli(["cluster", *args, "--address", stack.ray.dashboard_url], stack.job_env())
+        assert r.returncode == 0, r.stderr
+        printed.append(r.stdout + r.stderr)
+    for what, value in stack.secrets().items():
+        assert value not in jobs.text, f"{what} in the job info"
+        assert not [p for p in printed if value in p], f"{what} printed by stence cluster"
+    for name in ("STENCE_SALT", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME"):
+        assert name not in json.dumps(mine)  # (other jobs' entrypoints may mention the names)
+
+    before = {j["submission_id"] for j in jobs.json()}
+    r = run_cli(["cluster", "submit", "--address", stack.ray.dashboard_url, "--env", f"STENCE_SALT={SALT}", "--",
+                 "python", "-c", "1"], stack.job_env())
+    assert r.returncode == 1 and "readable by everyone holding the cluster's token" in r.stderr
+    assert SALT not in r.stdout + r.stderr
+    after = requests.get(f"{stack.ray.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"},
+                         timeout=30).json()
+    assert {j["submission_id"] for j in after} == before  # nothing was submitted
+
+
+def test_mlflow_server_is_closed_and_checks_the_host_header(stack: Stack) -> None:
     body = {"max_results": 1}
+    assert stack.mlflow.api("POST", "experiments/search", auth=None, json=body).status_code == 401
     ok = stack.mlflow.api("POST", "experiments/search", json=body,
                           headers={"Host": f"mlflow.test:{stack.mlflow.port}"})
     assert ok.status_code == 200, ok.text
     rebinding = stack.mlflow.api("POST", "experiments/search", json=body, headers={"Host": "evil.example"})
     assert rebinding.status_code in (400, 403), rebinding.status_code
-
-
-def test_mlflow_basic_auth(stack: Stack) -> None:
-    """serve.sh with MLFLOW_BASIC_AUTH=1: users in their own database, anonymous requests refused."""
-    pytest.importorskip("flask_wtf", reason="MLflow basic auth needs mlflow[auth] (Flask-WTF): cluster/ci_install.sh")
-    password = "admin-secret-123"
-    server = MlflowServer(stack.root, stack.pg.uri("mlflow"), name="mlflow-auth", MLFLOW_BASIC_AUTH="1",
-                          MLFLOW_AUTH_DATABASE_URI=stack.pg.uri("mlflow_auth"),
-                          MLFLOW_AUTH_ADMIN_PASSWORD=password)
-    try:
-        server.start()
-        body = {"max_results": 1}
-        assert server.api("POST", "experiments/search", json=body).status_code == 401
-        assert server.api("POST", "experiments/search", json=body, auth=("admin", "wrong")).status_code == 401
-        r = server.api("POST", "experiments/search", json=body, auth=("admin", password))
-        assert r.status_code == 200, r.text
-        users = stack.pg.query("mlflow_auth", "SELECT username FROM users")
-        assert ("admin",) in users
-    finally:
-        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------------

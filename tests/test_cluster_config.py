@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import configparser
 import copy
+import json
 import os
+import re
 import shlex
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from cluster import submit as sj
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = {d.split("==")[0].split("[")[0]: d.split("==")[1] for d in sj.pinned_requirements() if "==" in d}
+CREDENTIAL_IN_URI = re.compile(r"://[^/@\s:]+:[^/@\s]+@")  # user:password@ in a URI
 
 
 def load(rel: str) -> dict:
@@ -78,6 +82,23 @@ def test_cluster_yaml_env_auth_dashboard_and_install() -> None:
         assert any("pip install" in c and "/home/ray/stence" in c for c in cfg[key]), key
     assert "/home/ray/stence" in cfg["file_mounts"] and cfg["file_mounts"]["/home/ray/stence"] == "."
     assert {".venv", "runs"} <= set(cfg["rsync_exclude"])
+
+
+def test_launcher_configs_give_nodes_credentials_by_mounted_file_only() -> None:
+    """The nodes' MLflow user and Ray token come from the mounted, private ~/.stence-auth, never from a
+    docker --env, a start command or a variable written by the config."""
+    for rel, auth_dir in (("cluster.yaml", "/home/ray/.stence-auth"), ("cluster/onprem.yaml", "~/.stence-auth")):
+        cfg = prepared(load(rel))
+        assert cfg["file_mounts"][auth_dir] == "~/.stence-auth", rel
+        setup = "\n".join(cfg["setup_commands"])
+        assert f"chmod 700 {auth_dir}" in setup and f"chmod 600 {auth_dir}/*" in setup, rel
+        assert f"ln -sfn {auth_dir}/mlflow-credentials" in setup and ".mlflow/credentials" in setup, rel
+        text = (REPO / rel).read_text()
+        commands = " ".join(str(c) for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                            for c in cfg[key]) + " ".join(cfg.get("docker", {}).get("run_options", []))
+        for secret in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "STENCE_SALT", "RAY_AUTH_TOKEN="):
+            assert secret not in commands, (rel, secret)
+        assert "get-auth-token --generate" not in text, rel  # leaves the token world-readable: stence cluster token
 
 
 def test_validation_can_fail() -> None:
@@ -144,6 +165,7 @@ def test_rayjob_manifest() -> None:
     assert argv[:2] == ["stence", "tune"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http://")
+    assert sj.secret_env_names(runtime_env["env_vars"]) == []  # readable by every token holder
     assert spec["shutdownAfterJobFinishes"] is True
 
     cluster = spec["rayClusterSpec"]
@@ -159,6 +181,11 @@ def test_rayjob_manifest() -> None:
     gpu_limits = [c["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]
                   for c in g["template"]["spec"]["containers"]]
     assert any(gpu_limits)
+    # every Ray pod has the MLflow user in its own environment, from a Secret; nobody gets the salt
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            assert {"secretRef": {"name": "stence-mlflow-ray"}} in c.get("envFrom", []), c["name"]
+    assert "STENCE_SALT" not in json.dumps(docs)  # (only the comments mention it)
 
     # storage: train.storage_path lies on a ReadWriteMany volume mounted in every pod (or on s3://)
     storage = next(a.split("=", 1)[1] for a in argv if a.startswith("train.storage_path="))
@@ -197,7 +224,10 @@ def test_mlflow_kubernetes_manifest() -> None:
     secret = docs["Secret"]["stringData"]
     assert secret["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     assert secret["MLFLOW_AUTH_DATABASE_URI"] != secret["MLFLOW_BACKEND_STORE_URI"]
+    assert not CREDENTIAL_IN_URI.search(secret["MLFLOW_BACKEND_STORE_URI"] + secret["MLFLOW_AUTH_DATABASE_URI"])
+    assert secret["PGPASSWORD"] and secret["MLFLOW_AUTH_ADMIN_PASSWORD"]
     env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MLFLOW_BASIC_AUTH"] == "1" and env["MLFLOW_AUTH_DEFAULT_PERMISSION"] == "NO_PERMISSIONS"
     rayjob = next(d for d in yaml.safe_load_all((REPO / "cluster/kuberay/rayjob.yaml").read_text())
                   if d["kind"] == "RayJob")
     uri = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
@@ -214,55 +244,165 @@ def test_systemd_unit_runs_serve_sh_unprivileged() -> None:
     assert svc["User"] not in ("", "root") and svc["EnvironmentFile"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     example = (REPO / "cluster/mlflow/mlflow.env.example").read_text()
-    for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_PUBLIC_HOST"):
+    for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_PUBLIC_HOST",
+                "MLFLOW_AUTH_DATABASE_URI"):
         assert f"\n{var}=" in example
+    # the passwords come as systemd credentials (private copies only the service reads), not in the env file
+    text = (REPO / "cluster/mlflow/stence-mlflow.service").read_text()
+    assert "LoadCredential=db-password:" in text and "MLFLOW_DB_PASSWORD_FILE=%d/db-password" in text
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD_FILE=%d/admin-password" in text
+    assert "MLFLOW_BASIC_AUTH=0" not in example and not CREDENTIAL_IN_URI.search(example)
+
+
+FAKE_MLFLOW = """#!/usr/bin/env bash
+# stands in for mlflow: reports its argv and the store/auth variables serve.sh hands it, then exits
+python3 - "$@" <<'PY'
+import json, os, sys
+keys = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_CONFIG_PATH", "PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD")
+print(json.dumps({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}))
+PY
+"""
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """serve.sh with only `env` set; MLFLOW_BIN=true so a configuration it accepts exits 0 at once."""
-    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_BIN": "echo",
+    """serve.sh with only `env` set and a fake mlflow that prints what it was given (JSON on stdout)."""
+    fake = tmp_path / "fake-mlflow"
+    if not fake.exists():
+        fake.write_text(FAKE_MLFLOW)
+        fake.chmod(0o755)
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_BIN": str(fake),
             "MLFLOW_STATE_DIR": str(tmp_path / "state")}
     return subprocess.run(["bash", str(REPO / "cluster/mlflow/serve.sh")], env={**base, **env},
                           capture_output=True, text=True, timeout=30)
 
 
-def test_serve_sh_refusals_and_command_line(tmp_path: Path) -> None:
-    pg = "postgresql+psycopg2://u:p@db:5432/mlflow"
+def launched(r: subprocess.CompletedProcess) -> tuple[list[str], dict[str, str], dict[str, str | None]]:
+    """(argv, {--option: value}, env) of the mlflow serve.sh exec'd."""
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    argv = out["argv"]
+    return argv, {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}, out["env"]
+
+
+PG = "postgresql+psycopg2://u:p4ssw0rd@db:5432/mlflow"
+
+
+def test_serve_sh_refuses_an_open_or_leaky_server(tmp_path: Path) -> None:
     art = str(tmp_path / "artifacts")
+    ok = {"MLFLOW_BACKEND_STORE_URI": PG, "MLFLOW_ARTIFACTS_DESTINATION": art}
     assert "MLFLOW_BACKEND_STORE_URI" in serve(tmp_path).stderr
     r = serve(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////tmp/x.db", MLFLOW_ARTIFACTS_DESTINATION=art)
     assert r.returncode != 0 and "PostgreSQL" in r.stderr
-    r = serve(tmp_path, MLFLOW_BACKEND_STORE_URI=pg, MLFLOW_ARTIFACTS_DESTINATION=art, MLFLOW_BASIC_AUTH="1")
+    # authentication is on unless turned off: it needs its own database
+    r = serve(tmp_path, **ok)
     assert r.returncode != 0 and "MLFLOW_AUTH_DATABASE_URI" in r.stderr
-    r = serve(tmp_path, MLFLOW_BACKEND_STORE_URI=pg, MLFLOW_ARTIFACTS_DESTINATION=art, MLFLOW_BASIC_AUTH="1",
-              MLFLOW_AUTH_DATABASE_URI=pg)
+    r = serve(tmp_path, **ok, MLFLOW_AUTH_DATABASE_URI=PG)
     assert r.returncode != 0 and "differ" in r.stderr
+    # off only on a loopback address, with a warning; never for a server the nodes reach
+    for host in ("0.0.0.0", "10.0.0.10", "mlflow.internal"):
+        r = serve(tmp_path, **ok, MLFLOW_BASIC_AUTH="0", MLFLOW_HOST=host)
+        assert r.returncode != 0 and "loopback" in r.stderr, host
+    argv, opt, _ = launched(serve(tmp_path, **ok, MLFLOW_BASIC_AUTH="0"))
+    assert "--app-name" not in opt and opt["--host"] == "127.0.0.1"
+    assert "WARNING: authentication is OFF" in serve(tmp_path, **ok, MLFLOW_BASIC_AUTH="0").stderr
+    auth = {**ok, "MLFLOW_AUTH_DATABASE_URI": PG + "_auth"}
+    for permission in ("EDIT", "MANAGE", "USE", "bogus"):
+        r = serve(tmp_path, **auth, MLFLOW_AUTH_DEFAULT_PERMISSION=permission)
+        assert r.returncode != 0 and "MLFLOW_AUTH_DEFAULT_PERMISSION" in r.stderr, permission
+    # no store URI or credential through the extra arguments
+    for extra in ("--backend-store-uri postgresql://x", "--registry-store-uri=x", "--app-name basic-auth",
+                  "--gunicorn-opts postgresql://u:pw@h/db"):
+        r = serve(tmp_path, **auth, MLFLOW_SERVER_EXTRA_ARGS=extra)
+        assert r.returncode != 0 and "MLFLOW_SERVER_EXTRA_ARGS" in r.stderr, extra
+    # a password file others can read is refused
+    pw = tmp_path / "db.password"
+    pw.write_text("s3cret-db-pass\n")
+    pw.chmod(0o644)
+    r = serve(tmp_path, **auth, MLFLOW_DB_PASSWORD_FILE=str(pw))
+    assert r.returncode != 0 and "chmod 600" in r.stderr
 
-    # accepted: MLFLOW_BIN=echo prints the command line serve.sh would exec
-    r = serve(tmp_path, MLFLOW_BACKEND_STORE_URI=pg, MLFLOW_ARTIFACTS_DESTINATION=art, MLFLOW_PUBLIC_HOST="mlflow.x",
-              MLFLOW_BASIC_AUTH="1", MLFLOW_AUTH_DATABASE_URI=pg + "_auth")
-    assert r.returncode == 0, r.stderr
-    argv = shlex.split(r.stdout)
-    opt = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}
-    assert argv[0] == "server" and opt["--backend-store-uri"] == pg
-    assert opt["--artifacts-destination"] == art and Path(art).is_dir()
+
+def test_serve_sh_command_line_holds_no_password(tmp_path: Path) -> None:
+    art = str(tmp_path / "artifacts")
+    r = serve(tmp_path, MLFLOW_BACKEND_STORE_URI=PG, MLFLOW_ARTIFACTS_DESTINATION=art, MLFLOW_PUBLIC_HOST="mlflow.x",
+              MLFLOW_AUTH_DATABASE_URI=PG + "_auth", MLFLOW_AUTH_ADMIN_PASSWORD="admin-pass-123")
+    argv, opt, env = launched(r)
+    assert argv[0] == "server" and "--backend-store-uri" not in opt
+    assert not any("p4ssw0rd" in a or "admin-pass" in a for a in argv)  # argv is world-readable in /proc
+    assert env["MLFLOW_BACKEND_STORE_URI"] == PG  # mlflow's --backend-store-uri reads it from here
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "admin-pass-123"
+    assert opt["--artifacts-destination"] == art and Path(art).is_dir() and "--serve-artifacts" in argv
     assert opt["--host"] == "127.0.0.1"  # not exposed unless asked
     assert {"mlflow.x", "mlflow.x:*", "localhost:*"} <= set(opt["--allowed-hosts"].split(","))
     assert opt["--app-name"] == "basic-auth"
-    ini = (tmp_path / "state" / "basic_auth.ini").read_text()
-    assert f"database_uri = {pg}_auth" in ini
-    assert oct((tmp_path / "state" / "basic_auth.ini").stat().st_mode & 0o777) == "0o600"
+    ini_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(ini_path)
+    assert ini["mlflow"]["database_uri"] == PG + "_auth"
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS" and ini["mlflow"]["admin_username"] == "admin"
+    assert "admin_password" not in ini["mlflow"]
+    assert oct(ini_path.stat().st_mode & 0o777) == "0o600" and oct(ini_path.parent.stat().st_mode & 0o777) == "0o700"
+
+    # the password from a private file, handed to libpq as PGPASSWORD; URIs without any password
+    pw = tmp_path / "db.password"
+    pw.write_text("s3cret-db-pass\n")
+    pw.chmod(0o600)
+    admin = tmp_path / "admin.password"
+    admin.write_text("admin-pass-456\n")
+    admin.chmod(0o400)
+    bare = "postgresql+psycopg2://mlflow@db:5432/mlflow"
+    argv, opt, env = launched(serve(tmp_path, MLFLOW_BACKEND_STORE_URI=bare, MLFLOW_ARTIFACTS_DESTINATION=art,
+                                    MLFLOW_AUTH_DATABASE_URI=bare + "_auth", MLFLOW_DB_PASSWORD_FILE=str(pw),
+                                    MLFLOW_AUTH_ADMIN_PASSWORD_FILE=str(admin)))
+    assert env["PGPASSWORD"] == "s3cret-db-pass" and env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "admin-pass-456"
+    assert not any("s3cret" in a or "admin-pass" in a for a in argv)
+    assert "s3cret" not in Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def test_shipped_server_configs_start_closed(tmp_path: Path) -> None:
+    """serve.sh given the env example (as systemd would, with its credential files) and given the
+    Kubernetes Secret + container env: both start with users and permissions, bound for the nodes."""
+    pw = tmp_path / "db-password"
+    pw.write_text("s3cret-db-pass\n")
+    pw.chmod(0o400)
+    example = _env_file(REPO / "cluster/mlflow/mlflow.env.example")
+    example.update({"MLFLOW_DB_PASSWORD_FILE": str(pw), "MLFLOW_AUTH_ADMIN_PASSWORD_FILE": str(pw)})
+    del example["MLFLOW_BIN"]
+    argv, opt, env = launched(serve(tmp_path, **example))
+    assert opt["--host"] == "0.0.0.0" and opt["--app-name"] == "basic-auth"
+    assert env["PGPASSWORD"] == "s3cret-db-pass"
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "cluster/mlflow/k8s.yaml").read_text())}
+    (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    k8s_env = {**docs["Secret"]["stringData"], **{e["name"]: e["value"] for e in container["env"]}}
+    k8s_env.update({"MLFLOW_STATE_DIR": str(tmp_path / "k8s-state"), "PGPASSWORD": "k8s-db-secret"})
+    argv, opt, env = launched(serve(tmp_path, **k8s_env))
+    assert opt["--host"] == "0.0.0.0" and opt["--app-name"] == "basic-auth"
+    assert env["PGPASSWORD"] == "k8s-db-secret" and not any("k8s-db-secret" in a for a in argv)
 
 
 # --------------------------------------------------------------------------------------------------- job submission
 
 
-def test_runtime_env_passes_through_tracking_and_salt() -> None:
-    environ = {"MLFLOW_TRACKING_URI": "http://mlflow.x:5000", "STENCE_SALT": "s", "HOME": "/root", "AWS_SECRET": "no"}
-    env = sj.build_runtime_env(REPO, environ=environ, extra_env={"STENCE_SALT": "override", "X": "1"})
+def test_runtime_env_passes_the_uri_and_no_secret() -> None:
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow.x:5000", "STENCE_SALT": "s", "HOME": "/root", "AWS_SECRET": "no",
+               "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw", "RAY_AUTH_TOKEN": "t"}
+    env = sj.build_runtime_env(REPO, environ=environ, extra_env={"X": "1"})
     assert env["working_dir"] == str(REPO)
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow.x:5000", "STENCE_SALT": "override",
-                               "X": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow.x:5000", "X": "1",
+                               "MLFLOW_DISABLE_TELEMETRY": "true"}
+    assert sj.held_back(environ) == ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "STENCE_SALT"]
+    # --env cannot smuggle a secret in either: the runtime env is readable through the Jobs API
+    for name in ("STENCE_SALT", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME", "RAY_AUTH_TOKEN",
+                 "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "DB_PASSWORD", "OPENAI_API_KEY"):
+        with pytest.raises(sj.SubmitError, match="readable by everyone holding the cluster's token"):
+            sj.build_runtime_env(REPO, environ={}, extra_env={name: "x"})
+    assert {".env", "*.env"} <= set(env["excludes"])
     assert {"runs/", ".venv/"} <= set(env["excludes"])
     assert "pip" not in env and "py_executable" not in env
     assert sj.build_runtime_env(REPO, environ={}, py_executable="/opt/py")["py_executable"] == "/opt/py"
@@ -309,6 +449,51 @@ def test_auth_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(sj.auth_problems({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no")})) == 1
 
 
+def test_token_is_created_and_kept_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.ray_token import TokenError, check_token_file, ensure_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path, done = ensure_token(tmp_path / ".ray" / "auth_token", tmp_path / ".stence-auth")
+    token = path.read_text()
+    assert len(token) >= 32 and oct(path.stat().st_mode & 0o777) == "0o600"
+    copy = tmp_path / ".stence-auth" / "auth_token"
+    assert copy.read_text() == token and oct(copy.stat().st_mode & 0o777) == "0o600"
+    assert oct(copy.parent.stat().st_mode & 0o777) == "0o700"
+    assert token not in " ".join(done)
+    # an existing token is kept, a readable one (what `ray get-auth-token --generate` writes) made private
+    path.chmod(0o644)
+    assert ensure_token(path, None)[0].read_text() == token and oct(path.stat().st_mode & 0o777) == "0o600"
+    path.chmod(0o640)
+    warning = check_token_file(path)
+    assert warning and "now 600" in warning and token not in warning
+    assert check_token_file(path) is None
+    if os.geteuid() == 0:  # someone else's readable token is refused, not changed
+        path.chmod(0o644)
+        os.chown(path, 65534, -1)
+        with pytest.raises(TokenError, match="not yours"):
+            check_token_file(path)
+        assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_cli_token_and_client_check_never_print_the_token(tmp_path: Path) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "stence.cli", "cluster", "token"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    token_file = tmp_path / ".ray" / "auth_token"
+    token = token_file.read_text()
+    assert token not in r.stdout + r.stderr
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / ".stence-auth" / "auth_token").read_text() == token
+    # every `stence cluster` command makes a readable token file private first (and says so)
+    token_file.chmod(0o644)
+    r = subprocess.run([sys.executable, "-m", "stence.cli", "cluster", "list", "--address", "http://127.0.0.1:9"],
+                       env={**env, "RAY_AUTH_MODE": "token"}, cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert "was readable by other users" in r.stderr and token not in r.stdout + r.stderr
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+
+
 def test_ray_packages_the_working_dir_without_runs_venv_or_ignored_files(tmp_path: Path) -> None:
     """Ray's own working_dir packager, given our excludes, on a project laid out like this repo."""
     from ray._private.runtime_env.packaging import create_package
@@ -337,3 +522,5 @@ def test_cli_help_and_bad_input() -> None:
     for action in ("status", "logs", "stop"):
         assert parser.parse_args(["cluster", action, "raysubmit_x"]).job_id == "raysubmit_x"
     assert args.func(parser.parse_args(["cluster", "submit", "--env", "BROKEN"])) == 1
+    assert args.func(parser.parse_args(["cluster", "submit", "--env", "STENCE_SALT=x", "--", "stence", "tune"])) == 1
+    assert parser.parse_args(["cluster", "user", "grant", "bob", "--model", "m", "--permission", "edit"]).permission == "EDIT"

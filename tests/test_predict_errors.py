@@ -1,5 +1,7 @@
 """`stence predict` accounts for every argument: a score, or one error line saying why (folders, empty
 folders, implausible sampling rates, records over the ingest limits), and a non-zero exit when any failed.
+It also says what scored them: the registered version behind an alias, its run and lineage tags, with
+warnings for a champion that no stence promotion put there and for a model that scores every record alike.
 
 Runs the real command on records written into tmp_path, with a tiny untrained scorer file as the model.
 """
@@ -18,8 +20,10 @@ from stence.cli import main
 from stence.config import STANDARD_LEADS, Config, to_dict
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
+from stence.serving import registry as reg
 from stence.serving.predict import NO_RECORDS, expand_records, predict_records
-from stence.serving.scorer import load_scorer, save_scorer
+from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
+from tests.ray_fixture import shared_mlflow_db
 
 FS = 500
 
@@ -128,3 +132,83 @@ def test_library_folder_handling(scorer: Path, args_mix: dict[str, Path], tmp_pa
     rows = predict_records(load_scorer(scorer), [a["folder"], a["empty"]])
     assert [r["reason"] for r in rows] == [NO_RECORDS, NO_RECORDS]
     assert "DIR/*.hea" in rows[0]["error"] and "no WFDB records" in rows[1]["error"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# which model scored: lineage of the registered version, and a swapped champion made visible
+
+
+def _biased_scorer(path: Path, bias: float) -> Path:
+    """The tiny scorer with a huge head bias: sigmoid(-40) prints 0.0000 for every record."""
+    torch.manual_seed(1)
+    enc = create_ecg_encoder("otis_tiny", fs=FS, n_samples=1500)
+    head = ClassifierHead(enc.embed_dim, 1)
+    with torch.no_grad():
+        head.fc.bias.fill_(bias)
+    save_scorer(path, enc, head, "0_100", to_dict(Config()), {"auroc": 0.5})
+    return path
+
+
+def _model_line(err: str) -> str:
+    """The lineage line among stderr's lines (MLflow may log there too)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("model ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _warnings(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("warning:")]
+
+
+def test_predict_names_the_version_and_shows_a_swapped_champion(scorer: Path, tmp_path: Path,
+                                                                 tmp_path_factory: pytest.TempPathFactory,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import mlflow
+
+    db = shared_mlflow_db(tmp_path_factory)
+    client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
+    exp = client.create_experiment(f"predict-lineage-{tmp_path.name}")
+    name = f"stence-lineage-{tmp_path.name}"[:60]
+    records = [_write_record(tmp_path / "ecg", "a", seed=1), _write_record(tmp_path / "ecg", "b", seed=2)]
+
+    # v1: registered and promoted the stence way (provenance tags + promotion record)
+    run1 = client.create_run(exp).info.run_id
+    tags = reg.scorer_version_tags(scorer_metadata(scorer), cohort="cohortA", sweep="sweep-7", commit="abc1234")
+    v1 = reg.register(reg.log_scorer(scorer, run1, db), name, tags, uri=db)
+    assert reg.promote_if_better(name, v1, tags[reg.TAG_METRIC], 0.5, 0.45, "cohortA", strict=False, uri=db)
+    argv = ["predict", "--json", "--model", f"models:/{name}@champion", "--set", f"tracking.uri={db}", "--",
+            *map(str, records)]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    rows = json.loads(out.out)  # stdout: the same rows as before, nothing else
+    assert [sorted(r) for r in rows] == [["error", "probability", "reason", "record"]] * 2
+    line = _model_line(out.err)
+    assert line.startswith(f"model {name} version {v1} (run {run1}, alias champion) ")
+    for part in ("sweep=sweep-7", "metric=0_100/auroc 0.5000", "cohort=cohortA", "commit=abc1234",
+                 "promotion=promoted to champion"):
+        assert part in line, line
+    assert not _warnings(out.err), out.err
+
+    # v2: a -40 bias scorer registered and made champion straight through the MLflow API, as an
+    # anonymous client did on an open server: no lineage tags, no promotion record
+    run2 = client.create_run(exp).info.run_id
+    bad = reg.log_scorer(_biased_scorer(tmp_path / "bad" / "scorer.pt", -40.0), run2, db)
+    with reg._global_tracking_uri(db):  # the registry resolves a models:/ source through the global URI
+        v2 = client.create_model_version(name, source=bad, run_id=run2, model_id=bad.removeprefix("models:/")).version
+    client.set_registered_model_alias(name, "champion", v2)
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert [r["probability"] for r in json.loads(out.out)] == [pytest.approx(0.0, abs=1e-12)] * 2
+    err = out.err
+    assert f"model {name} version {v2} (run {run2}, alias champion) sweep=-" in err
+    assert "carries no stence lineage tags" in err
+    assert "no record that stence moved @champion" in err
+    assert "all 2 scored records got the same output 0.0000" in err
+
+    # the table form says the version too, and a pinned version reports itself without an alias
+    assert main(["predict", "--model", f"models:/{name}/{v1}", "--set", f"tracking.uri={db}", "--",
+                 *map(str, records)]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[-1].startswith(f"scored 2 of 2 record(s) with models:/{name}/{v1} (version {v1},")
+    assert _model_line(out.err).startswith(f"model {name} version {v1} (run {run1}) ")
+    assert not _warnings(out.err), out.err

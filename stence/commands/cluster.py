@@ -1,16 +1,20 @@
-"""`stence cluster`: run stence commands on a Ray cluster as Ray Jobs (submit, status, logs, stop, list)."""
+"""`stence cluster`: run stence commands on a Ray cluster as Ray Jobs (submit, status, logs, stop, list),
+keep the cluster's Ray token private (token), and manage the MLflow server's users (user add, user grant)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from stence.commands._common import RAW
 
 EPILOG = """\
 examples:
+  stence cluster token                                     # ~/.ray/auth_token (600) + ~/.stence-auth copy
   ray up cluster.yaml && ray dashboard cluster.yaml        # forwards the head's dashboard to :8265
   export RAY_AUTH_MODE=token                               # the cluster runs with token auth
   export MLFLOW_TRACKING_URI=http://mlflow.internal:5000   # passed through to the job
@@ -18,6 +22,24 @@ examples:
       stence tune --space smoke --num-samples 2 --set train.storage_path=s3://bucket/stence
   stence cluster logs raysubmit_XXXX --follow
   stence cluster list
+
+Secrets never travel with a job (its runtime environment is readable by every token holder through
+list_jobs and the dashboard): MLFLOW_TRACKING_USERNAME/PASSWORD and STENCE_SALT are NOT passed through,
+and --env refuses secret-looking names. The nodes read their MLflow user from the mounted
+~/.stence-auth/mlflow-credentials (see `stence cluster user add --help`); only ingest needs STENCE_SALT.
+"""
+
+USER_EPILOG = """\
+examples (as the MLflow admin: MLFLOW_TRACKING_USERNAME=admin and MLFLOW_TRACKING_PASSWORD exported, or
+~/.mlflow/credentials):
+  stence cluster user add ray-cluster --credentials-file ~/.stence-auth/mlflow-credentials
+      # the Ray nodes' user: random password, written only to that mode-600 file (mounted on every node)
+  stence cluster user add alice --password-file ~/alice.pw     # or: prompted when no file is given
+  stence cluster user grant alice --model stence-ecg-encoder --permission READ
+  stence cluster user grant ray-cluster --model stence-ecg-encoder --permission EDIT   # may move @champion
+
+A new user sees nothing until granted (the server's default permission is NO_PERMISSIONS); what a user
+creates (experiments, registered models) they MANAGE. Moving @champion needs EDIT or MANAGE on the model.
 """
 
 
@@ -28,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="submit and follow jobs on a Ray cluster",
         description="Run stence commands on a Ray cluster through the Ray Jobs API. The repository is "
         "uploaded as the job's working directory (.gitignore honoured; runs/ and .venv excluded); "
-        "MLFLOW_TRACKING_URI and STENCE_SALT are passed through from this shell. Token "
+        "MLFLOW_TRACKING_URI is passed through from this shell, credentials and STENCE_SALT are not. Token "
         "authentication: export RAY_AUTH_MODE=token and keep the cluster's token in ~/.ray/auth_token "
-        "(or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN).",
+        "(mode 600; `stence cluster token` creates it; or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN).",
         epilog=EPILOG,
         formatter_class=RAW,
     )
@@ -47,13 +69,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "submit",
         help="submit a command as a Ray Job",
-        description="Submit the command after `--` as a Ray Job running this repository's code.",
+        description="Submit the command after `--` as a Ray Job running this repository's code. Only "
+        "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME are passed through; MLFLOW_TRACKING_USERNAME/PASSWORD "
+        "and STENCE_SALT are not (a job's environment is readable by every token holder): the nodes have "
+        "their own MLflow credentials, and only ingest needs the salt.",
         epilog=EPILOG,
         formatter_class=RAW,
     )
     common(s)
     s.add_argument("--env", nargs="+", action="extend", default=[], metavar="K=V",
-                   help="extra environment variables for the job (win over the passed-through ones)")
+                   help="extra environment variables for the job (win over the passed-through ones); names "
+                   "that look secret (PASSWORD, TOKEN, SECRET, SALT, ...) are refused")
     s.add_argument("--pip", metavar="FILE|pinned",
                    help="build a virtualenv on each node from a requirements file, or `pinned` for the "
                    "package's own pinned dependencies (default: the nodes' installed Python)")
@@ -88,12 +114,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=run_list)
 
+    tok = sub.add_parser(
+        "token", help="create the cluster's Ray auth token privately (mode 600)",
+        description="Create ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH) with mode 600 if it does not exist, "
+        "make an existing one private, and copy it into the folder cluster.yaml mounts on every node. "
+        "Use it instead of `ray get-auth-token --generate`, which leaves the file readable by every local "
+        "user. The token is never printed.",
+    )
+    tok.add_argument("--path", type=Path, help="token file (default: RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    tok.add_argument("--copy-to", type=Path, default=Path("~/.stence-auth"),
+                     help="folder mounted on the nodes (default ~/.stence-auth)")
+    tok.add_argument("--no-copy", action="store_true", help="do not copy it for the nodes")
+    tok.set_defaults(func=run_token)
+
+    user = sub.add_parser("user", help="users and permissions of the cluster's MLflow server",
+                          description="Add users to the MLflow server of cluster/mlflow/serve.sh and grant "
+                          "them permissions, as its admin.", epilog=USER_EPILOG, formatter_class=RAW)
+    user.set_defaults(func=lambda _args: user.print_help() or 2)
+    usub = user.add_subparsers(dest="user_command", metavar="ACTION")
+    add = usub.add_parser("add", help="create a user", description="Create an MLflow user (not an admin).",
+                          epilog=USER_EPILOG, formatter_class=RAW)
+    add.add_argument("username")
+    add.add_argument("--password-file", type=Path,
+                     help="read the password from this file (mode 600); without it and without an output "
+                     "file below, it is prompted for")
+    add.add_argument("--credentials-file", type=Path,
+                     help="write the user and its password (generated unless --password-file) as an MLflow "
+                     "credentials file, mode 600: e.g. ~/.stence-auth/mlflow-credentials, which cluster.yaml "
+                     "links to ~/.mlflow/credentials on every node")
+    add.add_argument("--env-file", type=Path,
+                     help="the same as MLFLOW_TRACKING_USERNAME=/MLFLOW_TRACKING_PASSWORD= lines, mode 600 "
+                     "(for `kubectl create secret generic stence-mlflow-ray --from-env-file FILE`)")
+    grant = usub.add_parser("grant", help="grant a permission", description="Grant a user a permission on "
+                            "a registered model or an experiment (replaces an earlier grant).",
+                            epilog=USER_EPILOG, formatter_class=RAW)
+    grant.add_argument("username")
+    what = grant.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="registered model name, e.g. stence-ecg-encoder")
+    what.add_argument("--experiment", help="experiment name")
+    grant.add_argument("--permission", default="READ", type=str.upper,
+                       choices=("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"),
+                       help="READ: see it; EDIT: also move aliases such as @champion; MANAGE: also delete "
+                       "and grant (default READ)")
+    for q, fn in ((add, run_user_add), (grant, run_user_grant)):
+        q.add_argument("--uri", help="MLflow server (default MLFLOW_TRACKING_URI)")
+        q.set_defaults(func=fn)
+
 
 def _client(args: argparse.Namespace) -> Any:
-    """A JobSubmissionClient (imported lazily), after warning about missing token-auth settings."""
-    from cluster.submit import auth_problems, make_client
+    """A JobSubmissionClient (imported lazily), after warning about missing token-auth settings and
+    making a token file that others can read private (TokenError, a RuntimeError, if it is not ours)."""
+    from cluster.submit import auth_problems, make_client, token_file_warnings
 
-    for problem in auth_problems():
+    for problem in [*token_file_warnings(), *auth_problems()]:
         print(f"warning: {problem}", file=sys.stderr)
     return make_client(args.address)
 
@@ -130,6 +203,9 @@ def run_submit(args: argparse.Namespace) -> int:
     print(f"submitted {job_id}")
     passed = sorted(runtime_env["env_vars"])
     print(f"  env passed to the job: {', '.join(passed) if passed else '(none)'}")
+    held = sj.held_back()
+    if held:
+        print(f"  not passed (the nodes have their own credentials; only ingest needs the salt): {', '.join(held)}")
     print(f"  follow: stence cluster logs {job_id} --follow   stop: stence cluster stop {job_id}")
     if args.follow:
         status = sj.follow_logs(client, job_id)
@@ -203,4 +279,72 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"{r['submission_id'] or '-':<32} {r['status']:<10} {sj.format_time(r['start_time'])}  {entry}")
     if not rows:
         print("no jobs")
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """Create or tighten the Ray auth token file and copy it for the nodes; never print the token."""
+    from cluster.ray_token import ensure_token
+
+    try:
+        _, done = ensure_token(args.path, None if args.no_copy else args.copy_to)
+    except (RuntimeError, OSError) as e:
+        return _fail(e)
+    for line in done:
+        print(line)
+    print("clients: export RAY_AUTH_MODE=token (the token is read from that file, never printed)")
+    return 0
+
+
+def _password(args: argparse.Namespace) -> str:
+    """The new user's password: from --password-file, generated for --credentials-file, else prompted."""
+    from cluster import users
+
+    if args.password_file:
+        return users.read_password_file(args.password_file)
+    if args.credentials_file or args.env_file:
+        return users.new_password()
+    if not sys.stdin.isatty():
+        raise users.UserAdminError("no terminal to prompt on: give --password-file or --credentials-file")
+    first = getpass.getpass(f"password for {args.username}: ")
+    if first != getpass.getpass("again: "):
+        raise users.UserAdminError("the passwords differ")
+    return first
+
+
+def run_user_add(args: argparse.Namespace) -> int:
+    """Create an MLflow user (as the admin); with --credentials-file, its credentials go only to that file."""
+    from mlflow.exceptions import MlflowException
+
+    from cluster import users
+
+    try:
+        uri = users.tracking_uri(args.uri)
+        password = _password(args)
+        users.add_user(uri, args.username, password)
+        if args.credentials_file:
+            path = users.write_private(args.credentials_file, users.credentials_text(args.username, password))
+            print(f"wrote {path} (mode 600): MLflow reads it as ~/.mlflow/credentials where {args.username} runs")
+        if args.env_file:
+            path = users.write_private(args.env_file, users.env_text(args.username, password))
+            print(f"wrote {path} (mode 600)")
+    except (users.UserAdminError, MlflowException, OSError) as e:
+        return _fail(e)
+    print(f"created MLflow user {args.username!r} on {uri}; it sees nothing until granted "
+          f"(stence cluster user grant {args.username} --model NAME --permission READ)")
+    return 0
+
+
+def run_user_grant(args: argparse.Namespace) -> int:
+    """Grant a user a permission on a registered model or an experiment (as the admin)."""
+    from mlflow.exceptions import MlflowException
+
+    from cluster import users
+
+    try:
+        what = users.grant(users.tracking_uri(args.uri), args.username, args.permission, model=args.model,
+                           experiment=args.experiment)
+    except (users.UserAdminError, MlflowException) as e:
+        return _fail(e)
+    print(f"granted {args.username!r} {what}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from stence.commands._common import RAW, add_config_args, config_from_args
 
@@ -22,7 +23,14 @@ folder with none is reported as an error. Every argument gets a probability or o
 ingest.max_channels signals, a header over ingest.max_header_kb, decoding to more than
 ingest.max_decoded_mb) are refused before reading; raise a limit with e.g. --set ingest.max_duration_s=3600.
 Exit code 0 if every record was scored, 1 if any argument failed or the model could not be loaded.
-The registry lives at the tracking URI (tracking.uri, MLFLOW_TRACKING_URI or runs/mlflow.db)."""
+The registry lives at the tracking URI (tracking.uri, MLFLOW_TRACKING_URI or runs/mlflow.db).
+
+Before the scores, one line on stderr names what scored them: the registered model, the version an alias
+pointed at (that exact version is the one downloaded), its run and its lineage tags (sweep, metric,
+cohort, commit, config, promotion), e.g.
+  model stence-ecg-encoder version 7 (run 3f2a..., alias champion) sweep=..., metric=0_100/auroc 0.81 [...]
+with a warning when the version carries no stence lineage, when no stence promotion moved the alias to
+it, or when every record got the same probability. stdout (the table, or --json rows) is unchanged."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +57,36 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['record']:<{width}}  {shown}")
 
 
+def _report_lineage(model: object) -> None:
+    """Which registered version (and run) is about to score, with its lineage tags and warnings, on stderr."""
+    lineage = getattr(model, "lineage", None)
+    if lineage is not None:
+        print(lineage.describe(), file=sys.stderr)
+        for w in lineage.warnings():
+            print(f"warning: {w}", file=sys.stderr)
+
+
+def _warn_if_uniform(rows: list[dict]) -> None:
+    """Warn (stderr) when every scored record shows the same output at the printed precision: a broken or
+    swapped model (e.g. a huge negative bias gives 0.0000 everywhere), never a real cohort."""
+    shown = [" ".join(f"{v:.4f}" for v in (p if isinstance(p, list) else [p]))
+             for p in (r["probability"] for r in rows if r["error"] is None)]
+    if len(shown) >= 2 and len(set(shown)) == 1:
+        print(f"warning: all {len(shown)} scored records got the same output {shown[0]}: the model may be "
+              "broken or not the one you meant; check its lineage above", file=sys.stderr)
+
+
+def _load_hint(message: str) -> str:
+    """What to do about a model that did not load (an authenticated server answers 401 / 403)."""
+    if "401" in message:
+        return ("  the MLflow server needs a user: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(or keep them in ~/.mlflow/credentials)")
+    if "403" in message:
+        return ("  your MLflow user has no permission on this model: ask the admin for READ "
+                "(stence cluster user grant USER --model NAME --permission READ)")
+    return "  list registered versions with `stence models`; register one with `stence register RUN_ID`"
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from stence.data.limits import Limits
@@ -62,16 +100,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_champion(ref, uri=uri)
     except Exception as e:  # unknown alias, missing run, unreadable file: say which and what to do
-        print(f"error: cannot load model {ref!r} from {uri}: {e}\n"
-              "  list registered versions with `stence models`; register one with `stence register RUN_ID`")
+        print(f"error: cannot load model {ref!r} from {uri}: {e}\n{_load_hint(str(e))}")
         return 1
+    _report_lineage(model)
     # an empty folder stays an argument of its own, so it gets an error row rather than vanishing
     rows = predict_records(model, expand_records(args.records), limits=Limits.from_config(cfg.ingest))
+    _warn_if_uniform(rows)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows)
     n_ok = sum(r["error"] is None for r in rows)
     if not args.json:
-        print(f"scored {n_ok} of {len(rows)} record(s) with {ref} (task {model.metadata['task']})")
+        lineage = getattr(model, "lineage", None)
+        version = f"version {lineage.version}, " if lineage is not None and lineage.version else ""
+        print(f"scored {n_ok} of {len(rows)} record(s) with {ref} ({version}task {model.metadata['task']})")
     return 0 if n_ok == len(rows) else 1
