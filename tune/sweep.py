@@ -7,7 +7,9 @@ a trial function that applies the sampled dotted overrides to the base config an
 MLflow: one parent run per sweep and one nested child run per trial, found again by its trial-id tag
 when a sweep resumes (no duplicates). The trial function ends its child run; a Tune callback on this
 process ends the runs of trials the trial function could not end itself (stopped by ASHA: the trial
-is killed, so nothing after fit() runs; or crashed), so no run is left RUNNING.
+is killed, so nothing after fit() runs; or crashed), so no run is left RUNNING. A driver killed outright
+(SIGKILL) ends nothing: `resume` first ends the runs it orphaned (tune/trial_runs.py `repair_runs`), as
+`stence runs repair --sweep NAME` does for a sweep that will not be resumed.
 """
 
 from __future__ import annotations
@@ -28,14 +30,24 @@ from stence.config import Config, apply_overrides, load_config, save_config, to_
 from stence.train.driver import absolute_storage, ensure_ray
 from stence.train.tracking import (
     PARENT_TAG,
+    SPOOL_NAME,
     NullTracker,
     Tracker,
     resolve_tracking_uri,
     search_runs_by,
     start_run,
 )
+from stence.train.tracking_owner import DRIVER_TAG, driver_identity
 from tune.spaces import build_param_space, is_fixed
-from tune.trial_runs import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG, ChildRunCloser, make_trial_fn
+from tune.trial_runs import (
+    STOPPED_TAG,
+    SWEEP_PATH_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    ChildRunCloser,
+    make_trial_fn,
+    repair_runs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +190,9 @@ def _new_sweep(
         state["parent_run_id"] = start_run(
             base,
             sweep_name,
-            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space},
+            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space, SWEEP_PATH_TAG: str(path)},
             params={f"sweep.{k}": v for k, v in state.items() if k not in ("name", "parent_run_id")},
+            spool=path / SPOOL_NAME,
         )
     save_config(base, path / BASE_CONFIG_FILE)
     (path / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -196,9 +209,20 @@ def _resumed_sweep(resume: str, given: dict[str, Any]) -> tuple[Path, Config, di
         if value != state[key]:
             logger.warning("resume: using the stored %s=%r, not %r", key, state[key], value)
     if state["parent_run_id"]:
-        parent = Tracker(base.tracking.uri, state["parent_run_id"])
+        # a driver SIGKILLed left its runs RUNNING: end them as repair would (trials that resume reopen theirs)
+        try:
+            ended, _ = repair_runs(base.tracking.uri, base.tracking.experiment, sweep=state["name"],
+                                   keep=(state["parent_run_id"],))  # reopened right below
+        except Exception as e:  # noqa: BLE001 - the store is down: the sweep resumes all the same
+            ended = []
+            logger.warning("resume: cannot repair the runs of sweep %s (%s); once the tracking store is back, "
+                           "run: stence runs repair --sweep %s", state["name"], e, state["name"])
+        for r in ended:
+            logger.info("resume: ended orphaned run %s (%s) %s: %s", r.name, r.run_id, r.status, r.reason)
+        parent = Tracker(base.tracking.uri, state["parent_run_id"], spool=path / SPOOL_NAME)
+        parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), DRIVER_TAG: driver_identity(),
+                         SWEEP_PATH_TAG: str(path)})
         parent.reopen()
-        parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return path, base, state
 
 
@@ -221,7 +245,8 @@ def _new_tuner(
     n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
     run_callbacks = list(callbacks or [])
     if state["parent_run_id"]:
-        run_callbacks.insert(0, ChildRunCloser(base.tracking.uri, base.tracking.experiment, state["name"]))
+        run_callbacks.insert(0, ChildRunCloser(base.tracking.uri, base.tracking.experiment, state["name"],
+                                               spool=path / SPOOL_NAME, parent_run_id=state["parent_run_id"]))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -286,11 +311,12 @@ def run_sweep(
         )
     else:
         path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name, search)
-    trial_fn = make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"])
+    trial_fn = make_trial_fn(train_fn_for_trial, to_dict(base), state["parent_run_id"], state["name"],
+                             driver=driver_identity(), spool=path / SPOOL_NAME)
     trainable = tune.with_resources(trial_fn, driver_resources())  # Train workers ask for their own
     parent: Tracker | NullTracker = NullTracker()
     if state["parent_run_id"]:
-        parent = Tracker(base.tracking.uri, state["parent_run_id"])
+        parent = Tracker(base.tracking.uri, state["parent_run_id"], spool=path / SPOOL_NAME)
     try:
         if resume:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
@@ -332,15 +358,20 @@ def _finish(
     children: dict[str, str] = {}
     if parent.run_id:
         uri, exp = base.tracking.uri, base.tracking.experiment
-        for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}):
-            children.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
-        # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial, or to
-        # one a Stopper ended with the experiment (Tune calls no on_trial_complete then): stopped early.
-        for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}, status="RUNNING"):
-            t = Tracker(uri, run.info.run_id)
-            if stopped:
-                t.set_tags({STOPPED_TAG: "true"})
-            t.end("FINISHED" if stopped else "KILLED")
+        parent.flush()  # the trial ends the trial actors buffered come first
+        try:
+            for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}):
+                children.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
+            # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial, or to
+            # one a Stopper ended with the experiment (Tune calls no on_trial_complete then): stopped early.
+            for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}, status="RUNNING"):
+                t = Tracker(uri, run.info.run_id, spool=parent.spool)
+                if stopped:
+                    t.set_tags({STOPPED_TAG: "true"})
+                t.end("FINISHED" if stopped else "KILLED", if_running=True)
+        except Exception as e:  # noqa: BLE001 - the store is down: the sweep's result does not depend on it
+            logger.warning("tracking degraded: cannot list the trial runs of sweep %s (%s); once the store is "
+                           "back, run: stence runs repair --sweep %s", sweep_name, e, sweep_name)
 
     df = grid.get_dataframe()
     if "trial_id" in df:

@@ -1,22 +1,38 @@
 """The MLflow side of a sweep's trials: the function Tune runs per trial (sampled overrides -> config ->
-the training driver, inside a nested child run found again by its trial-id tag on resume), and the Tune
-callback that ends the child runs a trial could not end itself (killed by ASHA, or crashed)."""
+the training driver, inside a nested child run found again by its trial-id tag on resume), the Tune
+callback that ends the child runs a trial could not end itself (killed by ASHA, or crashed), and the repair
+of a sweep whose driver died (SIGKILL): its parent and trial runs are ended in the state Tune left them in.
+
+Every run of a sweep names the sweep driver as its driver (`stence.driver`): a trial's child run is orphaned
+when the sweep driver is gone, whatever its trial actors do. Tracking calls go through the sweep's spool
+(`<sweep folder>/mlflow_spool.jsonl`), so a tracking store that is down never fails a trial at its end.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from stence.config import Config, apply_overrides, from_dict
 from stence.train.driver import tune_trial_id
-from stence.train.tracking import NullTracker, Tracker, find_run_by, run_status, start_run
+from stence.train.tracking import PARENT_TAG, NullTracker, Tracker, find_run_by, run_status, start_run
+from stence.train.tracking_owner import DRIVER_TAG
+from stence.train.tracking_repair import Repair, end_orphans, find_orphans, replay_spools
+from stence.train.tracking_spool import HEARTBEAT_TAG
+
+logger = logging.getLogger(__name__)
 
 TRIAL_TAG = "stence.trial_id"
 SWEEP_TAG = "stence.sweep"
+SWEEP_PATH_TAG = "stence.sweep_path"  # on the parent run: the Tune experiment folder (for repair)
 STOPPED_TAG = "stence.stopped_early"
+HEARTBEAT_EVERY_S = 60.0  # the sweep driver refreshes its parent run's heartbeat at most this often
 
 
 def make_trial_fn(
@@ -24,8 +40,11 @@ def make_trial_fn(
     base: dict[str, Any],
     parent_run_id: str | None,
     sweep_name: str,
+    driver: str = "",
+    spool: str | Path | None = None,
 ) -> Callable[[dict], None]:
-    """The function Tune runs per trial (in a trial actor whose cwd is the trial directory)."""
+    """The function Tune runs per trial (in a trial actor whose cwd is the trial directory). `driver` is the
+    sweep driver's identity, recorded on the child run; `spool` the sweep's spool file."""
 
     def stence_trial(config: dict) -> None:
         cfg = apply_overrides(from_dict(base), dict(config))
@@ -36,47 +55,134 @@ def make_trial_fn(
             tags = {TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name}
             run_id = find_run_by(uri, cfg.tracking.experiment, tags)
             if run_id is None:
-                tags["stence.overrides"] = json.dumps(config, sort_keys=True, default=str)
+                tags.update({"stence.overrides": json.dumps(config, sort_keys=True, default=str),
+                             **({DRIVER_TAG: driver} if driver else {})})
                 run_id = start_run(cfg, f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
-            tracker = Tracker(uri, run_id)
-            tracker.reopen()  # a resumed trial logs on into its child run
+                tracker = Tracker(uri, run_id, spool=spool)
+            else:
+                tracker = Tracker(uri, run_id, spool=spool)
+                if driver:  # the new sweep driver first: a repair meanwhile must not take the run for orphaned
+                    tracker.set_tags({DRIVER_TAG: driver})
+                tracker.reopen()  # a resumed trial logs on into its child run
         try:
             train_fn_for_trial(cfg, tracker.run_id)
         except BaseException:
-            if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
-                tracker.end("FAILED")
+            tracker.end("FAILED", if_running=True)
             raise
-        if tracker.run_id and run_status(tracker.uri, tracker.run_id) == "RUNNING":
-            tracker.end("FINISHED")
+        tracker.end("FINISHED", if_running=True)
 
     return stence_trial
 
 
 class ChildRunCloser(tune.Callback):
     """Ends the child runs the trial function could not end: ASHA-stopped trials are killed while in
-    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED."""
+    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED. Also refreshes the parent
+    run's heartbeat. A tracking store that is down is only logged: `stence runs repair` catches up."""
 
-    def __init__(self, uri: str, experiment: str, sweep_name: str):
+    def __init__(self, uri: str, experiment: str, sweep_name: str, spool: str | Path | None = None,
+                 parent_run_id: str | None = None):
         self.uri = uri
         self.experiment = experiment
         self.sweep_name = sweep_name
+        self.spool = spool
+        self.parent_run_id = parent_run_id
+        self._beat = 0.0
 
     def _running_child(self, trial: Any) -> str | None:
-        run_id = find_run_by(
-            self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name}
-        )
-        if run_id and run_status(self.uri, run_id) == "RUNNING":
-            return run_id
+        try:
+            run_id = find_run_by(self.uri, self.experiment, {TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name})
+            if run_id and run_status(self.uri, run_id) == "RUNNING":
+                return run_id
+        except Exception as e:  # noqa: BLE001 - the store is down: repair ends the run later
+            logger.warning("tracking degraded: cannot look up the run of trial %s (%s); `stence runs repair "
+                           "--sweep %s` ends it once the store is back", trial.trial_id, e, self.sweep_name)
         return None
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.parent_run_id and time.monotonic() - self._beat > HEARTBEAT_EVERY_S:
+            self._beat = time.monotonic()
+            Tracker(self.uri, self.parent_run_id, spool=self.spool).set_tags({HEARTBEAT_TAG: int(time.time())})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._running_child(trial)
         if run_id:
-            t = Tracker(self.uri, run_id)
+            t = Tracker(self.uri, run_id, spool=self.spool)
             t.set_tags({STOPPED_TAG: "true"})
-            t.end("FINISHED")
+            t.end("FINISHED", if_running=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._running_child(trial)
         if run_id:
-            Tracker(self.uri, run_id).end("FAILED")
+            Tracker(self.uri, run_id, spool=self.spool).end("FAILED", if_running=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# repair of a sweep whose driver died
+
+TUNE_TO_MLFLOW = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}  # anything else (RUNNING, PENDING...) KILLED
+
+
+def tune_trial_states(sweep_path: str | Path) -> dict[str, str]:
+    """{trial id: Tune status} from the newest experiment state file of a sweep folder ({} if none)."""
+    states = sorted(Path(sweep_path).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+        trials = [json.loads(t) for t, _ in data.get("trial_data", [])]
+        return {t["trial_id"]: t["status"] for t in trials}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class SweepStatus:
+    """The state an orphaned run of a sweep is ended in. A parent is KILLED (interrupted: `stence tune
+    --resume` reopens it). A trial's child takes its trial's state in the sweep's Tune state: FINISHED if
+    Tune had it terminated (ASHA stopped it, or it ended just before the kill), FAILED if errored, KILLED
+    if it was still running or pending (its Train run resumes from its checkpoint with --resume)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._paths: dict[str, str] = {}
+        self._states: dict[str, dict[str, str]] = {}
+
+    def _sweep_path(self, parent_id: str) -> str:
+        if parent_id not in self._paths:
+            import mlflow
+
+            try:
+                tags = mlflow.MlflowClient(tracking_uri=self.uri).get_run(parent_id).data.tags
+                self._paths[parent_id] = tags.get(SWEEP_PATH_TAG, "")
+            except Exception:  # noqa: BLE001 - a deleted parent: KILLED is the safe default
+                self._paths[parent_id] = ""
+        return self._paths[parent_id]
+
+    def __call__(self, run: Any) -> str:
+        tags = run.data.tags
+        trial_id, parent = tags.get(TRIAL_TAG), tags.get(PARENT_TAG)
+        if not trial_id or not parent:
+            return "KILLED"
+        path = self._sweep_path(parent)
+        if path and path not in self._states:
+            self._states[path] = tune_trial_states(path)
+        return TUNE_TO_MLFLOW.get(self._states.get(path, {}).get(trial_id, ""), "KILLED")
+
+
+def repair_runs(uri: str, experiment: str, sweep: str | None = None, older_than_min: float | None = None,
+                dry_run: bool = False, keep: tuple[str, ...] = ()) -> tuple[list[Repair], list[tuple[Any, str]]]:
+    """End the orphaned RUNNING runs of `experiment` (of one sweep with `sweep`; never the run ids in `keep`):
+    children before parents, after replaying their spools. Returns (what was ended, [(run, why it was left
+    alone)])."""
+    tags = {SWEEP_TAG: sweep} if sweep else {}
+    if sweep and not dry_run:  # the sweep's own spool first: it holds the trial ends its actors buffered
+        verdicts = find_orphans(uri, experiment, tags, older_than_min)
+        replay_spools([v.run for v in verdicts if v.orphan and PARENT_TAG not in v.run.data.tags])
+    verdicts = find_orphans(uri, experiment, tags, older_than_min)
+    verdicts = [v for v in verdicts if v.run.info.run_id not in keep]
+    orphans = sorted((v for v in verdicts if v.orphan), key=lambda v: PARENT_TAG not in v.run.data.tags)
+    kept = [(v.run, v.reason) for v in verdicts if not v.orphan]
+    return end_orphans(uri, orphans, SweepStatus(uri), dry_run=dry_run), kept
+
+
+__all__ = ["STOPPED_TAG", "SWEEP_PATH_TAG", "SWEEP_TAG", "TRIAL_TAG", "ChildRunCloser", "SweepStatus",
+           "make_trial_fn", "repair_runs", "tune_trial_states"]

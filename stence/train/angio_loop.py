@@ -98,6 +98,7 @@ def angio_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start = int(state["epoch"])
+        tracker.refill(state.get("tracked"))  # its metrics, had the restart come before they were logged
         print0(f"resuming from epoch {start}")
 
     for epoch in range(start, cfg.optim.epochs):
@@ -131,12 +132,14 @@ def angio_loop(loop_config: dict[str, Any]) -> None:
             val = gather_outputs(val_batches())
         metrics.update(target_aurocs(val["y"], val["p"]))
         metrics["epoch"] = epoch + 1
-        tracker.log_metrics(metrics, step=epoch + 1)
         print0(f"epoch {epoch + 1}/{cfg.optim.epochs} loss={metrics['train/sten_loss']:.4f} "
                f"patient={metrics['val/auroc_patient']:.3f} artery={metrics['val/auroc_artery']:.3f} "
                f"segment={metrics['val/auroc_segment']:.3f} mean={metrics['val/auroc_mean']:.3f}")
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "config": loop_config["config"]}
-        report(metrics, ckpt)
+                    "epoch": epoch + 1, "config": loop_config["config"],
+                    "tracked": tracker.stamp(metrics, step=epoch + 1)}
+        report(metrics, ckpt)  # the checkpoint first: a tracking store that is down never costs an epoch
+        tracker.log_metrics(metrics, step=epoch + 1)
+    tracker.close()

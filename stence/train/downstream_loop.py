@@ -155,6 +155,7 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         start, best, best_state = int(state["epoch"]), float(state["best"]), state["best_model"]
+        tracker.refill(state.get("tracked"))  # its metrics, had the restart come before they were logged
 
     def train_batches(epoch: int):
         for k in range(passes):  # a fresh shuffle (and augmentation draw) per pass
@@ -181,14 +182,14 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
         if np.isfinite(metrics[DOWNSTREAM_METRIC]) and metrics[DOWNSTREAM_METRIC] > best:
             best, best_state = metrics[DOWNSTREAM_METRIC], copy.deepcopy(core.state_dict())
         metrics.update({"epoch": epoch + 1, "val/best_auroc": best, "train/passes_per_epoch": passes})
-        tracker.log_metrics(metrics, step=epoch + 1)
         print0(f"epoch {epoch + 1}/{d.epochs} loss={metrics['train/loss']:.4f} val_auroc={metrics['val/auroc']:.3f}")
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "best": best, "best_model": best_state or core.state_dict(),
-                    "config": loop_config["config"]}
-        report(metrics, ckpt)
+                    "config": loop_config["config"], "tracked": tracker.stamp(metrics, step=epoch + 1)}
+        report(metrics, ckpt)  # the checkpoint first: a tracking store that is down never costs an epoch
+        tracker.log_metrics(metrics, step=epoch + 1)
 
     # the test split, read once, with the weights selected on validation
     if best_state is not None:
@@ -202,3 +203,4 @@ def downstream_loop(loop_config: dict[str, Any]) -> None:
                 "test": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test.items()},
                 "val": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in val.items()}}
     report(final, ckpt)
+    tracker.close()

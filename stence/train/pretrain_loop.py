@@ -4,7 +4,7 @@ Two AdamW optimisers (ECG tower + head + temperature; angiography tower + head),
 cosine, DDP with negatives gathered across workers, an all-reduced validation every epoch (CLIP loss,
 recall@1/5 both ways) and a kNN probe on the downstream task every `train.knn_every` epochs. Every
 epoch ends in a checkpoint (model, optimisers, schedulers, epoch, kNN history, resolved config), ranked by
-the mean of the last `train.knn_smooth` kNN AUROCs.
+the mean of the last `train.knn_smooth` kNN AUROCs, and only then are its metrics logged to MLflow.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
             o.load_state_dict(state["optim"][name])
             s.load_state_dict(state["sched"][name])
         start, knn_history = int(state["epoch"]), list(state.get("knn_history", []))
+        tracker.refill(state.get("tracked"))  # its metrics, had the restart come before they were logged
         print0(f"resuming from epoch {start}")
 
     for epoch in range(start, cfg.optim.epochs):
@@ -161,12 +162,14 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         metrics[KNN_METRIC] = knn_history[-1] if knn_history else 0.0  # the latest probe's, between probes
         metrics[SELECT_METRIC] = smoothed(knn_history, cfg.train.knn_smooth)
         metrics["epoch"] = epoch + 1
-        tracker.log_metrics(metrics, step=epoch + 1)
         print0(f"epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/") or k == "train/loss"))
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": {k: o.state_dict() for k, o in optimizers},
                     "sched": {k: s.state_dict() for (k, _), s in zip(optimizers, schedulers, strict=True)},
-                    "epoch": epoch + 1, "knn_history": knn_history, "config": loop_config["config"]}
-        report(metrics, ckpt)
+                    "epoch": epoch + 1, "knn_history": knn_history, "config": loop_config["config"],
+                    "tracked": tracker.stamp(metrics, step=epoch + 1)}
+        report(metrics, ckpt)  # the checkpoint first: a tracking store that is down never costs an epoch
+        tracker.log_metrics(metrics, step=epoch + 1)
+    tracker.close()

@@ -7,7 +7,7 @@ model, evaluate with confidence intervals, and track it all in MLflow.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +15,60 @@ import numpy as np
 
 from stence.config import Config, to_dict
 from stence.outputs import MARKER, claim_output
-from stence.train.driver import absolute_storage, fit, tune_trial_id
-from stence.train.tracking import Tracker, loop_tracking, resolve_tracking_uri, start_run
+from stence.train.driver import absolute_storage, fit, run_name_for, tune_trial_id
+from stence.train.tracking import (
+    SPOOL_TAG,
+    Tracker,
+    loop_tracking,
+    resolve_tracking_uri,
+    run_spool,
+    start_run,
+)
 from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The MLflow side of one stage run: where it logs and spools, and whether this driver ends it."""
+
+    uri: str | None = None
+    run_id: str | None = None
+    owned: bool = False  # started here (a single command), not handed in (a sweep trial ends its own)
+    spool: Path | None = None  # the run's spool file, in its Ray Train run folder
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.uri, self.run_id, spool=self.spool)
+
+    def loop_tracking(self) -> dict[str, Any]:
+        return loop_tracking(self.uri, self.run_id, self.spool)
+
+
 def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str,
-             parent_run_id: str | None = None) -> tuple[str | None, str | None, bool]:
-    """(uri, run_id, owned): reuse a given run (a sweep trial) or start one for a single command."""
+             parent_run_id: str | None = None, train_cfg: Config | None = None) -> _Run:
+    """Reuse a given run (a sweep trial) or start one for a single command. The run's spool lies in the
+    folder of its Ray Train run (the one `fit(..., train_cfg or cfg, stage=stage)` names), so checkpoints and
+    buffered tracking stay together."""
     if not cfg.tracking.enabled:
-        return None, None, False
+        return _Run()
     uri = resolve_tracking_uri(cfg)
+    spool = run_spool(absolute_storage(cfg.train.storage_path), run_name_for(train_cfg or cfg, stage))
     if run_id:
-        return uri, run_id, False
-    return uri, start_run(cfg, run_name, parent_run_id=parent_run_id, tags={"stence.stage": stage}), True
+        run = _Run(uri, run_id, False, spool)
+        run.tracker().set_tags({SPOOL_TAG: spool})
+        return run
+    run_id = start_run(cfg, run_name, parent_run_id=parent_run_id, tags={"stence.stage": stage}, spool=spool)
+    return _Run(uri, run_id, True, spool)
 
 
-def _finish(uri: str | None, run_id: str | None, owned: bool, ok: bool) -> None:
-    if uri and run_id and owned:
-        Tracker(uri, run_id).end("FINISHED" if ok else "FAILED")
+def _finish(run: _Run, ok: bool) -> None:
+    """End an owned run; in any case flush what the run's trackers buffered (bounded), naming the replay
+    command for anything the store did not take."""
+    if not (run.uri and run.run_id):
+        return
+    if run.owned:
+        run.tracker().end("FINISHED" if ok else "FAILED")
+    else:
+        run.tracker().close()
 
 
 EXPORT_KIND = "export"  # output kind in the ownership marker (stence/outputs.py)
@@ -86,13 +121,13 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     from stence.train.angio_loop import ANGIO_METRIC, angio_loop
 
     name = cfg.train.name
-    uri, run_id, owned = _tracker(cfg, run_id, f"angio-{name}", "angio")
+    run = _tracker(cfg, run_id, f"angio-{name}", "angio")
     ok = False
     try:
         end_to_end = trains_frame_encoder(cfg)
         inputs = {"end_to_end": True} if end_to_end else {"features_dir": _features(cfg)}
         result = fit(angio_loop, cfg, stage="angio", metric=ANGIO_METRIC,
-                     loop_config={**inputs, **loop_tracking(uri, run_id)})
+                     loop_config={**inputs, **run.loop_tracking()})
         state, best = _best_state(result, ANGIO_METRIC)
         out = _output_dir(cfg, "angio", name)
         fresh = replace(cfg, model=replace(cfg.model, angio_checkpoint=""))
@@ -108,14 +143,14 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
             agg = build_aggregator(fresh)
             agg.load_state_dict(state["model"])
         save_aggregator(paths["checkpoint"], agg, to_dict(cfg), extra=extra)
-        if uri and run_id:
-            t = Tracker(uri, run_id)
+        if run.run_id:
+            t = run.tracker()
             for path in paths.values():
                 t.log_artifact(path)
         ok = True
-        return {**{k: str(v) for k, v in paths.items()}, "metrics": best, "run_id": run_id}
+        return {**{k: str(v) for k, v in paths.items()}, "metrics": best, "run_id": run.run_id}
     finally:
-        _finish(uri, run_id, owned, ok)
+        _finish(run, ok)
 
 
 def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
@@ -126,12 +161,12 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
 
     name = cfg.train.name
-    uri, run_id, owned = _tracker(cfg, run_id, f"pretrain-{name}", "pretrain")
+    run = _tracker(cfg, run_id, f"pretrain-{name}", "pretrain")
     ok = False
     try:
         feats = _features(cfg)
         result = fit(pretrain_loop, cfg, stage="pretrain", metric=SELECT_METRIC,
-                     loop_config={"features_dir": feats, **loop_tracking(uri, run_id)})
+                     loop_config={"features_dir": feats, **run.loop_tracking()})
         state, best = _best_state(result, SELECT_METRIC)
         model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
         model.load_state_dict(state["model"])
@@ -139,15 +174,15 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         extra = {"metrics": best, "epoch": int(state["epoch"])}
         save_stence(out / "stence.pt", model, to_dict(cfg), extra=extra)
         save_encoder(out / "encoder.pt", model.ecg_encoder, to_dict(cfg), extra=extra)
-        if uri and run_id:
-            t = Tracker(uri, run_id)
+        if run.run_id:
+            t = run.tracker()
             t.log_metrics({f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}, step=0)
             t.set_tags({"stence.encoder_path": str(out / "encoder.pt")})
         ok = True
         return {"checkpoint": str(out / "stence.pt"), "encoder": str(out / "encoder.pt"), "metrics": best,
-                "run_id": run_id}
+                "run_id": run.run_id}
     finally:
-        _finish(uri, run_id, owned, ok)
+        _finish(run, ok)
 
 
 def _slug(text: str) -> str:
@@ -193,11 +228,12 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
     d = cfg.downstream
     # the run name (hence resume) is tied to the exact inputs: another encoder or config is a new run
     name = f"{cfg.train.name}-{_slug(label)}-{d.mode}-{d.task}-{_inputs_key(cfg)}"
-    uri, run_id, owned = _tracker(cfg, run_id, name, d.mode, parent_run_id)
+    named = replace(cfg, train=replace(cfg.train, name=name))
+    run = _tracker(cfg, run_id, name, d.mode, parent_run_id, train_cfg=named)
     ok = False
     try:
-        result = fit(downstream_loop, replace(cfg, train=replace(cfg.train, name=name)), stage=d.mode,
-                     metric=DOWNSTREAM_METRIC, loop_config=loop_tracking(uri, run_id))
+        result = fit(downstream_loop, named, stage=d.mode, metric=DOWNSTREAM_METRIC,
+                     loop_config=run.loop_tracking())
         if result.error:
             raise RuntimeError(f"training failed: {result.error}") from result.error
         final = load_state(result.checkpoint)
@@ -231,8 +267,8 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
         np.savez(out / "test_predictions.npz", **test,
                  patients=np.asarray(groups, dtype=str) if groups is not None else np.array([], dtype=str))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        if uri and run_id:
-            t = Tracker(uri, run_id)
+        if run.run_id:
+            t = run.tracker()
             flat = {f"test/{k}": v for k, v in metrics.get(d.task, {}).items() if isinstance(v, (int, float))}
             flat.update({f"val_final/{k}": v for k, v in metrics.get("val", {}).get(d.task, {}).items()
                          if isinstance(v, (int, float))})
@@ -241,7 +277,7 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
                 if f.name != MARKER:
                     t.log_artifact(f)
         ok = True
-        return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run_id,
+        return {"metrics": metrics, "test": test, "groups": groups, "out": str(out), "run_id": run.run_id,
                 "scorer": str(out / "scorer.pt")}
     finally:
-        _finish(uri, run_id, owned, ok)
+        _finish(run, ok)

@@ -9,6 +9,7 @@ trials and workers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,10 +19,24 @@ from urllib.parse import unquote
 import yaml
 
 from stence.config import Config, config_hash, flatten, to_dict
+from stence.train.tracking_owner import DRIVER_TAG, driver_identity
+from stence.train.tracking_replay import writer_for
+from stence.train.tracking_spool import (
+    CLOSE_WAIT_S,
+    DEADLINE_S,
+    HEARTBEAT_TAG,
+    SPOOL_NAME,
+    new_record,
+    pending_records,
+    replay_command,
+)
+
+logger = logging.getLogger("stence.tracking")
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI draws children under parents)
 RUN_NAME_TAG = "mlflow.runName"
 CONFIG_HASH_TAG = "stence.config_hash"
+SPOOL_TAG = "stence.spool"  # the spool file a run's trackers buffer to (replayed by `stence runs repair`)
 _MAX_BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 _MAX_PARAM_LEN = 6000
 
@@ -62,6 +77,23 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / "mlartifacts" / experiment).as_uri()
 
 
+def default_spool(uri: str) -> Path:
+    """Spool of a tracker given none: beside a SQLite database, else <project>/runs/."""
+    if uri.startswith("sqlite:///"):
+        db = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
+        if db.is_absolute():
+            return db.parent / SPOOL_NAME
+    return _project_dir() / "runs" / SPOOL_NAME
+
+
+def run_spool(storage_path: str, run_name: str) -> Path:
+    """The spool of a training run: in its own folder, <storage>/<run name>/ (the folder of its Ray Train
+    checkpoints). Remote storage (s3://...) cannot be appended to: <project>/runs/spool/<run name>/ then."""
+    if "://" in storage_path:
+        return _project_dir() / "runs" / "spool" / run_name / SPOOL_NAME
+    return Path(storage_path) / run_name / SPOOL_NAME
+
+
 def _client(uri: str) -> Any:
     import mlflow
 
@@ -95,27 +127,26 @@ def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + _MAX_BATCH])
 
 
-def _set_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    items = [RunTag(str(k), str(v)) for k, v in tags.items()]
-    for i in range(0, len(items), _MAX_BATCH):
-        client.log_batch(run_id, tags=items[i : i + _MAX_BATCH])
-
-
 def start_run(
     cfg: Config,
     run_name: str,
     parent_run_id: str | None = None,
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
+    spool: str | os.PathLike | None = None,
 ) -> str:
     """Create a RUNNING run (nested under `parent_run_id` if given); log the flattened resolved config
-    as params (plus `params`) and the config YAML as the artifact `config.yaml`. Returns the run id."""
+    as params (plus `params`) and the config YAML as the artifact `config.yaml`. Returns the run id.
+
+    The run records its driver (this process, unless `tags` name another in `stence.driver`) for
+    `stence runs repair`, and the spool file its trackers buffer to (`spool`) for replays. Creating a run
+    needs the store: unlike the Tracker calls this fails (after MLflow's own retries) when it is down."""
     uri = resolve_tracking_uri(cfg)
     client = _client(uri)
     exp_id = _experiment_id(client, uri, cfg.tracking.experiment)
-    all_tags = {CONFIG_HASH_TAG: config_hash(cfg), **(tags or {})}
+    all_tags = {CONFIG_HASH_TAG: config_hash(cfg), DRIVER_TAG: driver_identity(), **(tags or {})}
+    if spool:
+        all_tags[SPOOL_TAG] = str(spool)
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
@@ -168,39 +199,97 @@ def run_status(uri: str, run_id: str) -> str:
 
 
 class Tracker:
-    """Logs to one MLflow run by id (rank 0 only; see `open_tracker`)."""
+    """Logs to one MLflow run by id (rank 0 only; see `open_tracker`) through the run's spool.
 
-    def __init__(self, uri: str, run_id: str):
+    Every call is appended to the spool file first and replayed to the store by a background thread (see
+    tracking_spool.py and tracking_replay.py). While the store answers, a call returns once applied (at most `deadline_s`), and
+    errors the store gives for good (a changed param, a deleted run) are raised as before. While it does
+    not (server down, SQLite locked), calls return at once: their lines wait in the spool, one warning says
+    tracking is degraded, and each later call retries. `close()` (and `end()`) wait a bounded time for the
+    last replay and name the replay command for anything left.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: str | os.PathLike | None = None,
+                 deadline_s: float = DEADLINE_S):
         self.uri = uri
         self.run_id = run_id
-        self._client = _client(uri)
+        self.spool = Path(spool) if spool else default_spool(uri)
+        self.deadline_s = deadline_s
+        self._writer = writer_for(self.spool)
+        self._dedupe = False  # after a restore: skip the (key, step) pairs the run already has
+
+    def _submit(self, op: str, **fields: Any) -> None:
+        rec = new_record(self.uri, self.run_id, op, **fields)
+        self._writer.submit(rec)
+        if self._writer.degraded:  # the replay retries in the background: never hold training up
+            return
+        if self._writer.wait_for(rec["id"], self.deadline_s):
+            err = self._writer.errors.pop(rec["id"], None)
+            if err is not None:
+                raise err
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, int(step)) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self._submit("metrics", metrics=[[str(k), float(v), now, int(step)] for k, v in metrics.items()],
+                     dedupe=self._dedupe)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        _log_params(self._client, self.run_id, params)
+        self._submit("params", params={str(k): _str_value(v) for k, v in params.items()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        _set_tags(self._client, self.run_id, tags)
+        self._submit("tags", tags={str(k): str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._submit("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
-        self._client.log_dict(self.run_id, obj, name)
+        self._submit("dict", obj=obj, name=name)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status)
+    def end(self, status: str = "FINISHED", if_running: bool = False) -> None:
+        """Terminate the run (only if still RUNNING with `if_running`), then `close()`."""
+        self._submit("status", status=status, end_time=int(time.time() * 1000), if_running=if_running)
+        self.close()
 
     def reopen(self) -> None:
         """Mark a KILLED/FINISHED run RUNNING again (a resumed sweep or trial keeps logging into it)."""
-        self._client.update_run(self.run_id, status="RUNNING")
+        self._submit("reopen")
+
+    def stamp(self, metrics: dict[str, Any], step: int) -> dict[str, Any]:
+        """What a checkpoint keeps of its epoch's tracking (see `refill`)."""
+        return {"run_id": self.run_id, "step": int(step),
+                "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+    def refill(self, stamp: dict[str, Any] | None) -> None:
+        """After a restore into the same run: log the restored checkpoint's metrics (they are logged after
+        their checkpoint is committed, so a crash in between would lose them), and from now on skip every
+        (key, step) the run already has (an epoch trained again after a restore is not logged twice)."""
+        if stamp and stamp.get("run_id") == self.run_id:
+            self._dedupe = True
+            if stamp.get("metrics"):
+                self.log_metrics(stamp["metrics"], step=int(stamp["step"]))
+
+    def flush(self, wait_s: float = CLOSE_WAIT_S) -> bool:
+        """Replay what is pending, waiting at most `wait_s`; True when nothing is left."""
+        deadline = time.monotonic() + wait_s
+        for _ in range(2):  # the running replay may have started before the last lines were appended
+            self._writer.kick()
+            self._writer.wait_idle(max(0.0, deadline - time.monotonic()))
+            if not pending_records(self._writer.path):
+                return True
+            if self._writer.degraded or time.monotonic() >= deadline:
+                break
+        return False
+
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> int:
+        """Flush (bounded); warn with the replay command if items remain. Returns how many remain."""
+        if self.flush(wait_s):
+            return 0
+        spool = self._writer.path
+        n = len(pending_records(spool))
+        logger.warning("tracking degraded: %d items (metrics, params, tags or the final status) for MLflow run "
+                       "%s are buffered in %s; when the tracking store is back, run: %s", n, self.run_id,
+                       spool, replay_command(spool))
+        return n
 
 
 class NullTracker:
@@ -208,6 +297,7 @@ class NullTracker:
 
     uri = ""
     run_id = None
+    spool = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -224,47 +314,67 @@ class NullTracker:
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         pass
 
-    def end(self, status: str = "FINISHED") -> None:
+    def end(self, status: str = "FINISHED", if_running: bool = False) -> None:
         pass
 
     def reopen(self) -> None:
         pass
 
+    def stamp(self, metrics: dict[str, Any], step: int) -> None:
+        return None
 
-def open_tracker(uri: str | None, run_id: str | None, rank: int) -> Tracker | NullTracker:
+    def refill(self, stamp: dict[str, Any] | None) -> None:
+        pass
+
+    def flush(self, wait_s: float = CLOSE_WAIT_S) -> bool:
+        return True
+
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> int:
+        return 0
+
+
+def open_tracker(uri: str | None, run_id: str | None, rank: int,
+                 spool: str | os.PathLike | None = None) -> Tracker | NullTracker:
     """A Tracker on rank 0 when a run id is given, a NullTracker otherwise."""
     if rank != 0 or not run_id or not uri:
         return NullTracker()
-    return Tracker(uri, run_id)
+    return Tracker(uri, run_id, spool=spool)
 
 
 LOOP_URI_KEY = "mlflow_uri"  # keys of the train_loop_config entries that carry the tracking target
 LOOP_RUN_KEY = "mlflow_run_id"
+LOOP_SPOOL_KEY = "mlflow_spool"
 
 
-def loop_tracking(uri: str | None, run_id: str | None) -> dict[str, str | None]:
-    """Entries for `fit(..., loop_config=...)` telling the per-worker loop where to log."""
-    return {LOOP_URI_KEY: uri, LOOP_RUN_KEY: run_id}
+def loop_tracking(uri: str | None, run_id: str | None, spool: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Entries for `fit(..., loop_config=...)` telling the per-worker loop where to log (and spool)."""
+    return {LOOP_URI_KEY: uri, LOOP_RUN_KEY: run_id, LOOP_SPOOL_KEY: str(spool) if spool else None}
 
 
 def tracker_for_loop(config: dict[str, Any], rank: int) -> Tracker | NullTracker:
     """The tracker a per-worker loop logs through, from the entries `loop_tracking` added."""
-    return open_tracker(config.get(LOOP_URI_KEY), config.get(LOOP_RUN_KEY), rank)
+    return open_tracker(config.get(LOOP_URI_KEY), config.get(LOOP_RUN_KEY), rank, config.get(LOOP_SPOOL_KEY))
 
 
 __all__ = [
     "CONFIG_HASH_TAG",
+    "DRIVER_TAG",
+    "HEARTBEAT_TAG",
     "PARENT_TAG",
+    "SPOOL_NAME",
+    "SPOOL_TAG",
     "NullTracker",
     "Tracker",
     "artifact_location",
     "find_run",
+    "default_spool",
     "find_run_by",
     "search_runs_by",
     "loop_tracking",
     "tracker_for_loop",
     "open_tracker",
     "resolve_tracking_uri",
+    "run_spool",
     "run_status",
     "start_run",
 ]
