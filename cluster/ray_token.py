@@ -15,6 +15,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from cluster.users import write_private
+
 TOKEN_NAME = "auth_token"
 NODE_AUTH_DIR = Path("~/.stence-auth")  # mounted on every node by cluster.yaml / cluster/onprem.yaml
 
@@ -48,20 +50,12 @@ def check_token_file(path: Path) -> str | None:
             "read it can submit jobs: regenerate the cluster's token if this machine has other users")
 
 
-def _write_private(path: Path, text: str, exclusive: bool = False) -> None:
-    """Write `text` with mode 600 from the first byte; the folder is created 700."""
+def _create_private(path: Path, text: str) -> None:
+    """Create `path` (it must not exist) with mode 600 from the first byte; the folder is created 700."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if exclusive:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    tmp.replace(path)
 
 
 def _new_token() -> str:
@@ -87,7 +81,7 @@ def ensure_token(path: Path | None = None, copy_to: Path | None = NODE_AUTH_DIR)
         done.append(f"kept {path}" + (" (made private: it was readable by others)" if warning else ""))
     else:
         path.unlink(missing_ok=True)
-        _write_private(path, _new_token(), exclusive=True)
+        _create_private(path, _new_token())
         done.append(f"created {path} (mode 600)")
     if copy_to is not None:
         folder = Path(copy_to).expanduser()
@@ -95,7 +89,7 @@ def ensure_token(path: Path | None = None, copy_to: Path | None = NODE_AUTH_DIR)
         folder.chmod(0o700)
         dst = folder / TOKEN_NAME
         if dst.resolve() != path.resolve():
-            _write_private(dst, path.read_text())
+            write_private(dst, path.read_text())
             done.append(f"copied it to {dst} (mode 600; cluster.yaml mounts {folder} on every node)")
     return path, done
 
