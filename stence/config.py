@@ -105,6 +105,9 @@ class ModelConfig:
     # makes it); empty = identity
     ecg_scaler: str = path_field()
     lead_order: str = "standard"  # "standard" or "mimic" (aVF before aVL, as OTIS pretraining)
+    # input contract (stence/data/contract.py): "auto" = the backbone's upstream contract when public weights
+    # are loaded (model.ecg_checkpoint), else "project" (data.* settings); "native", "paper" or "project"
+    contract: str = "auto"
     angio_dim: int = 64  # aggregator width (paper: 512); equals feature.feature_dim
     angio_layers: int = 2  # decoder layers
     angio_heads: int = 4  # attention heads

@@ -72,7 +72,8 @@ def test_ecg_encoder_contract(name):
     torch.manual_seed(0)
     enc = create_ecg_encoder(name, **small(name))
     spec = enc.input_spec
-    assert set(spec) == {"fs", "n_samples", "leads", "lead_order"} and len(spec["leads"]) == 12
+    assert set(spec) == {"fs", "n_samples", "leads", "lead_order", "contract"} and len(spec["leads"]) == 12
+    assert (spec["contract"]["fs"], spec["contract"]["n_samples"]) == (spec["fs"], spec["n_samples"])
     assert enc.arch["name"] == name
     x = ecg_batch(enc, B=3)
     enc.train()

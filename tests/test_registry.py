@@ -264,8 +264,10 @@ def test_predict_on_real_records(logged: dict, mlflow_db: str, shared_data: Path
     assert x.shape == (12, N_SAMPLES) and np.isfinite(x).all()
     for lo, hi in ((0, 3), (3, 6), (6, 12)):
         assert abs(float(x[lo:hi].mean())) < 1e-4 and float(x[lo:hi].std()) == pytest.approx(1.0, abs=1e-3)
-    # the baseline settings stored in the scorer are used (a different ALS setting changes the input)
-    other = replace(preprocessing_for(scorer), als_iter=0)
+    # the scorer's contract carries the baseline settings (a different ALS setting changes the input)
+    prep = preprocessing_for(scorer)
+    assert prep.contract == scorer.encoder.contract and prep.contract.kind == "project"
+    other = replace(prep, contract=replace(prep.contract, als_iter=0))
     assert not np.allclose(prepare_record(ptb, other), x, atol=1e-3)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from stence.cli import main as stence_main
 from stence.config import Config, apply_overrides
+from stence.data.contract_apply import window_part
 from stence.models.base import MIMIC_LEADS
 from stence.models.echoingecg import load_echoingecg_checkpoint
 from stence.models.frame_encoder import load_dinov2_checkpoint
@@ -341,18 +342,20 @@ def test_golden_scaler_json_loads_and_reaches_the_encoder(golden, tmp_path):
     np.testing.assert_array_equal(scale.astype(np.float32), expected["scale"])
     with pytest.raises(CheckpointError, match="lead order"):
         load_scaler(path, leads=MIMIC_LEADS)
-    # model.ecg_scaler reaches the encoder: upstream's downsampled input gives upstream's embedding
+    # model.ecg_scaler reaches the encoder's input contract: upstream's downsampled input, scaled by the
+    # contract, is upstream's encoder input, and gives upstream's embedding
     cfg = cfg_with(
         model__ecg="echoingecg",
         model__ecg_checkpoint=str(golden / "echoingecg" / "ecg_encoder.pt"),
         model__ecg_scaler=str(path),
-        data__fs=100,
-        data__window_s=10.0,
     )
     enc = build_ecg_encoder(cfg).eval()
-    torch.testing.assert_close(enc.input_scaler.center, torch.from_numpy(expected["center"]), rtol=0, atol=0)
+    assert enc.contract.kind == "echoingecg" and enc.contract.fs == 100 and enc.contract.n_samples == 1000
+    np.testing.assert_array_equal(np.float32(enc.contract.scaler_mean), expected["center"])
+    x = np.stack([window_part(d, enc.contract) for d in expected["downsampled"]])  # (2, 12, 1000)
+    np.testing.assert_allclose(x, expected["preprocessed"], rtol=0, atol=1e-6)
     with torch.no_grad():
-        emb = enc(torch.from_numpy(expected["downsampled"]).float())
+        emb = enc(torch.from_numpy(x))
     torch.testing.assert_close(emb, torch.from_numpy(expected["embedding"]), rtol=0, atol=1e-6)
 
 
@@ -360,9 +363,15 @@ def test_ecg_scaler_config_key_reaches_echoingecg_only(tmp_path):
     path = tmp_path / "scaler.json"
     path.write_text(json.dumps({"mean": [0.25 * i for i in range(12)], "scale": [2.0] * 12}))
     enc = build_ecg_encoder(cfg_with(model__ecg="echoingecg_tiny", model__ecg_scaler=str(path)))
-    assert enc.input_scaler.center.tolist() == [0.25 * i for i in range(12)]
-    assert enc.input_scaler.scale.tolist() == [2.0] * 12
-    assert build_ecg_encoder(cfg_with(model__ecg="echoingecg_tiny")).input_scaler.scale.tolist() == [1.0] * 12
+    assert list(enc.contract.scaler_mean) == [0.25 * i for i in range(12)]
+    assert list(enc.contract.scaler_scale) == [2.0] * 12
+    x = window_part(np.ones((12, 2000), np.float32), enc.contract)
+    assert x.shape == (12, enc.contract.n_samples) and np.isfinite(x).all()
+    assert not build_ecg_encoder(cfg_with(model__ecg="echoingecg_tiny")).contract.has_scaler
+    # the scaler is given in the weights' lead order and stored in the input's order
+    mimic = build_ecg_encoder(cfg_with(model__ecg="echoingecg_tiny", model__ecg_scaler=str(path),
+                                       model__lead_order="mimic"))
+    assert mimic.contract.scaler_mean[4] == 0.25 * 5 and mimic.contract.scaler_mean[5] == 0.25 * 4
     with pytest.raises(ValueError, match="model.ecg_scaler is for EchoingECG encoders"):
         build_ecg_encoder(cfg_with(model__ecg="otis_tiny", model__ecg_scaler=str(path)))
 

@@ -59,7 +59,9 @@ def test_ablation_is_a_fixed_variant_list() -> None:
     space, variants = build_param_space("ablation")
     assert is_fixed("ablation")
     assert [v["loss.w_sten"] for v in variants][:3] == [0.0, 0.3, 1.0]
-    assert {"loss.w_sten": 0.3, "model.frozen_no_cls": True, "loss.learnable_temperature": False} in variants
+    assert {"loss.w_sten": 0.3, "model.frozen_no_cls": True, "loss.learnable_temperature": False,
+            "model.contract": "paper"} in variants
+    assert {v["model.contract"] for v in variants} == {"paper", "native"}  # the input contract is a variant
     assert all(set(v) == set(space) for v in variants)  # every variant states every key
     assert all(not isinstance(v, tune.search.sample.Domain) for v in space.values())  # nothing to sample
     assert len({json.dumps(v, sort_keys=True) for v in variants}) == len(variants)
@@ -204,7 +206,8 @@ def report_variant(cfg: Config, run_id: str | None, log: str) -> None:
         f.write(f"{t0} {time.time()}\n")
     if cfg.loss.learnable_temperature:
         raise RuntimeError("this variant fails on purpose")
-    tune.report({METRIC: -abs(cfg.loss.w_sten - 0.3) - 0.1 * cfg.model.frozen_no_cls})
+    tune.report({METRIC: -abs(cfg.loss.w_sten - 0.3) - 0.1 * cfg.model.frozen_no_cls
+                 - 0.05 * (cfg.model.contract == "native")})
 
 
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -230,6 +233,7 @@ def test_ablation_runs_every_variant_once_failed_ones_end_failed(ray_session: No
     assert result.best_overrides == {
         "loss.learnable_temperature": False,
         "loss.w_sten": 0.3,
+        "model.contract": "paper",
         "model.frozen_no_cls": False,
     }
     intervals = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]

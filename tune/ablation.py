@@ -11,7 +11,7 @@ from typing import Any
 from stence.config import Config, apply_overrides
 from stence.train.driver import absolute_storage
 
-PAPER_POINT = {"loss.w_sten": 0.3}  # the reference row of the table (the paper's W_Sten)
+PAPER_POINT = {"loss.w_sten": 0.3, "model.contract": "paper"}  # the reference row: the paper's W_Sten and input
 
 
 def variant_label(overrides: dict[str, Any], swept: list[str]) -> str:
@@ -21,6 +21,8 @@ def variant_label(overrides: dict[str, Any], swept: list[str]) -> str:
         value = overrides.get(key)
         if key == "loss.w_sten":
             parts.append(f"W_Sten {value:g}")
+        elif key == "model.contract":
+            parts.append(f"{value} input")
         elif value is True:
             parts.append(key.split(".")[-1].replace("_", " "))
     return ", ".join(parts) or "base"

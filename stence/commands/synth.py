@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stence.commands._common import RAW
 from stence.data.synth import SynthConfig, write_cohort
+from stence.data.synth_vendor import ECG_FORMATS
 from stence.outputs import OutputRefused
 
 EXAMPLES = """\
@@ -16,6 +17,7 @@ examples:
   stence synth runs/raw                                  # demo size: 120 patients, 240 ECGs, 360 views
   stence synth runs/tiny --size tiny --corrupt-fraction 0.1 --compression rle
   stence synth runs/mixed --patients 200 --fs 500 250 1000 --echonext 1000 --seed 3
+  stence synth runs/vendor --size tiny --ecg-format mixed   # GE MUSE, HL7 aECG, DICOM and WFDB ECGs
   then: stence ingest runs/raw --out runs/cohort
 """
 
@@ -33,6 +35,7 @@ _OVERRIDES = {
     "corrupt_fraction": "corrupt_fraction",
     "compression": "compression",
     "echonext": "echonext",
+    "ecg_format": "ecg_format",
     "seed": "seed",
 }
 
@@ -66,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--corrupt-fraction", type=float, metavar="X", help="plant corrupt files (0 = none)")
     p.add_argument("--compression", choices=("none", "rle"), help="DICOM transfer syntax")
     p.add_argument("--echonext", type=int, metavar="N", help="ECGs in an EchoNext-format folder (0 = none)")
+    p.add_argument("--ecg-format", choices=ECG_FORMATS,
+                   help="ECG files: wfdb (default, .hea + .dat), muse (GE MUSE XML), hl7 (HL7 aECG XML), dicom "
+                        "(DICOM 12-lead ECG), or mixed (one drawn per record; signals, dates and pairings stay "
+                        "those of the wfdb export). Vendor files carry names, MRN, birth date, physician and "
+                        "site, which ingest must de-identify")
     p.add_argument("--seed", type=int, metavar="S", help="random seed")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier `stence synth` output in OUT (never a folder synth did not write)")

@@ -6,6 +6,11 @@
   views.parquet       one row per view; `cache_index` is its row in cache/frames.npy
   quarantine.parquet  file (pseudonym, or table row such as annotations.csv:7), reason, detail
   cache/ecg.npy       (12, total_samples) float32: every ECG after decode, resample and baseline removal
+                      (the deterministic part of the project contract at ingest's data.* settings)
+  cache/ecg_source.npy (12, total_source_samples) float32 mV: every ECG as decoded, at its own rate
+                      (`src_offset`, `src_n_samples`, `fs_orig` in ecgs.parquet)
+  cache/contracts/K/  the deterministic part of another input contract (key K), made from the sources on
+                      first use (stence/data/contract_cache.py)
   cache/frames.npy    (n_views, key_frames, S, S) float16 in [0, 1]
   cohort.json, deid_report.json
 """
@@ -38,20 +43,27 @@ def _open_cache(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
     return mm
 
 
-def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
-    """Concatenate per-record arrays into one (12, total) memmap; sets ecgs['offset'] in place."""
-    lengths = ecgs["n_samples"].to_numpy(dtype=np.int64)
+def _concat_cache(path: Path, arrays: pd.Series, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate per-record (L, n) arrays along time into one memmap at `path`; returns the offsets."""
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
-    (root / "cache").mkdir(exist_ok=True)
-    n_leads = 12
-    if len(ecgs):
-        n_leads = int(np.load(ecgs["array"].iloc[0], mmap_mode="r").shape[0])
-    mm = _open_cache(root / "cache" / "ecg.npy", np.float32, (n_leads, int(lengths.sum())))
-    for path, off, n in zip(ecgs["array"], offsets, lengths, strict=True):
-        mm[:, off : off + n] = np.load(path)
+    n_leads = int(np.load(arrays.iloc[0], mmap_mode="r").shape[0]) if len(arrays) else 12
+    mm = _open_cache(path, np.float32, (n_leads, int(lengths.sum())))
+    for p, off, n in zip(arrays, offsets, lengths, strict=True):
+        mm[:, off : off + n] = np.load(p)
     mm.flush()
     del mm
-    ecgs["offset"] = offsets
+    return offsets
+
+
+def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
+    """Concatenate per-record arrays into (12, total) memmaps: the ingest contract's cache (cache/ecg.npy,
+    sets ecgs['offset']) and the decoded sources (cache/ecg_source.npy, sets ecgs['src_offset'])."""
+    (root / "cache").mkdir(exist_ok=True)
+    ecgs["offset"] = _concat_cache(root / "cache" / "ecg.npy", ecgs["array"],
+                                   ecgs["n_samples"].to_numpy(dtype=np.int64))
+    if "source_array" in ecgs:
+        ecgs["src_offset"] = _concat_cache(root / "cache" / "ecg_source.npy", ecgs["source_array"],
+                                           ecgs["src_n_samples"].to_numpy(dtype=np.int64))
 
 
 def write_frame_cache(root: Path, views: pd.DataFrame, key_frames: int, size: int) -> None:
@@ -141,6 +153,21 @@ class Cohort:
         row = self.ecgs.loc[ecg_id]
         off, n = int(row["offset"]), int(row["n_samples"])
         return self.ecg_cache[:, off : off + n]
+
+    def ecg_source(self, ecg_id: str) -> tuple[np.ndarray, float]:
+        """(12, T) float32 mV as decoded at ingest, and its rate (cohorts ingested before sources were kept
+        raise FileNotFoundError naming the fix)."""
+        path = self.root / "cache" / "ecg_source.npy"
+        if not path.exists() or "src_offset" not in self.ecgs:
+            raise FileNotFoundError(f"{self.root} keeps no decoded ECG sources (ingested by an older version): "
+                                    "re-ingest it to use an input contract other than its own")
+        row = self.ecgs.loc[ecg_id]
+        off, n = int(row["src_offset"]), int(row["src_n_samples"])
+        return self.source_cache[:, off : off + n], float(row["fs_orig"])
+
+    @cached_property
+    def source_cache(self) -> np.ndarray:
+        return np.load(self.root / "cache" / "ecg_source.npy", mmap_mode="r")  # (12, total_source)
 
     def __getstate__(self) -> dict:  # memmaps and cached tables are reopened in the receiving process
         return {"root": self.root}

@@ -15,9 +15,12 @@ from torch.utils.data import Dataset
 from stence.config import DataConfig
 from stence.data.augment import augment_ecg, drop_views
 from stence.data.cohort_io import Cohort
+from stence.data.contract import InputContract, project_contract
+from stence.data.contract_apply import window_part
+from stence.data.contract_cache import contract_signals
 from stence.data.feature_store import FeatureStore
 from stence.data.labels import TARGET_NAMES, threshold_labels
-from stence.data.preprocess import crop, normalise_crop, random_start
+from stence.data.preprocess import random_start
 
 
 class _EpochSeeded(Dataset):
@@ -31,15 +34,20 @@ class _EpochSeeded(Dataset):
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
 
-def ecg_window(sig: np.ndarray, fs: int, cfg: DataConfig, train: bool, rng: np.random.Generator) -> np.ndarray:
-    """(12, T) cached signal -> (12, W) normalised (and, in training, augmented) crop."""
-    n = int(round(cfg.window_s * fs))
-    start = random_start(sig.shape[1], n, rng) if train else 0
-    x = crop(np.asarray(sig, dtype=np.float32), n, start)  # (12, W)
-    x = normalise_crop(x, cfg.clip_sigma)
+def ecg_window(sig: np.ndarray, contract: InputContract, cfg: DataConfig, train: bool,
+               rng: np.random.Generator) -> np.ndarray:
+    """(12, T) cached record under `contract` -> (12, W) model input: a random window in training (then the
+    paper's augmentations if `cfg.augment`), the first one otherwise."""
+    start = random_start(sig.shape[1], contract.n_samples, rng) if train else 0
+    x = window_part(sig, contract, start)  # (12, W)
     if train and cfg.augment:
-        x = augment_ecg(x, fs, rng)
+        x = augment_ecg(x, int(contract.fs), rng)
     return x.astype(np.float32, copy=False)
+
+
+def _contract_for(cohort: Cohort, cfg: DataConfig, contract: InputContract | None) -> InputContract:
+    """The encoder's contract, or the project contract of `cfg` (what ingest cached) when none is given."""
+    return contract if contract is not None else project_contract(cfg)
 
 
 class PairedDataset(_EpochSeeded):
@@ -47,7 +55,7 @@ class PairedDataset(_EpochSeeded):
     FeatureStore is given ("angio_feats" (V, P, F)), else from cached key frames ("frames" (V, K, S, S))."""
 
     def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, features: FeatureStore | None = None,
-                 train: bool = False, seed: int = 0):
+                 train: bool = False, seed: int = 0, contract: InputContract | None = None):
         self.cohort, self.cfg, self.features, self.train, self.seed = cohort, cfg, features, train, seed
         m = cohort.manifest
         self.rows = m[m["split"] == split].reset_index(drop=True)
@@ -57,7 +65,8 @@ class PairedDataset(_EpochSeeded):
         views = cohort.views
         self.angles = np.nan_to_num(views[["primary_angle", "secondary_angle"]].to_numpy(np.float32))  # (Nv, 2)
         self.view_rows = cohort.views_of_study
-        self.fs = int(cohort.meta["data_config"]["fs"])
+        self.contract = _contract_for(cohort, cfg, contract)
+        self.signals = contract_signals(cohort, self.contract)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,7 +74,7 @@ class PairedDataset(_EpochSeeded):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = self._rng(i)
         r = self.rows.iloc[i]
-        ecg = ecg_window(self.cohort.ecg_signal(r["ecg_id"]), self.fs, self.cfg, self.train, rng)
+        ecg = ecg_window(self.signals.signal(r["ecg_id"]), self.contract, self.cfg, self.train, rng)
         vrows = self.view_rows[r["study_id"]]
         if self.train and self.cfg.view_drop_max > 0:
             vrows = vrows[drop_views(len(vrows), self.cfg.view_drop_max, rng)]
@@ -107,7 +116,7 @@ class EcgDataset(_EpochSeeded):
     stenosis degree. `fraction` < 1 takes a seeded subset stratified on the label."""
 
     def __init__(self, cohort: Cohort, split: str, cfg: DataConfig, task: str, train: bool = False,
-                 seed: int = 0, fraction: float = 1.0):
+                 seed: int = 0, fraction: float = 1.0, contract: InputContract | None = None):
         self.cohort, self.cfg, self.train, self.seed = cohort, cfg, train, seed
         m = cohort.manifest
         m = m[m["split"] == split]
@@ -123,14 +132,15 @@ class EcgDataset(_EpochSeeded):
         self.rows = rows
         self.labels = rows["label"].to_numpy(np.float32)
         self.patients = rows["patient"].to_numpy()
-        self.fs = int(cohort.meta["data_config"]["fs"])
+        self.contract = _contract_for(cohort, cfg, contract)
+        self.signals = contract_signals(cohort, self.contract)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         r = self.rows.iloc[i]
-        ecg = ecg_window(self.cohort.ecg_signal(r["ecg_id"]), self.fs, self.cfg, self.train, self._rng(i))
+        ecg = ecg_window(self.signals.signal(r["ecg_id"]), self.contract, self.cfg, self.train, self._rng(i))
         return {"ecg": torch.from_numpy(ecg), "label": torch.tensor([self.labels[i]]), "index": torch.tensor(i)}
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stence.data.contract import InputContract
 from stence.data.limits import Limits
 from stence.errors import BadInputError
 
@@ -29,11 +30,7 @@ class DecodeSettings:
 
     raw: str
     staging: str
-    fs: int
-    leads: tuple[str, ...]
-    als_lambda: float
-    als_p: float
-    als_iter: int
+    contract: InputContract  # the project contract of the ingest's data.* settings: its per-record part is cached
     min_valid_fraction: float
     frame_size: int
     key_frames: int
@@ -46,13 +43,21 @@ def source_key(path: Path) -> str:
     return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
+def _save_atomic(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
 def _ecg_sidecar_size(hea: Path) -> int:
     return sum(p.stat().st_size for p in hea.parent.glob(hea.stem + ".*") if p.is_file())
 
 
 def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
-    """WFDB record -> cached (12, T) float32 at the model rate, baseline removed."""
-    from stence.data.preprocess import deterministic_ecg
+    """WFDB record -> cached (12, T) float32 at the model rate, baseline removed, and the decoded source
+    (12, T_src) float32 mV at the file's rate, from which the caches of other input contracts are made."""
+    from stence.data.contract_apply import record_part
     from stence.data.wfdb_io import read_ecg, validate_signal
 
     rel, s = args
@@ -61,23 +66,24 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     try:
         key = hashlib.sha256(f"{rel}|{_ecg_sidecar_size(hea)}|{hea.stat().st_mtime_ns}".encode()).hexdigest()[:24]
         arr_path = Path(s.staging) / "records" / f"{key}.npy"
-        rec = read_ecg(hea, s.leads, limits=s.limits)
+        rec = read_ecg(hea, s.contract.leads, limits=s.limits)
         validate_signal(rec.signal, s.min_valid_fraction)
         # duplicate detection on the decoded source signal (before any processing)
         raw_sig = np.nan_to_num(rec.signal.astype(np.float32), nan=0.0)
         content_hash = hashlib.sha256(raw_sig.tobytes() + str(rec.fs).encode()).hexdigest()[:32]
-        if not arr_path.exists():
-            sig, _ = deterministic_ecg(rec.signal, rec.fs, s.fs, s.als_lambda, s.als_p, s.als_iter)
-            tmp = arr_path.with_name(arr_path.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, sig.astype(np.float32))
-            os.replace(tmp, arr_path)
+        src_path = arr_path.with_name(f"{key}.src.npy")
+        if not (arr_path.exists() and src_path.exists()):
+            sig = record_part(rec.signal, rec.fs, s.contract)  # resample, ALS baseline
+            _save_atomic(src_path, rec.signal.astype(np.float32))  # (12, T) mV at the file's rate, NaN kept
+            _save_atomic(arr_path, sig.astype(np.float32))  # last: its presence means both are complete
         n = int(np.load(arr_path, mmap_mode="r").shape[1])
         meta = rec.meta
         out.update(
             ok=True,
             array=str(arr_path),
             n_samples=n,
+            source_array=str(src_path),
+            src_n_samples=int(rec.signal.shape[1]),
             content_hash=content_hash,
             fs_orig=float(meta.get("fs_orig", rec.fs)),
             age=meta.get("age"),

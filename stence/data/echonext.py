@@ -8,6 +8,7 @@ Row i of a split's array is the i-th metadata row with that split.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ import pandas as pd
 import torch
 
 from stence.config import DataConfig
+from stence.data.contract import InputContract, project_contract
+from stence.data.contract_apply import record_part, window_part
 from stence.data.datasets import _EpochSeeded
-from stence.data.preprocess import crop, normalise_crop, random_start, resample
+from stence.data.preprocess import random_start
 
 ECHONEXT_FS = 250
 ECHONEXT_TASKS = (
@@ -40,7 +43,7 @@ class EchoNextDataset(_EpochSeeded):
     """One split of EchoNext as (ecg (12, W) at the model rate, labels (12,) with NaN for missing)."""
 
     def __init__(self, root: str | Path, split: str, cfg: DataConfig, train: bool = False, seed: int = 0,
-                 allow_no_split: bool = False):
+                 allow_no_split: bool = False, contract: InputContract | None = None):
         if split not in ("train", "val", "test", "no_split"):
             raise ValueError(f"unknown EchoNext split {split!r}: use train, val, test (or no_split)")
         if split == "no_split" and not allow_no_split:
@@ -61,15 +64,17 @@ class EchoNextDataset(_EpochSeeded):
         self.labels = self.meta[list(ECHONEXT_TASKS)].to_numpy(np.float32)  # (N, 12), NaN = unknown
         self.patients = self.meta["patient_id"].astype(str).to_numpy() if "patient_id" in self.meta else None
         self.cfg, self.train, self.seed = cfg, train, seed
+        self.contract = contract if contract is not None else project_contract(cfg)
+        # EchoNext is distributed filtered and baseline-corrected: its records skip the baseline step only
+        self._record_contract = replace(self.contract, baseline="none")
 
     def __len__(self) -> int:
         return len(self.meta)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x = np.asarray(self.waves[i, 0], dtype=np.float32).T  # (2500, 12) -> (12, 2500)
-        x, fs = resample(x, ECHONEXT_FS, self.cfg.fs)
-        n = int(round(self.cfg.window_s * fs))
-        start = random_start(x.shape[1], n, self._rng(i)) if self.train else 0
-        x = normalise_crop(crop(x, n, start), self.cfg.clip_sigma)
+        x = record_part(x, ECHONEXT_FS, self._record_contract)  # (12, T') at the contract's rate
+        start = random_start(x.shape[1], self.contract.n_samples, self._rng(i)) if self.train else 0
+        x = window_part(x, self.contract, start)
         return {"ecg": torch.from_numpy(x.astype(np.float32)), "label": torch.from_numpy(self.labels[i]),
                 "index": torch.tensor(i)}

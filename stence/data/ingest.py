@@ -34,6 +34,7 @@ import pandas as pd
 from stence import errors as E
 from stence.config import Config, to_dict
 from stence.data import cohort_io
+from stence.data.contract import project_contract
 from stence.data.decode import DecodeSettings, decode_ecg, decode_xa
 from stence.data.export_tables import ExportTableError, read_annotations, read_ecg_index
 from stence.data.inventory import Inventory, take_inventory
@@ -196,8 +197,8 @@ def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes
         (staging / sub).mkdir(parents=True, exist_ok=True)
     d = cfg.data
     settings = DecodeSettings(
-        raw=str(raw), staging=str(staging), fs=d.fs, leads=tuple(d.leads), als_lambda=d.als_lambda,
-        als_p=d.als_p, als_iter=d.als_iter, min_valid_fraction=cfg.ingest.min_valid_fraction,
+        raw=str(raw), staging=str(staging), contract=project_contract(d),
+        min_valid_fraction=cfg.ingest.min_valid_fraction,
         frame_size=d.frame_size, key_frames=d.key_frames, limits=Limits.from_config(cfg.ingest),
     )
     n_proc = processes if processes is not None else (cfg.ingest.processes or os.cpu_count() or 1)
@@ -301,7 +302,7 @@ def _write_cohort(staging: Path, cfg: Config, ecgs: pd.DataFrame, studies: pd.Da
     cohort_io.write_ecg_cache(staging, ecgs)
     cohort_io.write_frame_cache(staging, views, d.key_frames, d.frame_size)
     studies["split"] = studies["patient"].map(split_of)
-    tables = {"manifest": manifest, "ecgs": ecgs.drop(columns=["array", "date"]), "studies": studies.drop(columns=["date"]),
+    tables = {"manifest": manifest, "ecgs": ecgs.drop(columns=["array", "source_array", "date"]), "studies": studies.drop(columns=["date"]),
               "views": views.drop(columns=["array", "date"])}
     for name, df in tables.items():
         cohort_io.write_table(staging / f"{name}.parquet", drop_private(df))

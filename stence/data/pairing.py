@@ -49,6 +49,7 @@ def ecg_rows(results: list[dict], index: EcgIndex | None, ledger: Ledger, fs: in
         rows.append(dict(
             ecg_id=ledger.pseudo.pseudonym(rec, "ecg"), patient=ledger.pseudo.pseudonym(pid, "patient"),
             file=ledger.file_id(rel), array=r["array"], n_samples=r["n_samples"], fs=fs, fs_orig=r["fs_orig"],
+            source_array=r["source_array"], src_n_samples=r["src_n_samples"],
             age=None if age is None else float(min(age, SAFE_HARBOR_MAX_AGE)), sex=r["sex"], date=date,
             content_hash=r["content_hash"], _rel=rel, _signal_files=tuple(r.get("signal_files") or ()),
         ))

@@ -1,10 +1,11 @@
 """The synthetic cohort writer: a folder laid out like a hospital export, plus an answer key for tests.
 
-`write_cohort(out, cfg)` writes WFDB ECGs (`ecg/`, `ecg_index.csv`), XA DICOM studies (`angio/`),
-stenosis annotations (`annotations.csv`), optionally an EchoNext-format folder (`echonext/`) and
-optionally corrupt files (see `synth_corrupt`), and `synth_truth.json`, which only tests read. Every
-random draw comes from a generator keyed by (seed, stream, patient, item), so the same seed gives
-byte-identical files. The layout is the one ingest reads (see stence/data/ingest.py).
+`write_cohort(out, cfg)` writes ECGs (`ecg/`, `ecg_index.csv`; WFDB or a hospital format, see
+synth_vendor), XA DICOM studies (`angio/`), stenosis annotations (`annotations.csv`), optionally an
+EchoNext-format folder (`echonext/`) and optionally corrupt files (see `synth_corrupt`, WFDB only), and
+`synth_truth.json`, which only tests read. Every random draw comes from a generator keyed by (seed,
+stream, patient, item), so the same seed gives byte-identical files. The layout is the one ingest
+reads (see stence/data/ingest.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import wfdb
 from tqdm import tqdm
 
 from stence.config import STANDARD_LEADS
@@ -30,11 +30,20 @@ from stence.data.synth_angio import CoronaryTree, View, render_view, sample_tree
 from stence.data.synth_dicom import COMPRESSIONS, XaMeta, make_uid, write_xa
 from stence.data.synth_ecg import EcgPatient, sample_patient, simulate_ecg
 from stence.data.synth_echonext import write_echonext
+from stence.data.synth_vendor import (
+    ECG_FORMATS,
+    ECG_GAIN,
+    age_on,
+    person_for,
+    record_format,
+    write_ecg,
+    write_record,
+    write_record_wfdb,
+)
 from stence.outputs import check_output, mark_output
 
 MAX_DEGREE_LEVELS = (0, 50, 70, 90, 99, 100)  # balanced over patients: every threshold task has 2 classes
 MINOR_DEGREES = (30, 40, 50, 60)
-ECG_GAIN = 1000.0  # digital units per mV (format 16: +/- 32.7 mV)
 NAN_DIGITAL = -32768  # WFDB invalid-sample value of format 16, read back as NaN
 PAIR_JITTER_DAYS = 20  # good ECGs lie within +/- this many days of the study (pairing window is 30)
 SHUFFLED_LEAD_FRACTION = 0.2
@@ -70,6 +79,7 @@ class SynthConfig:
     corrupt_fraction: float = 0.0  # planted corrupt files, relative to the good ones (see synth_corrupt)
     compression: str = "none"  # DICOM transfer syntax: "none" (explicit VR little endian) or "rle"
     echonext: int = 0  # ECGs in an EchoNext-format folder (0 = none)
+    ecg_format: str = "wfdb"  # ECG files: wfdb, muse, hl7, dicom, or mixed (one drawn per record, seeded)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +90,8 @@ class SynthConfig:
             raise ValueError(f"image_size {self.image_size}: need >= 16 pixels")
         if not self.fs or any(f <= 0 for f in self.fs):
             raise ValueError(f"fs {self.fs}: need one or more positive rates")
+        if self.ecg_format not in ECG_FORMATS:
+            raise ValueError(f"ecg_format {self.ecg_format!r}: use one of {ECG_FORMATS}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression {self.compression!r}: use one of {COMPRESSIONS}")
         if not 0.0 <= self.corrupt_fraction <= 1.0:
@@ -221,10 +233,6 @@ def plan_patients(cfg: SynthConfig, n: int, first_index: int = 0) -> list[Patien
     return out
 
 
-def _age(birth: dt.date, on: dt.date) -> int:
-    return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
-
-
 def make_record(
     cfg: SynthConfig, p: Patient, name: str, key: int, day_offset: int | None = None
 ) -> EcgRecord:
@@ -245,54 +253,13 @@ def make_record(
         order = rng.permutation(len(leads))
         digital, leads = digital[:, order], tuple(leads[k] for k in order)
     comments = (
-        f"Age: {_age(p.birth, when.date())}",
+        f"Age: {age_on(p.birth, when.date())}",
         f"Sex: {p.sex}",
         f"Name: {p.name}",
         f"PatientID: {p.patient_id}",
         f"DOB: {p.birth.isoformat()}",
     )
     return EcgRecord(name, np.ascontiguousarray(digital), tuple(leads), fs, when, comments)
-
-
-def write_record(ecg_dir: Path, rec: EcgRecord) -> None:
-    """Write one WFDB record: format 16, gain ECG_GAIN per mV, units mV, comments in the header.
-
-    The bytes are exactly what `wfdb.wrsamp` writes for the same record (a test checks this); writing
-    them directly avoids wrsamp's per-field validation, which costs ~0.15 s per record.
-    """
-    ecg_dir.mkdir(parents=True, exist_ok=True)
-    digital = np.ascontiguousarray(rec.digital, dtype="<i2")  # (T, n_leads)
-    n_samples, n_sig = digital.shape
-    checksum = digital.sum(axis=0, dtype=np.int64) % 65536
-    when = rec.when.strftime("%H:%M:%S %d/%m/%Y")
-    lines = [f"{rec.name} {n_sig} {rec.fs} {n_samples} {when}"]
-    lines += [
-        f"{rec.name}.dat 16 {ECG_GAIN}(0)/mV 16 0 {int(digital[0, k])} {int(checksum[k])} 0 {lead}"
-        for k, lead in enumerate(rec.leads)
-    ]
-    lines += [f"# {c}" for c in rec.comments]
-    (ecg_dir / f"{rec.name}.hea").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    (ecg_dir / f"{rec.name}.dat").write_bytes(digital.tobytes())
-
-
-def write_record_wfdb(ecg_dir: Path, rec: EcgRecord) -> None:
-    """The same record written by `wfdb.wrsamp` (reference for `write_record`; slow)."""
-    ecg_dir.mkdir(parents=True, exist_ok=True)
-    n = len(rec.leads)
-    wfdb.wrsamp(
-        rec.name,
-        fs=rec.fs,
-        units=["mV"] * n,
-        sig_name=list(rec.leads),
-        d_signal=rec.digital,
-        fmt=["16"] * n,
-        adc_gain=[ECG_GAIN] * n,
-        baseline=[0] * n,
-        comments=list(rec.comments),
-        base_date=rec.when.date(),
-        base_time=rec.when.time(),
-        write_dir=str(ecg_dir),
-    )
 
 
 def xa_meta(cfg: SynthConfig, p: Patient, k: int, view: View) -> XaMeta:
@@ -374,10 +341,11 @@ def write_cohort(
         ecgs = []
         for j in range(cfg.ecgs_per_patient):
             rec = make_record(cfg, p, f"E{n_record:06d}", j)
+            fmt = record_format(cfg.ecg_format, cfg.seed, n_record)  # its own stream: the rest is unchanged
             n_record += 1
-            write_record(out / "ecg", rec)
-            index_rows.append([f"ecg/{rec.name}", p.patient_id, rec.when.date().isoformat()])
-            ecgs.append({"record": f"ecg/{rec.name}", "date": rec.when.date().isoformat(), "fs": rec.fs,
+            rel = "ecg/" + write_ecg(out / "ecg", rec, fmt, person_for(p))  # WFDB without extension
+            index_rows.append([rel, p.patient_id, rec.when.date().isoformat()])
+            ecgs.append({"record": rel, "format": fmt, "date": rec.when.date().isoformat(), "fs": rec.fs,
                          "leads_shuffled": rec.leads != STANDARD_LEADS})  # fmt: skip
         views = write_study(out, cfg, p)
         annotation_rows += [[p.study_uid, s, p.segments[s]] for s in SEGMENTS]

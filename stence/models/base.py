@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from stence.config import STANDARD_LEADS
+from stence.data.contract import InputContract, project_contract
 
 MIMIC_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
 LEAD_ORDERS: dict[str, tuple[str, ...]] = {"standard": STANDARD_LEADS, "mimic": MIMIC_LEADS}
@@ -65,15 +66,41 @@ class ECGEncoder(nn.Module):
         self.register_buffer("lead_index", torch.tensor(perm, dtype=torch.long), persistent=False)
         self.arch: dict[str, Any] = {"name": type(self).__name__, "overrides": {}}
         self.frozen = False
+        self._contract: InputContract | None = None
+
+    @property
+    def contract(self) -> InputContract:
+        """The input contract (stence/data/contract.py); the project contract of the encoder's rate and window
+        with default settings until `set_contract` installs another."""
+        if self._contract is None:
+            return project_contract({"fs": self.fs, "window_s": self.n_samples / self.fs, "leads": self.leads})
+        return self._contract
+
+    def set_contract(self, contract: InputContract | dict[str, Any]) -> ECGEncoder:
+        """Declare the input contract; it must match the encoder's rate, window and leads. Recorded in
+        `arch["overrides"]` so every checkpoint rebuilt from the architecture gets it back."""
+        c = contract if isinstance(contract, InputContract) else InputContract.from_dict(dict(contract))
+        mine = (self.fs, self.n_samples, tuple(x.lower() for x in self.leads))
+        theirs = (c.fs, c.n_samples, tuple(x.lower() for x in c.leads))
+        if mine != theirs:
+            raise ValueError(
+                f"input contract {c.kind!r} ({c.fs:g} Hz, {c.n_samples} samples, leads {list(c.leads)}) does not "
+                f"match the encoder ({self.fs:g} Hz, {self.n_samples} samples, leads {list(self.leads)})"
+            )
+        self._contract = c
+        self.arch = {**self.arch, "overrides": {**self.arch.get("overrides", {}), "contract": c.to_dict()}}
+        return self
 
     @property
     def input_spec(self) -> dict[str, Any]:
-        """What the encoder expects: sampling rate, window length, input lead order, weight lead order."""
+        """What the encoder expects: sampling rate, window length, input lead order, weight lead order and the
+        whole input contract."""
         return {
             "fs": self.fs,
             "n_samples": self.n_samples,
             "leads": list(self.leads),
             "lead_order": self.lead_order,
+            "contract": self.contract.to_dict(),
         }
 
     def to_model_order(self, x: torch.Tensor) -> torch.Tensor:

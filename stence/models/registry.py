@@ -49,8 +49,12 @@ def _create(table: dict[str, Callable[..., nn.Module]], family: str, name: str, 
     _load_builtin()
     if name not in table:
         raise ValueError(f"unknown {family} {name!r}; valid: {sorted(table)}")
+    overrides = dict(overrides)
+    contract = overrides.pop("contract", None) if table is _ECG_ENCODERS else None
     model = table[name](**overrides)
     model.arch = {"name": name, "overrides": {k: _plain(v) for k, v in overrides.items()}}
+    if contract is not None:  # rebuilt from a checkpoint's architecture: its input contract comes back
+        model.set_contract(contract)
     return model
 
 
@@ -96,25 +100,38 @@ def create_aggregator(**kw: Any) -> SegmentMILAggregator:
 
 
 def build_ecg_encoder(cfg: Config) -> ECGEncoder:
-    """ECG encoder of `cfg.model.ecg` for the configured window, with public weights and the input scaler
-    (`model.ecg_scaler`, EchoingECG only) if configured."""
-    fs = cfg.data.fs
+    """ECG encoder of `cfg.model.ecg` under the input contract `model.contract` selects (its rate and window
+    build the encoder), with public weights and the per-lead scaler (`model.ecg_scaler`, EchoingECG only)
+    carried by the contract."""
+    from stence.data.contract import resolve_contract
+
+    contract = resolve_contract(cfg, _scaler_in_input_order(cfg))
     encoder = create_ecg_encoder(
         cfg.model.ecg,
-        fs=fs,
-        n_samples=int(round(cfg.data.window_s * fs)),
+        fs=contract.fs,
+        n_samples=contract.n_samples,
         leads=tuple(cfg.data.leads),
         lead_order=cfg.model.lead_order,
     )
     if cfg.model.ecg_checkpoint:
         encoder = encoder.load_pretrained(cfg.model.ecg_checkpoint)
-    if cfg.model.ecg_scaler:  # after the checkpoint: loading it rebuilds the encoder with an identity scaler
-        if not hasattr(encoder, "load_scaler"):
-            raise ValueError(
-                f"model.ecg_scaler is for EchoingECG encoders; {cfg.model.ecg!r} has no input scaler"
-            )
-        encoder = encoder.load_scaler(cfg.model.ecg_scaler)
-    return encoder
+    return encoder.set_contract(contract)  # after loading: a loader may rebuild the encoder
+
+
+def _scaler_in_input_order(cfg: Config) -> tuple[list[float], list[float]] | None:
+    """`model.ecg_scaler` (fitted in the weights' lead order) as (mean, scale) in `data.leads` order."""
+    if not cfg.model.ecg_scaler:
+        return None
+    if not cfg.model.ecg.startswith("echoingecg"):
+        raise ValueError(f"model.ecg_scaler is for EchoingECG encoders; {cfg.model.ecg!r} has no input scaler")
+    from stence.models.base import LEAD_ORDERS
+    from stence.models.safe_load import load_scaler
+
+    weights_order = LEAD_ORDERS[cfg.model.lead_order]
+    mean, scale = load_scaler(cfg.model.ecg_scaler, n_features=len(weights_order), leads=weights_order)
+    pos = {name.lower(): i for i, name in enumerate(weights_order)}
+    idx = [pos[name.lower()] for name in cfg.data.leads]
+    return [float(mean[i]) for i in idx], [float(scale[i]) for i in idx]
 
 
 def build_frame_encoder(cfg: Config) -> FrameEncoder:

@@ -1,11 +1,10 @@
 """Score new WFDB records with a scorer: one stenosis probability per record, or a clear error per bad one.
 
-Each record goes through exactly what a training example went through: the ingest step (read the leads by
-name at whatever rate and order the file has, reject unusable signals, resample to the model rate, ALS
-baseline removal) and the evaluation crop (first window of the contract's length, NaN -> 0, clipping,
-group-wise z-score). The sampling rate, window and leads come from the model's input contract; the
-baseline, clipping and rejection settings from the config stored in the scorer; the per-file limits
-(`stence.data.limits.Limits`, the `ingest.*` keys) from the caller, so that an operator can raise them.
+Each record goes through exactly what a training example went through: read the leads by name at whatever
+rate and order the file has, reject unusable signals, then the model's input contract
+(stence/data/contract.py) with its first window, as in evaluation. The contract comes from the scorer; the
+rejection setting from the config stored in it; the per-file limits (`stence.data.limits.Limits`, the
+`ingest.*` keys) from the caller, so that an operator can raise them.
 """
 
 from __future__ import annotations
@@ -17,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from stence.config import DataConfig, IngestConfig
+from stence.config import IngestConfig
+from stence.data.contract import InputContract, contract_of_spec
+from stence.data.contract_apply import apply_contract
 from stence.data.limits import Limits
+from stence.data.wfdb_io import read_ecg, validate_signal
 from stence.errors import BadInputError
 from stence.serving.scorer import Scorer
 
@@ -28,52 +30,38 @@ NO_RECORDS = "no_records"  # a folder argument with no WFDB header (.hea) under 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Everything that turns a WFDB record into the model's input, resolved from one scorer."""
+    """Everything that turns a recorded ECG into the model's input, resolved from one scorer or encoder."""
 
-    fs: float
-    n_samples: int
-    leads: tuple[str, ...]
-    als_lambda: float = DataConfig.als_lambda
-    als_p: float = DataConfig.als_p
-    als_iter: int = DataConfig.als_iter
-    clip_sigma: float = DataConfig.clip_sigma
+    contract: InputContract  # the encoder's input contract (stence/data/contract.py)
     min_valid_fraction: float = IngestConfig.min_valid_fraction
     limits: Limits = field(default_factory=Limits)  # refused before decoding: rate, duration, size
 
 
-def preprocessing_for(scorer: Scorer, limits: Limits | None = None) -> Preprocessing:
-    """The input contract of `scorer` plus the `data`/`ingest` settings of the config stored with it
-    (`scorer.metadata`, set by `load_champion`); defaults where a scorer carries no config.
+def preprocessing_for(model: Any, limits: Limits | None = None) -> Preprocessing:
+    """The input contract of `model` (a Scorer or an ECG encoder) and the rejection setting of the config
+    stored with it (`scorer.metadata`, set by `load_champion`); a scorer written before contracts existed
+    gets the project contract of its rate and window with its config's `data.*` settings.
 
     `limits` (default `Limits()`) are the reader's safety bounds, not a property of the model: they come
-    from the caller's config (`Limits.from_config(cfg.ingest)`), never from the scorer."""
-    spec = scorer.input_spec
-    cfg = (getattr(scorer, "metadata", None) or {}).get("config") or {}
-    data, ingest = cfg.get("data") or {}, cfg.get("ingest") or {}
+    from the caller's config (`Limits.from_config(cfg.ingest)`), never from the model."""
+    cfg = (getattr(model, "metadata", None) or {}).get("config") or {}
+    ingest = cfg.get("ingest") or {}
     return Preprocessing(
-        fs=float(spec["fs"]), n_samples=int(spec["n_samples"]), leads=tuple(spec["leads"]),
-        als_lambda=float(data.get("als_lambda", DataConfig.als_lambda)),
-        als_p=float(data.get("als_p", DataConfig.als_p)),
-        als_iter=int(data.get("als_iter", DataConfig.als_iter)),
-        clip_sigma=float(data.get("clip_sigma", DataConfig.clip_sigma)),
+        contract=contract_of_spec(model.input_spec, cfg),
         min_valid_fraction=float(ingest.get("min_valid_fraction", IngestConfig.min_valid_fraction)),
         limits=limits or Limits(),
     )
 
 
 def prepare_record(path: str | Path, prep: Preprocessing) -> np.ndarray:
-    """WFDB record -> (n_leads, n_samples) float32 model input; raises BadInputError for unusable input
-    (a folder, a record over `prep.limits`, a bad header or signal)."""
-    from stence.data.preprocess import crop, deterministic_ecg, normalise_crop
-    from stence.data.wfdb_io import read_ecg, validate_signal
-
+    """ECG record -> (n_leads, n_samples) float32 model input under the contract; raises BadInputError for
+    unusable input (a folder, a record over `prep.limits`, a bad header or signal)."""
     if Path(path).is_dir():
         raise _folder_error(Path(path))
-    rec = read_ecg(path, prep.leads, prep.limits)  # (12, T) mV at the file's rate, rows in contract order
-    validate_signal(rec.signal, prep.min_valid_fraction, prep.leads)
-    sig, _ = deterministic_ecg(rec.signal, rec.fs, prep.fs, prep.als_lambda, prep.als_p, prep.als_iter)
-    x = crop(sig, prep.n_samples, 0)  # (12, T') -> (12, W): the first window, as in evaluation
-    return normalise_crop(x, prep.clip_sigma)
+    c = prep.contract
+    rec = read_ecg(path, c.leads, prep.limits)  # (12, T) mV at the file's rate, rows in contract order
+    validate_signal(rec.signal, prep.min_valid_fraction, c.leads)
+    return apply_contract(rec.signal, rec.fs, c)  # the first window, as in evaluation
 
 
 def _headers_under(folder: Path) -> list[Path]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from stence.config import Config
 from stence.data.cohort_io import Cohort
+from stence.data.contract import InputContract
 from stence.data.datasets import EcgDataset
 from stence.eval.metrics import auroc
 from stence.models.base import ECGEncoder
@@ -52,18 +53,19 @@ def load_downstream_encoder(cfg: Config) -> ECGEncoder:
     return build_ecg_encoder(cfg)
 
 
-def build_datasets(cfg: Config) -> dict[str, Any]:
+def build_datasets(cfg: Config, contract: InputContract | None = None) -> dict[str, Any]:
+    """Train/val/test sets of the downstream task, under the encoder's input `contract`."""
     d = cfg.downstream
     if d.task == "echonext":
         from stence.data.echonext import EchoNextDataset
 
         if not d.echonext_root:
             raise ValueError("task 'echonext' needs downstream.echonext_root")
-        return {s: EchoNextDataset(d.echonext_root, s, cfg.data, train=(s == "train"), seed=cfg.train.seed)
-                for s in ("train", "val", "test")}
+        return {s: EchoNextDataset(d.echonext_root, s, cfg.data, train=(s == "train"), seed=cfg.train.seed,
+                                   contract=contract) for s in ("train", "val", "test")}
     cohort = Cohort.open(cfg.data.cohort)
     return {s: EcgDataset(cohort, s, cfg.data, d.task, train=(s == "train"), seed=cfg.train.seed,
-                          fraction=d.train_fraction if s == "train" else 1.0)
+                          fraction=d.train_fraction if s == "train" else 1.0, contract=contract)
             for s in ("train", "val", "test")}
 
 
@@ -98,8 +100,9 @@ def mean_auroc(y: np.ndarray, p: np.ndarray) -> float:
 def downstream_loop(loop_config: dict[str, Any]) -> None:
     ctx = loop_setup(loop_config)
     cfg, info, tracker, d = ctx.cfg, ctx.info, ctx.tracker, ctx.cfg.downstream
-    sets = build_datasets(cfg)
-    model = build_downstream_model(cfg, load_downstream_encoder(cfg), n_out=sets["train"].labels.reshape(
+    encoder = load_downstream_encoder(cfg)
+    sets = build_datasets(cfg, encoder.contract)
+    model = build_downstream_model(cfg, encoder, n_out=sets["train"].labels.reshape(
         len(sets["train"]), -1).shape[1])
     model = wrap_model(model, info)
     core = unwrap(model)

@@ -93,13 +93,14 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     cfg, info, tracker = ctx.cfg, ctx.info, ctx.tracker
     cohort = Cohort.open(cfg.data.cohort)
     store = FeatureStore.open(loop_config["features_dir"])
-    train_ds = PairedDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed)
-    val_ds = PairedDataset(cohort, "val", cfg.data, store, train=False)
-    knn_sets = [EcgDataset(cohort, s, cfg.data, cfg.train.knn_task) for s in ("train", "val")]
-    loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed,
-                                   cfg.data.num_workers)
     model = wrap_model(build_stence_model(cfg), info, find_unused=cfg.loss.w_sten == 0)
     core = unwrap(model)
+    contract = core.ecg_encoder.contract  # every ECG reaches the encoder the way its contract says
+    train_ds = PairedDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed, contract=contract)
+    val_ds = PairedDataset(cohort, "val", cfg.data, store, train=False, contract=contract)
+    knn_sets = [EcgDataset(cohort, s, cfg.data, cfg.train.knn_task, contract=contract) for s in ("train", "val")]
+    loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed,
+                                   cfg.data.num_workers)
     loss_fn = StenceLoss(cfg.loss.w_sten, gather=cfg.loss.gather)
     optimizers = tower_optimizers(core, cfg)
     steps = max(1, len(loader))
