@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.bench_data", "bench.bench_train", "bench.bench_encoder", "bench.bench_search")
+BENCHMARKS = ("bench.bench_data", "bench.bench_train", "bench.bench_encoder", "bench.bench_search",
+              "bench.bench_formats")
 
 
 def main() -> int:

@@ -93,7 +93,7 @@ def test_every_argument_gets_a_score_or_one_error(scorer: Path, args_mix: dict[s
         assert by[rec]["error"] is None and 0.0 <= by[rec]["probability"] <= 1.0
     for rec in (a["empty"], a["bad_rate"], a["long"], a["absent"]):
         assert by[str(rec)]["probability"] is None and by[str(rec)]["error"]
-    assert by[str(a["empty"])]["reason"] == NO_RECORDS and "no WFDB records" in by[str(a["empty"])]["error"]
+    assert by[str(a["empty"])]["reason"] == NO_RECORDS and "no ECG records" in by[str(a["empty"])]["error"]
     assert by[str(a["bad_rate"])]["reason"] == "ecg_bad_header"
     assert "implausible sampling rate '1e9'" in by[str(a["bad_rate"])]["error"]
     assert by[str(a["long"])]["reason"] == "file_over_limit"
@@ -131,7 +131,7 @@ def test_library_folder_handling(scorer: Path, args_mix: dict[str, Path], tmp_pa
     assert expand_records([a["empty"], a["good"]]) == [a["empty"], a["good"]]
     rows = predict_records(load_scorer(scorer), [a["folder"], a["empty"]])
     assert [r["reason"] for r in rows] == [NO_RECORDS, NO_RECORDS]
-    assert "DIR/*.hea" in rows[0]["error"] and "no WFDB records" in rows[1]["error"]
+    assert "DIR/*.hea" in rows[0]["error"] and "no ECG records" in rows[1]["error"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,3 +212,33 @@ def test_predict_names_the_version_and_shows_a_swapped_champion(scorer: Path, tm
     assert out.out.splitlines()[-1].startswith(f"scored 2 of 2 record(s) with models:/{name}/{v1} (version {v1},")
     assert _model_line(out.err).startswith(f"model {name} version {v1} (run {run1}) ")
     assert not _warnings(out.err), out.err
+
+
+# ---------------------------------------------------------------------------------------------------
+# hospital formats: every supported export scores like a WFDB record
+
+
+def test_vendor_exports_score_like_their_wfdb_twin(scorer: Path, shared_data: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    import pydicom.data
+
+    from stence.data.synth import SynthConfig, write_cohort
+
+    twins = {}
+    for fmt in ("wfdb", "muse", "hl7", "dicom"):
+        write_cohort(tmp_path / fmt, SynthConfig.preset("tiny", patients=1, ecgs_per_patient=1, ecg_format=fmt))
+        twins[fmt] = next(p for p in sorted((tmp_path / fmt / "ecg").iterdir()) if p.suffix != ".dat")
+    rows = predict_records(load_scorer(scorer), list(twins.values()))
+    assert all(r["error"] is None for r in rows), rows
+    p = {fmt: r["probability"] for fmt, r in zip(twins, rows, strict=True)}
+    assert p["hl7"] == pytest.approx(p["wfdb"], abs=1e-3) and p["dicom"] == pytest.approx(p["wfdb"], abs=1e-6)
+    assert abs(p["muse"] - p["wfdb"]) < 0.05  # MUSE derives its limb leads: close, not equal
+    # the real samples, and a folder of them (recognised by content, whatever their names)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for f in [*sorted((shared_data / "ecg_vendor").iterdir()), Path(pydicom.data.get_testdata_file("waveform_ecg.dcm"))]:
+        (folder / f"{f.stem}.export").write_bytes(f.read_bytes())
+    (folder / "notes.txt").write_text("not an ECG\n")
+    assert main(_argv(scorer, tmp_path, [folder])) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(r["error"] is None and 0 <= r["probability"] <= 1 for r in rows)

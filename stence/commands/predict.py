@@ -1,4 +1,4 @@
-"""`stence predict --model REF RECORD.hea ...`: a stenosis probability per ECG, or a clear error per bad one."""
+"""`stence predict --model REF RECORD ...`: a stenosis probability per ECG, or a clear error per bad one."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ EXAMPLE = """example:
   stence predict --model runs/ray/exports/probe-stence-probe-0_100/scorer.pt HR06000.hea
   stence predict --set tracking.uri=sqlite:////data/mlflow.db -- new_ecgs/*.hea   # `--` ends --set
 
-Each record is read at its own sampling rate and lead order (leads are picked by name), resampled,
-baseline-corrected and cropped exactly as in training. A folder stands for every .hea file under it; a
-folder with none is reported as an error. Every argument gets a probability or one error line (with
+Each record (WFDB, or a GE MUSE, Philips, HL7 aECG or DICOM ECG export, recognised by content) is read at its
+own sampling rate and lead order (leads are picked by name) and prepared by the model's input contract
+exactly as in evaluation. A folder stands for every record under it; a folder with none is reported as
+an error. Every argument gets a probability or one error line (with
 --json: a row with "error" and "reason"), and the others are still scored. Records over the ingest limits
 (sampling rate outside ingest.min_fs..ingest.max_fs, longer than ingest.max_duration_s, more than
 ingest.max_channels signals, a header over ingest.max_header_kb, decoding to more than
@@ -34,10 +35,10 @@ it, or when every record got the same probability. stdout (the table, or --json 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="score WFDB ECG records with a registered model",
+    p = sub.add_parser("predict", help="score ECG records (WFDB, MUSE, Philips, HL7 aECG, DICOM ECG) with a registered model",
                        description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
     p.add_argument("records", nargs="+", metavar="RECORD",
-                   help="WFDB header files (.hea) or folders of them (every .hea under a folder)")
+                   help="ECG records (WFDB .hea, GE MUSE / Philips / HL7 aECG XML, DICOM ECG) or folders of them")
     p.add_argument("--model", default=None,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a scorer.pt "
                    "(default: models:/<tracking.registered_model>@champion)")

@@ -55,18 +55,21 @@ def _ecg_sidecar_size(hea: Path) -> int:
 
 
 def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
-    """WFDB record -> cached (12, T) float32 at the model rate, baseline removed, and the decoded source
-    (12, T_src) float32 mV at the file's rate, from which the caches of other input contracts are made."""
+    """ECG record (WFDB or a vendor export) -> cached (12, T) float32 at the model rate, baseline removed,
+    and the decoded source (12, T_src) float32 mV at the file's rate, from which the caches of other input
+    contracts are made."""
     from stence.data.contract_apply import record_part
-    from stence.data.wfdb_io import read_ecg, validate_signal
+    from stence.data.ecg_formats import read_ecg_file
+    from stence.data.wfdb_io import validate_signal
 
     rel, s = args
-    hea = Path(s.raw) / rel
+    path = Path(s.raw) / rel
     out: dict[str, Any] = {"kind": "ecg", "rel": rel}
     try:
-        key = hashlib.sha256(f"{rel}|{_ecg_sidecar_size(hea)}|{hea.stat().st_mtime_ns}".encode()).hexdigest()[:24]
+        size = _ecg_sidecar_size(path) if rel.lower().endswith(".hea") else path.stat().st_size
+        key = hashlib.sha256(f"{rel}|{size}|{path.stat().st_mtime_ns}".encode()).hexdigest()[:24]
         arr_path = Path(s.staging) / "records" / f"{key}.npy"
-        rec = read_ecg(hea, s.contract.leads, limits=s.limits)
+        rec = read_ecg_file(path, s.contract.leads, limits=s.limits)
         validate_signal(rec.signal, s.min_valid_fraction)
         # duplicate detection on the decoded source signal (before any processing)
         raw_sig = np.nan_to_num(rec.signal.astype(np.float32), nan=0.0)
@@ -91,6 +94,7 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
             base_date=meta.get("base_date"),
             identifiers=dict(rec.identifiers),
             signal_files=list(rec.meta.get("signal_files") or ()),
+            format=str(meta.get("format") or "wfdb"),
         )
     except BadInputError as e:
         out.update(ok=False, reason=e.reason, detail=e.detail)

@@ -185,9 +185,9 @@ def _account_tables(inv: Inventory, ann, index, ledger: Ledger) -> None:
         ledger.identifier(kind, value)
     for label, reason, detail, rec in index.quarantine:
         ledger.quarantine("ecg_index.csv", reason, detail, label=label, record=rec)
-    headers = {h[:-4] for h in inv.headers}
+    records = {h[:-4] for h in inv.headers} | set(inv.vendor)  # a vendor file is named with its extension
     for rec, label in sorted(index.row_of.items(), key=lambda x: x[1]):
-        if rec not in headers and rec not in index.invalid_records:
+        if rec not in records and rec not in index.invalid_records:
             ledger.quarantine("ecg_index.csv", E.ECG_INDEX_MISSING_FILE,
                               "the row names a record that is not in the export", label=label, record=rec)
 
@@ -207,7 +207,7 @@ def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes
         return lambda job: {"kind": kind, "rel": job[0], "ok": False, "reason": E.DECODE_WORKER_DIED,
                             "detail": "the decoding process died (killed, or out of memory); the rest went on"}
 
-    ecg = run_jobs(decode_ecg, [(h, settings) for h in inv.headers], n_proc, "decode ECG", died("ecg"))
+    ecg = run_jobs(decode_ecg, [(h, settings) for h in inv.headers + inv.vendor], n_proc, "decode ECG", died("ecg"))
     xa = run_jobs(decode_xa, [(p, settings) for p in inv.dicoms], n_proc, "decode XA", died("xa"))
     return ecg, xa
 

@@ -1,9 +1,9 @@
 """Every file under a raw export, classified before anything is decoded: each one is used or quarantined.
 
 Layout (README, "Bring your own data"):
-  RAW/ecg/**        WFDB records (.hea + the signal files its header names); vendor ECG exports
-                    (GE MUSE, Philips, HL7 aECG XML, DICOM 12-lead ECG) are recognised by content and
-                    quarantined as `ecg_unsupported_format` until they are read
+  RAW/ecg/**        WFDB records (.hea + the signal files its header names) and vendor ECG exports
+                    (GE MUSE, Philips, HL7 aECG XML, DICOM 12-lead ECG), recognised by content whatever
+                    their file names; any other XML or DICOM file is `ecg_unsupported_format`
   RAW/angio/**      DICOM XA views (any file name; DICOMDIR and other non-XA DICOMs are quarantined later)
   RAW/ecg_index.csv, RAW/annotations.csv
 Anything else is `unrecognised_file`. A symbolic link pointing outside RAW is never followed
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stence import errors as E
+from stence.data.ecg_formats import describe_unsupported, sniff
 from stence.outputs import MARKER
 
 INDEX_FILE, ANNOTATIONS_FILE = "ecg_index.csv", "annotations.csv"
@@ -27,25 +28,12 @@ IGNORED_FILES = {
 }
 LAYOUT_NAMES = frozenset({"ecg", "angio", INDEX_FILE, ANNOTATIONS_FILE, *IGNORED_FILES})
 
-_SNIFF_BYTES = 4096
-# root elements of vendor XML ECG exports -> format name
-_XML_ROOTS = {
-    b"<restingecg": "GE MUSE RestingECG XML",
-    b"<restingecgdata": "Philips SierraECG XML",
-    b"<annotatedecg": "HL7 aECG (AnnotatedECG) XML",
-}
-_DICOM_ECG_SOP = {
-    b"1.2.840.10008.5.1.4.1.1.9.1.1": "DICOM 12-lead ECG waveform",
-    b"1.2.840.10008.5.1.4.1.1.9.1.2": "DICOM general ECG waveform",
-    b"1.2.840.10008.5.1.4.1.1.9.1.3": "DICOM ambulatory ECG waveform",
-}
-
-
 @dataclass
 class Inventory:
     """What a raw export holds: files to decode, files used alongside them, and files set aside."""
 
     headers: list[str] = field(default_factory=list)  # WFDB .hea paths relative to RAW
+    vendor: list[str] = field(default_factory=list)  # vendor ECG exports (MUSE, Philips, HL7, DICOM) relative to RAW
     dicoms: list[str] = field(default_factory=list)  # candidate XA files relative to RAW
     ecg_other: list[str] = field(default_factory=list)  # other files under ecg/ (signal files, unknown)
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (rel path, reason, detail)
@@ -56,7 +44,7 @@ class Inventory:
     @property
     def all_paths(self) -> list[str]:
         """Every file accounted for (the site-side path map covers these)."""
-        out = self.headers + self.dicoms + self.ecg_other + [r[0] for r in self.rejected]
+        out = self.headers + self.vendor + self.dicoms + self.ecg_other + [r[0] for r in self.rejected]
         out += [i[0] for i in self.ignored] + [p for p in (self.index, self.annotations) if p]
         return sorted(set(out))
 
@@ -102,23 +90,15 @@ def _inside(path: Path, raw: Path) -> bool:
         return False
 
 
-def sniff_ecg_format(path: Path) -> str | None:
-    """Name of a vendor ECG export format recognised from the file's first bytes, or None."""
+def _looks_like_export(path: Path) -> bool:
+    """An XML or DICOM file (the kinds vendor ECG exports come in), judged from its first bytes."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(_SNIFF_BYTES)
+            head = fh.read(512)
     except OSError:
-        return None
-    low = head.lower()
-    if low.lstrip().startswith((b"<?xml", b"<!doctype", b"<")) or low.startswith(b"\xef\xbb\xbf<"):
-        for root, name in _XML_ROOTS.items():
-            if root + b">" in low or root + b" " in low:
-                return name
-    if head[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
-        for uid, name in _DICOM_ECG_SOP.items():
-            if uid in head:
-                return name
-    return None
+        return False
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith(b"<") or head[128:132] == b"DICM"
 
 
 def take_inventory(raw: Path) -> Inventory:
@@ -131,9 +111,11 @@ def take_inventory(raw: Path) -> Inventory:
     for rel in ecg_files:
         if rel in heads:
             continue
-        fmt = sniff_ecg_format(raw / rel)
-        if fmt:
-            inv.rejected.append((rel, E.ECG_UNSUPPORTED_FORMAT, f"{fmt}: this format is not read yet"))
+        fmt = sniff(raw / rel)
+        if fmt is not None and fmt != "wfdb":
+            inv.vendor.append(rel)
+        elif _looks_like_export(raw / rel):  # XML or DICOM that is no ECG export the platform reads
+            inv.rejected.append((rel, E.ECG_UNSUPPORTED_FORMAT, describe_unsupported(raw / rel)))
         else:  # a signal file of some record, or nothing: settled once the headers are decoded
             inv.ecg_other.append(rel)
     for entry in sorted(os.listdir(raw)):

@@ -22,6 +22,23 @@ def _record_of(rel: str) -> str:
     return rel[:-4] if rel.lower().endswith(".hea") else rel
 
 
+def _index_disagrees(r: dict, pid: str, date: Any) -> str:
+    """Why a vendor file's own patient ID or acquisition date contradicts its ecg_index.csv row ("" if not).
+
+    The index wins where both exist, but a contradiction means one of them names the wrong patient or visit:
+    the record is quarantined (the detail names no value). WFDB header comments are free text, so only
+    vendor files, whose patient ID is a dedicated element, are checked."""
+    if r.get("format", "wfdb") == "wfdb":
+        return ""
+    own_pid = str((r.get("identifiers") or {}).get("patient_id") or "").strip()
+    if pid and own_pid and own_pid.casefold() != str(pid).strip().casefold():
+        return "the patient ID inside the file differs from its ecg_index.csv row"
+    own_date = r.get("base_date")
+    if date is not None and own_date is not None and own_date != date:
+        return "the acquisition date inside the file differs from its ecg_index.csv row"
+    return ""
+
+
 def ecg_rows(results: list[dict], index: EcgIndex | None, ledger: Ledger, fs: int) -> list[dict[str, Any]]:
     """Usable ECGs, one row each; every other record quarantined with its reason."""
     rows: list[dict[str, Any]] = []
@@ -36,6 +53,10 @@ def ecg_rows(results: list[dict], index: EcgIndex | None, ledger: Ledger, fs: in
             ledger.quarantine(rel, E.ECG_INDEX_INVALID, f"its ecg_index.csv row is unusable: {index.invalid_records[rec]}")
             continue
         pid, date = index.rows.get(rec, ("", None)) if index is not None else ("", None)
+        mismatch = _index_disagrees(r, pid, date)
+        if mismatch:
+            ledger.quarantine(rel, E.ECG_INDEX_MISMATCH, mismatch)
+            continue
         pid = pid or (r.get("identifiers") or {}).get("patient_id") or ""
         date = date or r.get("base_date")  # an empty acquisition_date (or no index row) means the header date
         if not pid:

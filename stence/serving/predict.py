@@ -1,4 +1,4 @@
-"""Score new WFDB records with a scorer: one stenosis probability per record, or a clear error per bad one.
+"""Score new ECG records (WFDB or vendor exports) with a scorer: one stenosis probability per record, or a clear error per bad one.
 
 Each record goes through exactly what a training example went through: read the leads by name at whatever
 rate and order the file has, reject unusable signals, then the model's input contract
@@ -19,13 +19,14 @@ import numpy as np
 from stence.config import IngestConfig
 from stence.data.contract import InputContract, contract_of_spec
 from stence.data.contract_apply import apply_contract
+from stence.data.ecg_formats import read_ecg_file, sniff
 from stence.data.limits import Limits
-from stence.data.wfdb_io import read_ecg, validate_signal
+from stence.data.wfdb_io import validate_signal
 from stence.errors import BadInputError
 from stence.serving.scorer import Scorer
 
 UNEXPECTED = "unexpected_error"
-NO_RECORDS = "no_records"  # a folder argument with no WFDB header (.hea) under it
+NO_RECORDS = "no_records"  # a folder argument with no ECG record (WFDB header or vendor export) under it
 
 
 @dataclass(frozen=True)
@@ -59,26 +60,33 @@ def prepare_record(path: str | Path, prep: Preprocessing) -> np.ndarray:
     if Path(path).is_dir():
         raise _folder_error(Path(path))
     c = prep.contract
-    rec = read_ecg(path, c.leads, prep.limits)  # (12, T) mV at the file's rate, rows in contract order
+    rec = read_ecg_file(path, c.leads, prep.limits)  # (12, T) mV at the file's rate, rows in contract order
     validate_signal(rec.signal, prep.min_valid_fraction, c.leads)
     return apply_contract(rec.signal, rec.fs, c)  # the first window, as in evaluation
 
 
-def _headers_under(folder: Path) -> list[Path]:
-    """Every WFDB header file under `folder`, sorted (rglob does not follow folder links: no cycles)."""
-    return sorted(p for p in folder.rglob("*.hea") if p.is_file())
+def _records_under(folder: Path) -> list[Path]:
+    """Every ECG record under `folder`, sorted: WFDB headers and vendor exports recognised by content (rglob
+    does not follow folder links: no cycles). WFDB signal files and anything else are not records."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and (p.suffix.lower() == ".hea" or sniff(p) not in (None, "wfdb")):
+            out.append(p)
+    return out
 
 
 def _folder_error(folder: Path) -> BadInputError:
     """Why a folder cannot be scored as a record: it holds none, or its records must be named."""
-    if not _headers_under(folder):
-        return BadInputError(NO_RECORDS, "is a directory with no WFDB records (.hea files) under it")
+    if not _records_under(folder):
+        return BadInputError(NO_RECORDS, "is a directory with no ECG records (WFDB .hea files or vendor ECG "
+                                         "exports) under it")
     return BadInputError(NO_RECORDS, "is a directory: pass its records, e.g. DIR/*.hea (`stence predict` "
                                      "expands folders itself)")
 
 
 def expand_records(items: Iterable[str | Path]) -> list[Path]:
-    """Record arguments -> paths: a folder stands for every `.hea` file under it (sorted, recursively).
+    """Record arguments -> paths: a folder stands for every ECG record under it (WFDB headers and vendor
+    exports, sorted, recursively).
 
     A folder with none stays in the list as itself, so that scoring reports it (NO_RECORDS) instead of
     dropping the argument without a word.
@@ -86,7 +94,7 @@ def expand_records(items: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        out.extend((_headers_under(p) or [p]) if p.is_dir() else [p])
+        out.extend((_records_under(p) or [p]) if p.is_dir() else [p])
     return out
 
 
