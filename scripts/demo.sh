@@ -11,8 +11,8 @@ CFG="--config configs/demo.yaml --set data.cohort=$RUNS/cohort train.storage_pat
 t0=$(date +%s)
 step() { echo; echo "==> [$(( $(date +%s) - t0 ))s] $*"; }
 
-step "1/8 synthetic cohort in real clinical formats (WFDB, DICOM XA, annotations), 5 % corrupt files"
-$S synth "$RUNS/raw" --size demo --corrupt-fraction 0.05 --seed 0 --overwrite ${SYNTH_ARGS:-}
+step "1/8 synthetic cohort in real clinical formats (WFDB, GE MUSE, HL7 aECG and DICOM ECGs; DICOM XA; annotations), 5 % corrupt files"
+$S synth "$RUNS/raw" --size demo --ecg-format mixed --corrupt-fraction 0.05 --seed 0 --overwrite ${SYNTH_ARGS:-}
 
 step "2/8 ingest: pseudonymise, quarantine bad files, pair, split by patient, cache"
 $S ingest "$RUNS/raw" --out "$RUNS/cohort" --overwrite
@@ -39,8 +39,11 @@ $S probe --compare "$RUNS/results/stence/results.json" "$RUNS/results/baseline/r
 step "7/8 registered models"
 $S models
 
-step "8/8 score one new ECG with the champion"
-$S predict --model models:/stence-ecg-encoder@champion "$RUNS/raw/ecg/E000000.hea"
+step "8/8 score and embed new ECGs of every format with the champion"
+shopt -s nullglob
+NEW=("$RUNS"/raw/ecg/E00000[0-7].{hea,xml,dcm})
+$S predict --model models:/stence-ecg-encoder@champion "${NEW[@]}"
+$S embed --model models:/stence-ecg-encoder@champion --out "$RUNS/results/embeddings.npz" --overwrite -- "${NEW[@]}"
 
 echo
 echo "done in $(( $(date +%s) - t0 )) s. Results: $RUNS/results/compare/results.md and fig2_auroc_vs_threshold.png"

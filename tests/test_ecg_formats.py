@@ -41,8 +41,12 @@ PHILIPS = "129DYPRG.XML"
 HL7 = "ecg_hl7.xml"
 DICOM = Path(get_testdata_file("waveform_ecg.dcm"))
 # file -> (format, fs, samples per lead, quantum in mV: one step of the stored integers)
-REAL = {MUSE: ("muse", 500.0, 5000, 4.88e-3), PHILIPS: ("philips", 500.0, 5500, 5e-3),
-        HL7: ("hl7", 500.0, 5000, 2.5e-3), "dicom": ("dicom", 1000.0, 10000, 1.25e-3)}
+REAL = {
+    MUSE: ("muse", 500.0, 5000, 4.88e-3),
+    PHILIPS: ("philips", 500.0, 5500, 5e-3),
+    HL7: ("hl7", 500.0, 5000, 2.5e-3),
+    "dicom": ("dicom", 1000.0, 10000, 1.25e-3),
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +83,42 @@ def _raw_identifiers(vendor: Path, name: str) -> dict[str, str]:
     """Identifying values read from the raw file with regexes / pydicom, independently of the readers."""
     if name == "dicom":
         ds = pydicom.dcmread(DICOM)
-        return {"patient_id": ds.PatientID, "dob": ds.PatientBirthDate, "institution": ds.InstitutionName,
-                "accession": ds.AccessionNumber, "referring": str(ds.ReferringPhysicianName)}
+        return {
+            "patient_id": ds.PatientID,
+            "dob": ds.PatientBirthDate,
+            "institution": ds.InstitutionName,
+            "accession": ds.AccessionNumber,
+            "referring": str(ds.ReferringPhysicianName),
+        }
     raw = (vendor / name).read_text("latin-1")
 
     def tag(t: str) -> str:
         return re.search(rf"<{t}>([^<]+)</{t}>", raw).group(1).strip()
 
     if name == MUSE:
-        return {"patient_id": tag("PatientID"), "last": tag("PatientLastName"), "first": tag("PatientFirstName"),
-                "dob": tag("DateofBirth"), "site": tag("SiteName"), "ordering": tag("OrderingMDLastName"),
-                "overreader": tag("OverreaderLastName"), "tech": tag("AcquisitionTechLastName"),
-                "date": tag("AcquisitionDate"), "order": tag("RequisitionNumber"), "room": tag("LocationName")}
+        return {
+            "patient_id": tag("PatientID"),
+            "last": tag("PatientLastName"),
+            "first": tag("PatientFirstName"),
+            "dob": tag("DateofBirth"),
+            "site": tag("SiteName"),
+            "ordering": tag("OrderingMDLastName"),
+            "overreader": tag("OverreaderLastName"),
+            "tech": tag("AcquisitionTechLastName"),
+            "date": tag("AcquisitionDate"),
+            "order": tag("RequisitionNumber"),
+            "room": tag("LocationName"),
+        }
     if name == PHILIPS:
         return {"patient_id": tag("patientid"), "institution": tag("institutionname")}
     subject = re.search(r"<trialSubject>\s*<id [^>]*extension=\"([^\"]+)\"", raw).group(1)
-    return {"patient_id": subject, "name": re.search(r"<subjectDemographicPerson>\s*<name>([^<]+)", raw).group(1),
-            "dob": re.search(r"<birthTime value=\"(\d+)\"", raw).group(1),
-            "investigator": re.search(r"<investigatorPerson>\s*<name>([^<]+)", raw).group(1),
-            "site": re.search(r"<trialSite>.*?<name>([^<]+)", raw, re.DOTALL).group(1)}
+    return {
+        "patient_id": subject,
+        "name": re.search(r"<subjectDemographicPerson>\s*<name>([^<]+)", raw).group(1),
+        "dob": re.search(r"<birthTime value=\"(\d+)\"", raw).group(1),
+        "investigator": re.search(r"<investigatorPerson>\s*<name>([^<]+)", raw).group(1),
+        "site": re.search(r"<trialSite>.*?<name>([^<]+)", raw, re.DOTALL).group(1),
+    }
 
 
 # ---- real samples ----------------------------------------------------------------------------------
@@ -129,7 +150,9 @@ def test_real_sample_identifiers_and_dates(vendor: Path, name: str) -> None:
     missing = {k: v for k, v in raw.items() if v not in values}
     assert not missing, f"identifiers not collected: {missing}"
     assert rec.identifiers["patient_id"] == raw["patient_id"]
-    expected = {MUSE: (2020, 9, 22), PHILIPS: (2011, 12, 1), HL7: (2002, 11, 22), "dicom": (2013, 1, 25)}[name]
+    expected = {MUSE: (2020, 9, 22), PHILIPS: (2011, 12, 1), HL7: (2002, 11, 22), "dicom": (2013, 1, 25)}[
+        name
+    ]
     assert (rec.meta["base_date"].year, rec.meta["base_date"].month, rec.meta["base_date"].day) == expected
     assert re.fullmatch(r"\d\d:\d\d:\d\d", rec.meta["acquisition_time"])
     assert rec.meta["sex"] in ("M", "F") and 0 < rec.meta["age"] < 120
@@ -146,7 +169,7 @@ def test_muse_reads_rhythm_and_derives_limb_leads(vendor: Path) -> None:
     np.testing.assert_allclose(s["aVF"], s["II"] - s["I"] / 2, atol=1e-5)
     # stored leads are the int16 samples x 4.88 uV
     raw = (vendor / MUSE).read_text("latin-1")
-    rhythm = raw[raw.index("<WaveformType>Rhythm"):]
+    rhythm = raw[raw.index("<WaveformType>Rhythm") :]
     v1 = re.search(r"<LeadID>V1</LeadID>.*?<WaveFormData>([^<]+)", rhythm, re.DOTALL).group(1)
     ints = np.frombuffer(base64.b64decode("".join(v1.split())), dtype="<i2")
     np.testing.assert_allclose(s["V1"], ints * 4.88e-3, atol=1e-5)
@@ -172,7 +195,7 @@ def test_hl7_uses_rhythm_series_with_origin_and_scale(vendor: Path, tmp_path: Pa
     block = re.search(r"MDC_ECG_LEAD_I\".*?</sequence>", raw, re.DOTALL)
     patched = block.group(0).replace('<origin value="0" unit="uV"/>', '<origin value="0.1" unit="mV"/>')
     patched = patched.replace('<scale value="2.5" unit="uV"/>', '<scale value="5" unit="uV"/>')
-    (tmp_path / "a.xml").write_text(raw[: block.start()] + patched + raw[block.end():], "utf-8")
+    (tmp_path / "a.xml").write_text(raw[: block.start()] + patched + raw[block.end() :], "utf-8")
     rec2 = read_ecg_file(tmp_path / "a.xml")
     np.testing.assert_allclose(rec2.signal[0], 0.1 + np.array(first_i, float) * 5e-3, atol=1e-5)
     np.testing.assert_array_equal(rec2.signal[1:], rec.signal[1:])
@@ -186,8 +209,13 @@ def test_hl7_derives_missing_limb_leads(vendor: Path, tmp_path: Path) -> None:
     raw = (vendor / HL7).read_text("utf-8")
     full = read_ecg_file(vendor / HL7)
     for lead in ("III", "AVR", "AVL", "AVF"):  # drop the stored limb leads of the rhythm set only
-        raw = re.sub(rf"<component>\s*<sequence>\s*<code code=\"MDC_ECG_LEAD_{lead}\".*?</component>", "", raw,
-                     count=1, flags=re.DOTALL)
+        raw = re.sub(
+            rf"<component>\s*<sequence>\s*<code code=\"MDC_ECG_LEAD_{lead}\".*?</component>",
+            "",
+            raw,
+            count=1,
+            flags=re.DOTALL,
+        )
     (tmp_path / "a.xml").write_text(raw, "utf-8")
     rec = read_ecg_file(tmp_path / "a.xml")
     assert sorted(rec.meta["derived_leads"]) == ["III", "aVF", "aVL", "aVR"]
@@ -255,13 +283,21 @@ def _ecg_like(n: int = 5000, fs: int = 500, amp: int = 200, base: int = 0) -> np
     return (base + amp * beats + 10 * np.sin(2 * np.pi * 0.3 * t)).astype(np.int64)
 
 
-def _philips_file(path: Path, chunks: bytes, n: int, fs: int = 500, extra: str = "", version: str = "1.03",
-                  attrs: str = 'compressflag="True" compressmethod="XLI" dataencoding="Base64"',
-                  body: str | None = None) -> Path:
+def _philips_file(
+    path: Path,
+    chunks: bytes,
+    n: int,
+    fs: int = 500,
+    extra: str = "",
+    version: str = "1.03",
+    attrs: str = 'compressflag="True" compressmethod="XLI" dataencoding="Base64"',
+    body: str | None = None,
+) -> Path:
     """A SierraECG 1.03 (or PhilipsECG 1.04) file around the waveform `chunks` (or the text `body`)."""
     doc, res = ("SierraECG", "signalresolution") if version == "1.03" else ("PhilipsECG", "resolution")
     body = base64.encodebytes(chunks).decode() if body is None else body
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+    path.write_text(
+        f"""<?xml version="1.0" encoding="UTF-8"?>
 <restingecgdata xmlns="http://www3.medical.philips.com">
  <documentinfo><documentname>doc-1234.xml</documentname><documenttype>{doc}</documenttype>
   <documentversion>{version}</documentversion></documentinfo>
@@ -275,7 +311,9 @@ def _philips_file(path: Path, chunks: bytes, n: int, fs: int = 500, extra: str =
   <firstname>Jane</firstname></name><age><dateofbirth>1960-03-04</dateofbirth></age><sex>Female</sex>
  </generalpatientdata></patient>{extra}
  <waveforms><parsedwaveforms {attrs} durationperchannel="{n * 1000 // fs}">{body}</parsedwaveforms></waveforms>
-</restingecgdata>""", "utf-8")
+</restingecgdata>""",
+        "utf-8",
+    )
     return path
 
 
@@ -295,7 +333,16 @@ def test_philips_written_here_round_trips_with_identifiers(tmp_path: Path) -> No
     np.testing.assert_allclose(rec.signal, true * 5e-3, atol=1e-6)
     ids = set(rec.identifiers.values())
     assert rec.identifiers["patient_id"] == "PX-77"
-    assert {"Jane Doe", "Doe", "Jane", "1960-03-04", "TECH-9", "St Elsewhere", "Cardio 3", "doc-1234.xml"} <= ids
+    assert {
+        "Jane Doe",
+        "Doe",
+        "Jane",
+        "1960-03-04",
+        "TECH-9",
+        "St Elsewhere",
+        "Cardio 3",
+        "doc-1234.xml",
+    } <= ids
     assert rec.meta["sex"] == "F" and 59 < rec.meta["age"] < 60 and rec.meta["acquisition_time"] == "10:11:12"
 
 
@@ -303,16 +350,24 @@ def test_philips_1_04_and_uncompressed_variants(tmp_path: Path) -> None:
     true = _true_leads(_ecg_like(1000), _ecg_like(1000, amp=300))  # (12, 1000) in units of 5 uV
     xli = b"".join(_xli_lead(s) for s in _stored(true))
     labels = 'numberofleads="12" leadlabels="I II III aVR aVL aVF V1 V2 V3 V4 V5 V6"'
-    v104 = _philips_file(tmp_path / "a.xml", xli, 1000, version="1.04",
-                         attrs=f'compression="XLI" dataencoding="Base64" {labels}')
+    v104 = _philips_file(
+        tmp_path / "a.xml",
+        xli,
+        1000,
+        version="1.04",
+        attrs=f'compression="XLI" dataencoding="Base64" {labels}',
+    )
     raw16 = true.astype("<i2").tobytes()  # uncompressed: every lead stored as it is
     plain = _philips_file(tmp_path / "b.xml", raw16, 1000, attrs='compressflag="False" dataencoding="Base64"')
-    text = _philips_file(tmp_path / "c.xml", b"", 1000, attrs='dataencoding="Plain"',
-                         body=" ".join(map(str, true.ravel())))
+    text = _philips_file(
+        tmp_path / "c.xml", b"", 1000, attrs='dataencoding="Plain"', body=" ".join(map(str, true.ravel()))
+    )
     for path in (v104, plain, text):
         np.testing.assert_allclose(read_ecg_file(path).signal, true * 5e-3, atol=1e-6)
     _refused(_philips_file(tmp_path / "d.xml", xli, 1000, version="1.02"), ECG_UNSUPPORTED_FORMAT)
-    _refused(_philips_file(tmp_path / "e.xml", raw16[:-2], 1000, attrs='dataencoding="Base64"'), ECG_BAD_WAVEFORM)
+    _refused(
+        _philips_file(tmp_path / "e.xml", raw16[:-2], 1000, attrs='dataencoding="Base64"'), ECG_BAD_WAVEFORM
+    )
 
 
 def test_philips_limb_leads_beyond_int16_are_exact_where_sierraecg_wraps(tmp_path: Path) -> None:
@@ -337,8 +392,10 @@ def test_philips_corrupt_xli_is_refused_not_crashed(tmp_path: Path) -> None:
         sierraecg.read_file(str(bad))
     _refused(bad, ECG_BAD_WAVEFORM)
     # a negative chunk size would send sierraecg's chunk loop backwards forever (not called here)
-    _refused(_philips_file(tmp_path / "b.xml", _xli_lead(_ecg_like(n), size=-16) + b"".join(good[1:]), n),
-             ECG_BAD_WAVEFORM)
+    _refused(
+        _philips_file(tmp_path / "b.xml", _xli_lead(_ecg_like(n), size=-16) + b"".join(good[1:]), n),
+        ECG_BAD_WAVEFORM,
+    )
     _refused(_philips_file(tmp_path / "c.xml", b"".join(good[:11]), n), ECG_BAD_WAVEFORM)  # 11 of 12 leads
     _refused(_philips_file(tmp_path / "d.xml", b"".join(good), 400), ECG_BAD_WAVEFORM)  # more than declared
     _refused(_philips_file(tmp_path / "e.xml", b"".join(good), n, fs=5), ECG_BAD_HEADER)
@@ -437,8 +494,15 @@ def test_wfdb_is_delegated_to_wfdb_io(tmp_path: Path) -> None:
     import wfdb
 
     sig = np.stack([np.sin(np.arange(2000) / 50 + k) for k in range(12)], axis=1)  # (T, 12) mV
-    wfdb.wrsamp("r", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS), p_signal=sig,
-                fmt=["16"] * 12, write_dir=str(tmp_path))
+    wfdb.wrsamp(
+        "r",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=list(STANDARD_LEADS),
+        p_signal=sig,
+        fmt=["16"] * 12,
+        write_dir=str(tmp_path),
+    )
     rec = read_ecg_file(tmp_path / "r.hea")
     np.testing.assert_array_equal(rec.signal, read_ecg(tmp_path / "r.hea").signal)
     assert rec.signal.shape == (12, 2000) and rec.fs == 500
@@ -450,13 +514,16 @@ def test_wfdb_is_delegated_to_wfdb_io(tmp_path: Path) -> None:
 def test_entities_are_refused_and_never_expanded_or_fetched(vendor: Path, tmp_path: Path) -> None:
     lol = "".join(f'<!ENTITY l{k} "{f"&l{k - 1};" * 10}">' for k in range(1, 12))
     (tmp_path / "laughs.xml").write_text(
-        f'<?xml version="1.0"?><!DOCTYPE RestingECG [<!ENTITY l0 "lol">{lol}]><RestingECG>&l11;</RestingECG>')
+        f'<?xml version="1.0"?><!DOCTYPE RestingECG [<!ENTITY l0 "lol">{lol}]><RestingECG>&l11;</RestingECG>'
+    )
     _refused(tmp_path / "laughs.xml", ECG_XML_FORBIDDEN)
     secret = tmp_path / "secret.txt"
     secret.write_text("SECRET-CONTENT-8d1f")
     muse = (vendor / MUSE).read_text("latin-1")
-    xxe = muse.replace('<!DOCTYPE RestingECG SYSTEM "restecg.dtd">',
-                       f'<!DOCTYPE RestingECG [<!ENTITY x SYSTEM "file://{secret}">]>')
+    xxe = muse.replace(
+        '<!DOCTYPE RestingECG SYSTEM "restecg.dtd">',
+        f'<!DOCTYPE RestingECG [<!ENTITY x SYSTEM "file://{secret}">]>',
+    )
     xxe = xxe.replace("<PatientLastName>MUSE", "<PatientLastName>&x;")
     (tmp_path / "xxe.xml").write_text(xxe, "latin-1")
     err = _refused(tmp_path / "xxe.xml", ECG_XML_FORBIDDEN)
@@ -488,12 +555,16 @@ def test_broken_xml_is_refused_with_its_reason(vendor: Path, tmp_path: Path) -> 
     _refused(tmp_path / "crc.xml", ECG_BAD_WAVEFORM)
     _refused(vendor / MUSE, FILE_OVER_LIMIT, Limits(max_header_bytes=100_000))
     for base, reason in ((b"1", ECG_BAD_HEADER), (b"1000000000", ECG_BAD_HEADER), (b"abc", ECG_BAD_HEADER)):
-        (tmp_path / "rate.xml").write_bytes(muse.replace(b"<SampleBase>500</SampleBase>",
-                                                         b"<SampleBase>" + base + b"</SampleBase>"))
+        (tmp_path / "rate.xml").write_bytes(
+            muse.replace(b"<SampleBase>500</SampleBase>", b"<SampleBase>" + base + b"</SampleBase>")
+        )
         _refused(tmp_path / "rate.xml", reason)
     _refused(vendor / MUSE, FILE_OVER_LIMIT, Limits(max_duration_s=5))
-    hl7 = (vendor / HL7).read_text("utf-8").replace('<increment value="0.002" unit="s"/>',
-                                                    '<increment value="0" unit="s"/>')
+    hl7 = (
+        (vendor / HL7)
+        .read_text("utf-8")
+        .replace('<increment value="0.002" unit="s"/>', '<increment value="0" unit="s"/>')
+    )
     (tmp_path / "hl7.xml").write_text(hl7, "utf-8")
     _refused(tmp_path / "hl7.xml", ECG_BAD_HEADER)
 

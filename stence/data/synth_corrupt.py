@@ -30,6 +30,7 @@ from stence.data.synth import (
 )
 from stence.data.synth_angio import View
 from stence.data.synth_dicom import make_uid, write_ct, write_xa_undecodable, write_xa_without_pixels
+from stence.data.synth_vendor import person_for, record_format, write_ecg
 
 ECG_KINDS = (
     errors.ECG_TRUNCATED,
@@ -115,20 +116,23 @@ def _plant_ecgs(
             p = patients[int(rng.integers(len(patients)))]
             name = f"E{n_record:06d}"
             extra: dict[str, Any] = {}
-            if kind == errors.ECG_DUPLICATE:  # an exact copy of one of p's good records, under a new name
-                j = int(rng.integers(cfg.ecgs_per_patient))
+            if kind == errors.ECG_DUPLICATE:  # an exact copy of one of p's good records, under a new name,
+                j = int(rng.integers(cfg.ecgs_per_patient))  # in the original's format (mixed exports)
+                original = p.index * cfg.ecgs_per_patient + j  # write_cohort's numbering
                 rec = make_record(cfg, p, name, j)
-                extra["duplicate_of"] = (
-                    f"ecg/E{p.index * cfg.ecgs_per_patient + j:06d}"  # write_cohort's numbering
-                )
+                fmt = record_format(cfg.ecg_format, cfg.seed, original)
+                written = write_ecg(out / "ecg", rec, fmt, person_for(p))
+                extra["duplicate_of"] = f"ecg/E{original:06d}" + written[len(name):]
+                record, path = f"ecg/{written}", f"ecg/{written}" if fmt != "wfdb" else f"ecg/{name}.hea"
             else:
                 rec = _ecg_record(cfg, p, name, kind, 10_000 + n_record, rng)
+                write_record(out / "ecg", rec)
+                _damage_files(out / "ecg", rec, kind)
+                record, path = f"ecg/{name}", f"ecg/{name}.hea"
             n_record += 1
-            write_record(out / "ecg", rec)
-            _damage_files(out / "ecg", rec, kind)
             date = rec.when.date().isoformat()
-            index_rows.append([f"ecg/{name}", p.patient_id, date])
-            items.append({"kind": kind, "path": f"ecg/{name}.hea", "record": f"ecg/{name}",
+            index_rows.append([record, p.patient_id, date])
+            items.append({"kind": kind, "path": path, "record": record,
                           "patient_id": p.patient_id, "date": date, **extra})  # fmt: skip
     return items
 

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stence.config import STANDARD_LEADS
+from stence.data.ecg_formats.detect import sniff, xml_root
 from stence.data.ecg_formats.dicom_ecg import read_dicom_ecg
 from stence.data.ecg_formats.hl7 import read_hl7
 from stence.data.ecg_formats.muse import read_muse
 from stence.data.ecg_formats.philips import read_philips
-from stence.data.ecg_formats.sniff import sniff, xml_root
 from stence.data.limits import Limits
 from stence.data.wfdb_io import EcgRecord, read_ecg
 from stence.errors import ECG_BAD_HEADER, ECG_BAD_WAVEFORM, ECG_UNSUPPORTED_FORMAT, BadInputError
@@ -61,7 +61,8 @@ def read_ecg_file(
     """Read any supported ECG export as (len(leads), T) float32 mV, dispatching on its content (`sniff`).
 
     Raises `BadInputError` only: ECG_UNSUPPORTED_FORMAT, ECG_BAD_XML, ECG_XML_FORBIDDEN,
-    ECG_BAD_WAVEFORM, ECG_BAD_HEADER, ECG_MISSING_LEADS, FILE_OVER_LIMIT (and WFDB's own reasons).
+    ECG_BAD_WAVEFORM, ECG_BAD_HEADER, ECG_MISSING_LEADS, FILE_OVER_LIMIT, DICOM_UNREADABLE (and WFDB's
+    own reasons). OSError (a vanished file, a full disk) is left to the caller.
     """
     p = Path(path)
     fmt = sniff(p)
@@ -69,7 +70,7 @@ def read_ecg_file(
         raise BadInputError(ECG_UNSUPPORTED_FORMAT, describe_unsupported(p))
     try:
         return _READERS[fmt](p, leads, limits)
-    except (BadInputError, OSError):  # OSError: the file system's (a vanished file, a full disk), not the file's
+    except (BadInputError, OSError):  # an OSError is the file system's (a full disk), not the file's
         raise
     except Exception as e:  # a reader's unforeseen failure on odd input is still a reason, never a crash
         reason = ECG_BAD_HEADER if fmt == "wfdb" else ECG_BAD_WAVEFORM

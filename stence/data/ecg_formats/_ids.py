@@ -20,11 +20,22 @@ _NO_VALUE = re.compile(r"[\s0:./-]*")  # "00:00:00", "0000-00-00", "0": no value
 
 # Word parts of a (normalised) field name -> the role of the person it names, tried in order.
 _ROLES: tuple[tuple[str, str], ...] = (
-    ("patient", "name"), ("subject", "name"),
-    ("tech", "operators"), ("operator", "operators"), ("placer", "operators"), ("nurse", "operators"),
-    ("md", "physician"), ("physician", "physician"), ("doctor", "physician"), ("overread", "physician"),
-    ("editor", "physician"), ("attending", "physician"), ("referring", "physician"),
-    ("ordering", "physician"), ("investigator", "physician"), ("confirm", "physician"),
+    ("patient", "name"),
+    ("subject", "name"),
+    ("tech", "operators"),
+    ("operator", "operators"),
+    ("placer", "operators"),
+    ("nurse", "operators"),
+    ("md", "physician"),
+    ("physician", "physician"),
+    ("doctor", "physician"),
+    ("overread", "physician"),
+    ("editor", "physician"),
+    ("attending", "physician"),
+    ("referring", "physician"),
+    ("ordering", "physician"),
+    ("investigator", "physician"),
+    ("confirm", "physician"),
 )
 
 # Free text that names the person who read, confirmed or signed the ECG ("Confirmed by Garg, R. M.D.").
@@ -57,6 +68,13 @@ def role(key: str) -> str | None:
 def generic_kind(key: str) -> str | None:
     """The identifier kind `wfdb_io` gives a header comment key of this name, or None."""
     return _identifier_kind(norm(key))
+
+
+def field_kind(key: str, kinds: dict[str, str]) -> str | None:
+    """Identifier kind of a field: from the reader's table `kinds` (normalised names), else the role an
+    ID field names ("OverreaderID" -> physician), else the `wfdb_io` rules; None when not identifying."""
+    k = norm(key)
+    return kinds.get(k) or (role(k) if k.endswith("id") else None) or generic_kind(k)
 
 
 def add(ids: dict[str, str], kind: str, field: str, value: object) -> None:
@@ -100,7 +118,7 @@ def parse_date(value: str, formats: Iterable[str]) -> dt.date | None:
 
 
 def parse_time(value: str) -> str | None:
-    """"HH:MM:SS" from "09:03:32", "0903", "090332" or "09:03"; None when not a time of day."""
+    """ "HH:MM:SS" from "09:03:32", "0903", "090332" or "09:03"; None when not a time of day."""
     m = re.fullmatch(r"(\d{1,2}):?(\d{2})(?::?(\d{2}))?(?:[.,]\d*)?", value.strip())
     if not m:
         return None
@@ -109,7 +127,7 @@ def parse_time(value: str) -> str | None:
 
 
 def age_years(value: str, unit: str = "years") -> float | None:
-    """Age in years from a number and its unit (years, months, weeks, days, hours; HL7 `a`, `mo`, `wk`, `d`)."""
+    """Age in years from a number and its unit (years, months, weeks, days, hours; HL7 a, mo, wk, d)."""
     m = re.search(r"\d+(?:\.\d+)?", value or "")
     if not m:
         return None
@@ -129,5 +147,5 @@ def age_at(dob: dt.date | None, day: dt.date | None) -> float | None:
 
 
 def parse_sex(value: str) -> str | None:
-    """"M" / "F" from "MALE", "Female", "m", ...; None for other or unknown values."""
+    """ "M" / "F" from "MALE", "Female", "m", ...; None for other or unknown values."""
     return _parse_sex(value or "")

@@ -16,9 +16,23 @@ import numpy as np
 from stence.data.wfdb_io import EcgRecord
 from stence.errors import ECG_BAD_WAVEFORM, ECG_MISSING_LEADS, BadInputError
 
-_CANONICAL = {name.casefold(): name for name in (
-    "I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6",
-)}
+_CANONICAL = {
+    name.casefold(): name
+    for name in (
+        "I",
+        "II",
+        "III",
+        "aVR",
+        "aVL",
+        "aVF",
+        "V1",
+        "V2",
+        "V3",
+        "V4",
+        "V5",
+        "V6",
+    )
+}
 
 # (T,) arrays of leads I and II (mV) -> the derived limb lead (mV).
 LIMB_FORMULAS = {

@@ -26,7 +26,7 @@ from stence.data.dicom_ids import identifiers as dicom_identifiers
 from stence.data.ecg_formats import _ids
 from stence.data.ecg_formats._leads import build_record, canonical_lead
 from stence.data.ecg_formats._limits import check_extent
-from stence.data.ecg_formats.sniff import DICOM_ECG_SOP_CLASSES
+from stence.data.ecg_formats.detect import DICOM_ECG_SOP_CLASSES
 from stence.data.limits import Limits
 from stence.data.wfdb_io import EcgRecord
 from stence.errors import (
@@ -41,20 +41,52 @@ from stence.errors import (
 WAVEFORM_SEQUENCE = 0x54000100
 _UNIT_TO_MV = {"uv": 1e-3, "mv": 1.0, "v": 1e3, "nv": 1e-6}
 # SCP-ECG ("5.6.3-9-<n>") and MDC ("2:<n>") lead code numbers (DICOM CID 3001) -> lead.
-_LEAD_NUMBERS = {1: "I", 2: "II", 61: "III", 62: "aVR", 63: "aVL", 64: "aVF",
-                 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6"}
+_LEAD_NUMBERS = {
+    1: "I",
+    2: "II",
+    61: "III",
+    62: "aVR",
+    63: "aVL",
+    64: "aVF",
+    3: "V1",
+    4: "V2",
+    5: "V3",
+    6: "V4",
+    7: "V5",
+    8: "V6",
+}
 _MEANING = re.compile(r"^\s*(?:lead\s+)?([a-z]+\d*)\b", re.IGNORECASE)
 # Elements of coded entries (units, measurement names, lead codes): vocabulary, never about the patient;
 # as leak-scan needles ("milliseconds", "QRS Duration") they would only raise false alarms.
-_VOCABULARY = {"tag_CodeValue", "tag_CodingSchemeDesignator", "tag_CodingSchemeVersion", "tag_CodeMeaning",
-               "tag_LongCodeValue", "tag_URNCodeValue", "tag_ContextIdentifier", "tag_MappingResource"}
+_VOCABULARY = {
+    "tag_CodeValue",
+    "tag_CodingSchemeDesignator",
+    "tag_CodingSchemeVersion",
+    "tag_CodeMeaning",
+    "tag_LongCodeValue",
+    "tag_URNCodeValue",
+    "tag_ContextIdentifier",
+    "tag_MappingResource",
+}
 # dicom_ids names -> wfdb_io identifier kinds
-_KINDS = {"patient_name": "name", "birth_date": "dob", "other_patient_ids": "other_id",
-          "other_patient_names": "name", "patient_birth_name": "name", "patient_mother_birth_name": "name",
-          "patient_address": "address", "patient_telephone": "contact", "institution_address": "address",
-          "department": "location", "station_name": "location", "referring_physician": "physician",
-          "performing_physician": "physician", "physicians_of_record": "physician",
-          "reading_physician": "physician", "requesting_physician": "physician"}
+_KINDS = {
+    "patient_name": "name",
+    "birth_date": "dob",
+    "other_patient_ids": "other_id",
+    "other_patient_names": "name",
+    "patient_birth_name": "name",
+    "patient_mother_birth_name": "name",
+    "patient_address": "address",
+    "patient_telephone": "contact",
+    "institution_address": "address",
+    "department": "location",
+    "station_name": "location",
+    "referring_physician": "physician",
+    "performing_physician": "physician",
+    "physicians_of_record": "physician",
+    "reading_physician": "physician",
+    "requesting_physician": "physician",
+}
 
 
 def _lead_name(channel: Dataset) -> str:
@@ -102,7 +134,9 @@ def _leads(ds: Dataset, limits: Limits) -> tuple[dict[str, np.ndarray], float]:
             warnings.simplefilter("ignore")
             arr = ds.waveform_array(index)  # (T, C) in the sensitivity units
     except Exception as e:  # pydicom: missing elements, data shorter than declared, unknown sample type
-        raise BadInputError(ECG_BAD_WAVEFORM, f"waveform data cannot be decoded ({type(e).__name__})") from None
+        raise BadInputError(
+            ECG_BAD_WAVEFORM, f"waveform data cannot be decoded ({type(e).__name__})"
+        ) from None
     named: dict[str, np.ndarray] = {}
     for j, ch in enumerate(channels):
         units = (ch.get("ChannelSensitivityUnitsSequence") or [Dataset()])[0]
@@ -131,8 +165,12 @@ def _identifiers(ds: Dataset, name: str) -> dict[str, str]:
             kind = _KINDS.get(base, base)
             for group in value.split("="):
                 family, given, middle, prefix, suffix = ([*group.split("^"), "", "", "", ""])[:5]
-                _ids.add_person(ids, kind, "" if kind.startswith("tag_") else base,
-                                [prefix, given, middle, family, suffix])
+                _ids.add_person(
+                    ids,
+                    kind,
+                    "" if kind.startswith("tag_") else base,
+                    [prefix, given, middle, family, suffix],
+                )
     return ids
 
 
@@ -165,7 +203,9 @@ def read_dicom_ecg(path: Path, leads: Sequence[str], limits: Limits) -> EcgRecor
             ds = pydicom.dcmread(fh, defer_size="64 KB", stop_before_pixels=True)
             sop = str(ds.get("SOPClassUID", "") or "")
             if sop not in DICOM_ECG_SOP_CLASSES:
-                raise BadInputError(ECG_UNSUPPORTED_FORMAT, f"DICOM SOP class {sop[:64]!r} is not an ECG waveform")
+                raise BadInputError(
+                    ECG_UNSUPPORTED_FORMAT, f"DICOM SOP class {sop[:64]!r} is not an ECG waveform"
+                )
             named, fs = _leads(ds, limits)  # inside the `with`: the deferred waveform is read from `fh`
             ids, meta = _identifiers(ds, path.name), _meta(ds)
     except BadInputError:

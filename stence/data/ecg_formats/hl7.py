@@ -51,7 +51,9 @@ def _rhythm_sequences(root: Element) -> list[Element]:
                 sets = [child(c, "sequenceSet") for c in children(series, "component")]
                 sets = [s for s in sets if s is not None]
                 if sets:
-                    return [s for c in children(sets[0], "component") if (s := child(c, "sequence")) is not None]
+                    return [
+                        s for c in children(sets[0], "component") if (s := child(c, "sequence")) is not None
+                    ]
     raise BadInputError(ECG_BAD_WAVEFORM, "no rhythm series (component/series with code RHYTHM)")
 
 
@@ -87,7 +89,9 @@ def _leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray], float]
         try:
             d = np.array(values, dtype=np.float64)  # (T,)
         except (ValueError, OverflowError):
-            raise BadInputError(ECG_BAD_WAVEFORM, f"lead {name}: digits hold a value that is not a number") from None
+            raise BadInputError(
+                ECG_BAD_WAVEFORM, f"lead {name}: digits hold a value that is not a number"
+            ) from None
         named.setdefault(name, origin + scale * d)
     return named, fs
 

@@ -17,17 +17,35 @@ from stence.data.ecg_formats import _ids
 from stence.data.ecg_formats._xml import child, local, walk
 
 _SKIP = frozenset({"sequenceSet", "annotation", "code", "value"})
-_NOT_IDS = frozenset({"manufacturedSeriesDevice", "assignedDevice", "playedManufacturedDevice",
-                      "manufacturerOrganization", "seriesAuthor"})
+_NOT_IDS = frozenset(
+    {
+        "manufacturedSeriesDevice",
+        "assignedDevice",
+        "playedManufacturedDevice",
+        "manufacturerOrganization",
+        "seriesAuthor",
+    }
+)
 # Nearest ancestor -> kind of the ids and names below it (the first found going up wins).
 _CONTEXT = {
-    "trialSubject": "patient_id", "subjectDemographicPerson": "name", "subject": "name",
-    "trialInvestigator": "physician", "investigatorPerson": "physician",
-    "studyEventPerformer": "operators", "seriesPerformer": "operators", "assignedPerson": "operators",
-    "assignedEntity": "operators", "performer": "operators", "secondaryPerformer": "operators",
-    "trialSite": "institution", "testingSite": "institution", "location": "institution",
-    "sponsorOrganization": "institution", "representedAuthoringOrganization": "institution",
-    "clinicalTrial": "other_id", "clinicalTrialProtocol": "other_id",
+    "trialSubject": "patient_id",
+    "subjectDemographicPerson": "name",
+    "subject": "name",
+    "trialInvestigator": "physician",
+    "investigatorPerson": "physician",
+    "studyEventPerformer": "operators",
+    "seriesPerformer": "operators",
+    "assignedPerson": "operators",
+    "assignedEntity": "operators",
+    "performer": "operators",
+    "secondaryPerformer": "operators",
+    "trialSite": "institution",
+    "testingSite": "institution",
+    "location": "institution",
+    "sponsorOrganization": "institution",
+    "representedAuthoringOrganization": "institution",
+    "clinicalTrial": "other_id",
+    "clinicalTrialProtocol": "other_id",
 }
 _NAME_PARTS = ("prefix", "given", "family", "suffix")
 _TIMES = frozenset({"effectiveTime", "activityTime", "time", "birthTime"})
@@ -60,7 +78,12 @@ def identifiers(root: Element) -> dict[str, str]:
         tag, parent = local(elem.tag), (path[-1] if path else "document")
         kind = _kind((*path, tag))
         if tag == "id" and kind:
-            _ids.add(ids, "patient_id" if kind == "name" else kind, parent, elem.get("extension") or elem.get("root"))
+            _ids.add(
+                ids,
+                "patient_id" if kind == "name" else kind,
+                parent,
+                elem.get("extension") or elem.get("root"),
+            )
         elif tag == "name" and kind:
             kind = "name" if kind == "patient_id" else kind
             parts = [(c.text or "") for p in _NAME_PARTS for c in elem if local(c.tag) == p]

@@ -23,26 +23,49 @@ import numpy as np
 from stence.data.ecg_formats import _ids
 from stence.data.ecg_formats._leads import build_record, canonical_lead
 from stence.data.ecg_formats._limits import check_extent, check_rate
-from stence.data.ecg_formats._xml import children, parse_xml, text, walk
+from stence.data.ecg_formats._xml import children, local, parse_xml, text, walk
 from stence.data.limits import Limits
 from stence.data.wfdb_io import EcgRecord
 from stence.errors import ECG_BAD_HEADER, ECG_BAD_WAVEFORM, BadInputError
 
-_UNIT_TO_MV = {"microvolts": 1e-3, "microvolt": 1e-3, "uv": 1e-3, "millivolts": 1.0, "millivolt": 1.0, "mv": 1.0}
+_UNIT_TO_MV = {
+    "microvolts": 1e-3,
+    "microvolt": 1e-3,
+    "uv": 1e-3,
+    "millivolts": 1.0,
+    "millivolt": 1.0,
+    "mv": 1.0,
+}
 _ID_BLOCKS = ("PatientDemographics", "TestDemographics", "Order")
 _NAME_PART = re.compile(r"(?i)(last|first|middle)name$")
 # Fields (normalised) that are not identifiers although a generic rule would say so.
-_NOT_IDS = {"patientage", "ageunits", "gender", "race", "heightcm", "weightkg", "heightin",
-            "weightlbs", "datatype", "status", "editliststatus", "priority", "acquisitiondevice",
-            "cartnumber", "acquisitionsoftwareversion", "analysissoftwareversion", "hisstatus",
-            "histesttype", "hisdisposition"}
+_NOT_IDS = frozenset(
+    (
+        "patientage ageunits gender race heightcm weightkg heightin weightlbs datatype status "
+        "editliststatus priority acquisitiondevice cartnumber acquisitionsoftwareversion "
+        "analysissoftwareversion hisstatus histesttype hisdisposition"
+    ).split()
+)
 # Fields (normalised) -> identifier kind, where the name alone does not tell.
-_KINDS = {"patientid": "patient_id", "site": "institution", "sitename": "institution",
-          "location": "location", "locationname": "location", "roomid": "location", "hislocation": "location",
-          "requisitionnumber": "accession_number", "hisaccountnumber": "accession_number",
-          "admitnumber": "accession_number", "ordernumber": "accession_number",
-          "testreason": "free_text", "reasonfortest": "free_text", "ordercomment": "free_text",
-          "comments": "free_text", "secondaryid": "other_id", "pharmauniqueecgid": "other_id"}
+_KINDS = {
+    "patientid": "patient_id",
+    "site": "institution",
+    "sitename": "institution",
+    "location": "location",
+    "locationname": "location",
+    "roomid": "location",
+    "hislocation": "location",
+    "requisitionnumber": "accession_number",
+    "hisaccountnumber": "accession_number",
+    "admitnumber": "accession_number",
+    "ordernumber": "accession_number",
+    "testreason": "free_text",
+    "reasonfortest": "free_text",
+    "ordercomment": "free_text",
+    "comments": "free_text",
+    "secondaryid": "other_id",
+    "pharmauniqueecgid": "other_id",
+}
 
 
 def _rate(waveform: Element) -> float:
@@ -80,7 +103,9 @@ def _lead(ld: Element, n: int) -> tuple[str, np.ndarray]:
 def _rhythm_leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray], float]:
     rhythm = [w for w in children(root, "Waveform") if text(w, "WaveformType").casefold() == "rhythm"]
     if not rhythm:
-        raise BadInputError(ECG_BAD_WAVEFORM, "no Waveform of WaveformType Rhythm (median beats are not read)")
+        raise BadInputError(
+            ECG_BAD_WAVEFORM, "no Waveform of WaveformType Rhythm (median beats are not read)"
+        )
     wf = rhythm[0]
     fs = _rate(wf)
     check_rate(fs, limits)
@@ -96,29 +121,35 @@ def _rhythm_leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray],
     return named, fs
 
 
+def _person_kind(prefix: str) -> str:
+    """Kind of the person (or place) whose name parts start with `prefix` ("OrderingMD" -> physician)."""
+    k = _ids.norm(prefix)
+    if role := _ids.role(k):
+        return role
+    return "institution" if "site" in k else "location" if "location" in k or "room" in k else "name"
+
+
 def _identifiers(root: Element) -> dict[str, str]:
     ids: dict[str, str] = {}
     _ids.add(ids, "patient_id", "PatientID", text(root, "PatientDemographics", "PatientID"))
     for block in (b for name in _ID_BLOCKS for b in children(root, name)):
-        people: dict[tuple[str, str], list[str]] = {}  # (kind, prefix) -> [first, middle, last]
+        people: dict[str, list[str]] = {}  # name prefix ("OrderingMD") -> [first, middle, last]
         for elem, _ in walk(block):
-            tag, k, value = elem.tag, _ids.norm(str(elem.tag)), (elem.text or "").strip()
+            tag, value = local(elem.tag), (elem.text or "").strip()
+            k = _ids.norm(tag)
             if not value or k in _NOT_IDS or len(elem):
                 continue
             if part := _NAME_PART.search(tag):
-                prefix = tag[: part.start()]
-                kind = _ids.role(prefix) or ("institution" if "site" in k else "location"
-                                             if "location" in k or "room" in k else "other_id")
                 slot = ("first", "middle", "last").index(part.group(1).lower())
-                people.setdefault((kind, prefix), ["", "", ""])[slot] = value
+                people.setdefault(tag[: part.start()], ["", "", ""])[slot] = value
             elif k == "dateofbirth":
                 _ids.add(ids, "dob", tag, value)
             elif k.endswith(("date", "time")):
                 _ids.add_date(ids, tag, value)
-            elif kind := _KINDS.get(k) or (_ids.role(k) if k.endswith("id") else None) or _ids.generic_kind(k):
+            elif kind := _ids.field_kind(tag, _KINDS):
                 _ids.add(ids, kind, tag, value)
-        for (kind, prefix), parts in people.items():
-            _ids.add_person(ids, kind, prefix + "Name", parts)
+        for prefix, parts in people.items():
+            _ids.add_person(ids, _person_kind(prefix), prefix + "Name", parts)
     for stmt in root.iter("StmtText"):  # diagnosis text is kept out, unless it names a person
         if _ids.PERSON_STATEMENT.search(stmt.text or ""):
             _ids.add(ids, "physician", "statement", stmt.text)
@@ -133,8 +164,9 @@ def _meta(root: Element) -> dict[str, object]:
     day = _ids.parse_date(text(root, td, "AcquisitionDate"), formats)
     age = text(root, pd, "PatientAge")
     return {
-        "age": _ids.age_years(age, text(root, pd, "AgeUnits")) if age else
-        _ids.age_at(_ids.parse_date(text(root, pd, "DateofBirth"), formats), day),
+        "age": _ids.age_years(age, text(root, pd, "AgeUnits"))
+        if age
+        else _ids.age_at(_ids.parse_date(text(root, pd, "DateofBirth"), formats), day),
         "sex": _ids.parse_sex(text(root, pd, "Gender")),
         "base_date": day,
         "acquisition_time": _ids.parse_time(text(root, td, "AcquisitionTime")),

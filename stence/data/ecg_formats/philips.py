@@ -30,15 +30,41 @@ from stence.errors import ECG_BAD_HEADER, ECG_BAD_WAVEFORM, ECG_UNSUPPORTED_FORM
 
 SUPPORTED = {("SierraECG", "PhilipsECG"): ("1.03", "1.04", "1.04.01", "1.04.02")}  # as sierraecg 0.4.0
 _LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
-_SKIP = frozenset({"waveforms", "measurements", "interpretations", "signalcharacteristics", "reportformat",
-                   "reportgain", "reportbandwidth", "documenttype", "documentversion", "userdefines"})
+_SKIP = frozenset(
+    {
+        "waveforms",
+        "measurements",
+        "interpretations",
+        "signalcharacteristics",
+        "reportformat",
+        "reportgain",
+        "reportbandwidth",
+        "documenttype",
+        "documentversion",
+        "userdefines",
+    }
+)
 _NAME_PARTS = ("firstname", "middlename", "lastname")
-_BOILERPLATE = re.compile(r"(?i)(?:un)?confirmed(?: diagnosis| report)?\.?|")  # a signature line naming nobody
-_NOT_IDS = {"years", "months", "sex", "pacestatus", "race", "height", "weight", "reporttype",
-            "reportdescription", "machine", "leadset", "acquisitiontype"}
-_KINDS = {"patientid": "patient_id", "documentname": "other_id", "filename": "other_id",
-          "departmentid": "location", "departmentname": "location", "dateofbirth": "dob",
-          "mdsignatureline": "physician", "comments": "free_text", "reasonfortest": "free_text"}
+_BOILERPLATE = re.compile(
+    r"(?i)(?:un)?confirmed(?: diagnosis| report)?\.?|"
+)  # a signature line naming nobody
+_NOT_IDS = frozenset(
+    (
+        "years months sex pacestatus race height weight reporttype reportdescription machine leadset "
+        "acquisitiontype"
+    ).split()
+)
+_KINDS = {
+    "patientid": "patient_id",
+    "documentname": "other_id",
+    "filename": "other_id",
+    "departmentid": "location",
+    "departmentname": "location",
+    "dateofbirth": "dob",
+    "mdsignatureline": "physician",
+    "comments": "free_text",
+    "reasonfortest": "free_text",
+}
 
 
 def _number(value: str, what: str) -> float:
@@ -49,8 +75,13 @@ def _number(value: str, what: str) -> float:
 
 
 def _n_leads(sc: Element | None, pw: Element) -> int:
-    n = _number(pw.get("numberofleads") or text(sc, "numberchannelsallocated")
-                or text(sc, "numberchannelsvalid") or "12", "number of leads")
+    n = _number(
+        pw.get("numberofleads")
+        or text(sc, "numberchannelsallocated")
+        or text(sc, "numberchannelsvalid")
+        or "12",
+        "number of leads",
+    )
     if not n.is_integer() or n < 1:
         raise BadInputError(ECG_BAD_HEADER, "number of leads is not a positive whole number")
     return int(n)
@@ -70,12 +101,18 @@ def _samples(pw: Element, labels: list[str], n: int) -> list[np.ndarray]:
         try:
             flat = np.array((pw.text or "").split(), dtype=np.float64)  # (n_leads * n,)
         except ValueError:
-            raise BadInputError(ECG_BAD_WAVEFORM, "Plain waveform holds a value that is not a number") from None
+            raise BadInputError(
+                ECG_BAD_WAVEFORM, "Plain waveform holds a value that is not a number"
+            ) from None
         if len(flat) < len(labels) * n:
-            raise BadInputError(ECG_BAD_WAVEFORM, f"waveform has {len(flat)} values, {len(labels)} x {n} needed")
+            raise BadInputError(
+                ECG_BAD_WAVEFORM, f"waveform has {len(flat)} values, {len(labels)} x {n} needed"
+            )
         return list(flat[: len(labels) * n].reshape(len(labels), n))
     if encoding != "Base64":
-        raise BadInputError(ECG_UNSUPPORTED_FORMAT, f"Philips waveform encoding {encoding[:20]!r} is not read")
+        raise BadInputError(
+            ECG_UNSUPPORTED_FORMAT, f"Philips waveform encoding {encoding[:20]!r} is not read"
+        )
     try:
         data = base64.b64decode("".join((pw.text or "").split()), validate=True)
     except (binascii.Error, ValueError):
@@ -84,13 +121,17 @@ def _samples(pw: Element, labels: list[str], n: int) -> list[np.ndarray]:
     if method == "XLI":
         leads = xli_decode(data, len(labels), n)
         if tuple(labels[:6]) != _LIMB_LEADS:
-            raise BadInputError(ECG_UNSUPPORTED_FORMAT, "XLI with a lead set whose limb leads cannot be rebuilt")
+            raise BadInputError(
+                ECG_UNSUPPORTED_FORMAT, "XLI with a lead set whose limb leads cannot be rebuilt"
+            )
         reconstruct_limb_leads(leads)
         return leads
     if method:
         raise BadInputError(ECG_UNSUPPORTED_FORMAT, f"Philips compression {method[:20]!r} is not read")
     if len(data) < 2 * len(labels) * n:
-        raise BadInputError(ECG_BAD_WAVEFORM, f"waveform has {len(data)} bytes, {len(labels)} x {n} samples needed")
+        raise BadInputError(
+            ECG_BAD_WAVEFORM, f"waveform has {len(data)} bytes, {len(labels)} x {n} samples needed"
+        )
     flat = np.frombuffer(data[: 2 * len(labels) * n], dtype="<i2").astype(np.int64)  # (n_leads * n,)
     return list(flat.reshape(len(labels), n))
 
@@ -99,7 +140,9 @@ def _leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray], float]
     doc = child(root, "documentinfo")
     dtype, version = text(doc, "documenttype"), text(doc, "documentversion")
     if not any(dtype in types and version in vers for types, vers in SUPPORTED.items()):
-        raise BadInputError(ECG_UNSUPPORTED_FORMAT, f"Philips {dtype[:20]!r} {version[:20]!r} is not supported")
+        raise BadInputError(
+            ECG_UNSUPPORTED_FORMAT, f"Philips {dtype[:20]!r} {version[:20]!r} is not supported"
+        )
     sc = child(root, "dataacquisition", "signalcharacteristics")
     pw = next((e for e in root.iter() if local(e.tag) == "parsedwaveforms"), None)
     if pw is None:
@@ -107,7 +150,9 @@ def _leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray], float]
     rate = text(sc, "samplingrate") or text(sc, "samplerate")
     fs = _number(rate, "sampling rate")
     check_rate(fs, limits, rate)
-    duration_ms = _number(pw.get("durationperchannel") or text(pw, "durationperchannel"), "durationperchannel")
+    duration_ms = _number(
+        pw.get("durationperchannel") or text(pw, "durationperchannel"), "durationperchannel"
+    )
     if not 0 < duration_ms < float("inf"):
         raise BadInputError(ECG_BAD_HEADER, "durationperchannel must be a positive number of ms")
     n, n_leads = int(duration_ms * fs / 1000), _n_leads(sc, pw)
@@ -138,13 +183,17 @@ def _identifiers(root: Element) -> dict[str, str]:
             continue
         if k.endswith(("date", "time")) and k != "dateofbirth":
             _ids.add_date(ids, tag, value)
-        elif kind := _KINDS.get(k) or (_ids.role(k) if k.endswith("id") else None) or _ids.generic_kind(k):
+        elif kind := _ids.field_kind(tag, _KINDS):
             _ids.add(ids, kind, tag, value)
     for ud in (e for e in root.iter() if local(e.tag) == "userdefine"):  # free label / value pairs
         label, value = text(child(ud, "label")), text(child(ud, "value"))
         _ids.add(ids, _ids.generic_kind(label) or "other_id", label or "userdefine", value)
-    for elem in (e for e in root.iter() if local(e.tag) in ("mdsignatureline", "leftstatement", "rightstatement")):
-        signature = local(elem.tag) == "mdsignatureline" and not _BOILERPLATE.fullmatch((elem.text or "").strip())
+    for elem in (
+        e for e in root.iter() if local(e.tag) in ("mdsignatureline", "leftstatement", "rightstatement")
+    ):
+        signature = local(elem.tag) == "mdsignatureline" and not _BOILERPLATE.fullmatch(
+            (elem.text or "").strip()
+        )
         if signature or _ids.PERSON_STATEMENT.search(elem.text or ""):
             _ids.add(ids, "physician", local(elem.tag), elem.text)
     return ids

@@ -45,7 +45,7 @@ def _decode_deltas(buf: np.ndarray, first: int) -> np.ndarray:
     """(n,) int64 samples from the (2n,) delta buffer, as sierraecg's `xli_decode_deltas` computes them:
     s[0], s[1] as stored, then s[i] = 2 s[i-1] - s[i-2] - c[i] with c[2] = `first`, c[i] = d[i-1] - 64."""
     half = len(buf) // 2
-    d = ((buf[:half].astype(np.int64) << 8) | buf[half:2 * half]).astype(np.uint16).view(np.int16)  # (n,)
+    d = ((buf[:half].astype(np.int64) << 8) | buf[half : 2 * half]).astype(np.uint16).view(np.int16)  # (n,)
     d = d.astype(np.int64)
     if len(d) < 3:
         return d
@@ -59,18 +59,21 @@ def xli_decode(data: bytes, n_leads: int, n_samples: int) -> list[np.ndarray]:
     leads: list[np.ndarray] = []
     offset = 0
     while offset < len(data) and len(leads) < n_leads:
-        header = data[offset:offset + 8]
+        header = data[offset : offset + 8]
         size = int.from_bytes(header[0:4], "little", signed=True)
         first = int.from_bytes(header[6:8], "little", signed=True)
         if len(header) < 8 or size < 0 or offset + 8 + size > len(data):
             raise BadInputError(ECG_BAD_WAVEFORM, f"XLI lead {len(leads) + 1}: chunk header out of bounds")
-        samples = _decode_deltas(_lzw_bytes(data[offset + 8:offset + 8 + size], 2 * n_samples + 1), first)
+        samples = _decode_deltas(_lzw_bytes(data[offset + 8 : offset + 8 + size], 2 * n_samples + 1), first)
         if len(samples) != n_samples:
             raise BadInputError(
-                ECG_BAD_WAVEFORM, f"XLI lead {len(leads) + 1}: {len(samples)} samples, the file says {n_samples}"
+                ECG_BAD_WAVEFORM,
+                f"XLI lead {len(leads) + 1}: {len(samples)} samples, the file says {n_samples}",
             )
         if samples.min() < _INT16[0] or samples.max() > _INT16[1]:
-            raise BadInputError(ECG_BAD_WAVEFORM, f"XLI lead {len(leads) + 1}: samples outside 16 bits (corrupt)")
+            raise BadInputError(
+                ECG_BAD_WAVEFORM, f"XLI lead {len(leads) + 1}: samples outside 16 bits (corrupt)"
+            )
         leads.append(samples)
         offset += 8 + size
     if len(leads) < n_leads:

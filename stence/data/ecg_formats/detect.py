@@ -27,15 +27,32 @@ _PROLOG_ITEM = re.compile(
     r"\s+|<\?.*?\?>|<!--.*?-->|<!DOCTYPE(?:[^\[>]*\[.*?\])?[^>]*>", re.DOTALL | re.IGNORECASE
 )
 _ROOT = re.compile(r"<(?:[A-Za-z_][\w.-]*:)?([A-Za-z_][\w.-]*)[\s/>]")
-_EXPLICIT_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_EXPLICIT_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 def xml_root(head: bytes) -> str | None:
     """Local name of the root element of the XML document starting with `head`, or None."""
-    for bom, enc in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
-                     (codecs.BOM_UTF16_BE, "utf-16-be")):
+    for bom, enc in (
+        (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"),
+        (codecs.BOM_UTF16_BE, "utf-16-be"),
+    ):
         if head.startswith(bom):
-            text = head[len(bom):].decode(enc, errors="ignore")
+            text = head[len(bom) :].decode(enc, errors="ignore")
             break
     else:  # the prolog and tag names are ASCII in every single-byte and UTF-8 export
         text = head.decode("latin-1")
@@ -58,7 +75,7 @@ def dicom_sop_class(head: bytes) -> str | None:
         group, elem = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
             return None
-        vr = head[pos + 4:pos + 6]
+        vr = head[pos + 4 : pos + 6]
         if vr in _EXPLICIT_LONG_VRS:
             if pos + 12 > len(head):
                 return None
@@ -66,7 +83,7 @@ def dicom_sop_class(head: bytes) -> str | None:
         else:
             length, pos = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
         if elem == 0x0002:
-            return head[pos:pos + length].decode("ascii", errors="replace").rstrip("\x00 ")
+            return head[pos : pos + length].decode("ascii", errors="replace").rstrip("\x00 ")
         pos += length
     return None
 
