@@ -391,7 +391,7 @@ def test_philips_corrupt_xli_is_refused_not_crashed(tmp_path: Path) -> None:
     with pytest.raises(OverflowError):  # what sierraecg 0.4.0 does under numpy 2
         sierraecg.read_file(str(bad))
     _refused(bad, ECG_BAD_WAVEFORM)
-    # a negative chunk size would send sierraecg's chunk loop backwards forever (not called here)
+    # a negative chunk size steps sierraecg's chunk loop backwards (IndexError / OverflowError there)
     _refused(
         _philips_file(tmp_path / "b.xml", _xli_lead(_ecg_like(n), size=-16) + b"".join(good[1:]), n),
         ECG_BAD_WAVEFORM,

@@ -153,24 +153,17 @@ def _identifiers(ds: Dataset, name: str) -> dict[str, str]:
     _ids.add(ids, "patient_id", "PatientID", ds.get("PatientID"))
     for key, value in dicom_identifiers(header, name).items():
         base = re.sub(r"_\d+$", "", key)
+        if base in _VOCABULARY:
+            continue
         if base.startswith("tag_") and re.search(r"(Date|Time|DateTime)$", base):
             _ids.add_date(ids, base[4:], value)
-        elif base in _VOCABULARY:
             continue
-        elif base.startswith("tag_"):  # any other text element: numbered under its own name
-            _ids.add(ids, base, "", value)
-        else:
-            _ids.add(ids, _KINDS.get(base, base), base, value)
-        if "^" in value:  # a person name: "Family^Given^Middle^Prefix^Suffix", per representation ("=")
-            kind = _KINDS.get(base, base)
-            for group in value.split("="):
-                family, given, middle, prefix, suffix = ([*group.split("^"), "", "", "", ""])[:5]
-                _ids.add_person(
-                    ids,
-                    kind,
-                    "" if kind.startswith("tag_") else base,
-                    [prefix, given, middle, family, suffix],
-                )
+        # a well-known keyword under its wfdb_io kind; any other text element numbered under its own name
+        kind, field = (base, "") if base.startswith("tag_") else (_KINDS.get(base, base), base)
+        _ids.add(ids, kind, field, value)
+        for group in value.split("=") if "^" in value else ():  # a person name, per representation
+            family, given, middle, prefix, suffix = [*group.split("^"), "", "", "", ""][:5]
+            _ids.add_person(ids, kind, field, [prefix, given, middle, family, suffix])
     return ids
 
 

@@ -42,27 +42,22 @@ def _quantity(elem: Element | None, units: dict[str, float], what: str) -> float
     return value * units[unit]
 
 
-def _rhythm_sequences(root: Element) -> list[Element]:
-    """The `sequence` elements of the first sequenceSet of the RHYTHM series."""
-    for comp in children(root, "component"):
-        series = child(comp, "series")
-        if series is not None and child(series, "code") is not None:
-            if (child(series, "code").get("code") or "").upper() == "RHYTHM":
-                sets = [child(c, "sequenceSet") for c in children(series, "component")]
-                sets = [s for s in sets if s is not None]
-                if sets:
-                    return [
-                        s for c in children(sets[0], "component") if (s := child(c, "sequence")) is not None
-                    ]
-    raise BadInputError(ECG_BAD_WAVEFORM, "no rhythm series (component/series with code RHYTHM)")
-
-
 def _value(elem: Element | None, attr: str = "value") -> str:
     return (elem.get(attr) or "") if elem is not None else ""
 
 
-def _code(seq: Element) -> str:
-    return _value(child(seq, "code"), "code")
+def _code(elem: Element) -> str:
+    return _value(child(elem, "code"), "code")
+
+
+def _rhythm_sequences(root: Element) -> list[Element]:
+    """The `sequence` elements of the first sequenceSet of the RHYTHM series."""
+    series = [s for c in children(root, "component") if (s := child(c, "series")) is not None]
+    for s in (s for s in series if _code(s).upper() == "RHYTHM"):
+        sets = [ss for c in children(s, "component") if (ss := child(c, "sequenceSet")) is not None]
+        if sets:
+            return [q for c in children(sets[0], "component") if (q := child(c, "sequence")) is not None]
+    raise BadInputError(ECG_BAD_WAVEFORM, "no rhythm series (component/series with code RHYTHM)")
 
 
 def _leads(root: Element, limits: Limits) -> tuple[dict[str, np.ndarray], float]:

@@ -1,12 +1,13 @@
 """Philips XLI waveform decompression, bounded and exact, on top of sierraecg's LZW decoder.
 
-sierraecg 0.4.0 (`sierraecg.read_file`) is correct for ordinary files but unsafe under numpy 2:
-- it reconstructs III, aVR, aVL and aVF in int16 numpy scalars, which wrap around silently (numpy 2
-  only warns) when I + II or II - I leave the int16 range;
+sierraecg 0.4.0 (`sierraecg.read_file`) reads ordinary XLI files correctly (the tests check parity) but
+is not fit for untrusted input, least of all under numpy 2:
+- it reconstructs III, aVR, aVL and aVF in int16 numpy scalars, which wrap around (numpy 2 emits only a
+  RuntimeWarning) when I + II or II - I leave the int16 range;
 - its delta decoder stores each sample into an int16 array, which raises OverflowError under numpy 2
   when a decoded sample leaves the int16 range;
-- a negative chunk size in the XLI header sends its chunk loop backwards forever, and nothing bounds
-  what LZW may expand to;
+- it trusts the chunk sizes in the XLI headers (a negative one steps its chunk loop backwards and ends
+  in IndexError or OverflowError), and nothing bounds what LZW may expand to;
 - for uncompressed files it assigns into read-only `np.frombuffer` arrays (ValueError).
 So only its `LzwDecoder` is used; unpacking, delta decoding and lead reconstruction are done here in
 int64, and a decoded sample outside int16 (which no device can have stored) is ECG_BAD_WAVEFORM.
