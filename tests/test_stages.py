@@ -112,6 +112,45 @@ def test_probe_gives_intervals_and_a_scorer(pretrained, cfg):
         assert a.equal(b), k
 
 
+def test_probe_command_is_one_evaluation_tree_and_compare_links_the_trees(pretrained, cfg, tmp_path, capsys):
+    """`stence probe` on two tasks is one evaluation run with a nested run per task; `--compare` is a run of
+    its own holding the table, paired tests and Fig. 2, tagged with the evaluation runs it compared."""
+    from stence.cli import main
+    from stence.train.eval_runs import COMPARED_TAG
+
+    sets = [f"data.cohort={cfg.data.cohort}", f"train.storage_path={cfg.train.storage_path}",
+            f"tracking.uri={cfg.tracking.uri}", "tracking.experiment=test-eval-trees", "downstream.epochs=1",
+            "downstream.bootstrap=50"]
+    common = ["--workers", "0", "--tasks", "0_100", "lt70_ge70", "--set", *sets]
+    assert main(["probe", "--encoder", pretrained["encoder"], "--label", "stence", "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    assert main(["probe", "--label", "baseline", "--out", str(tmp_path / "b"), *common]) == 0
+    assert main(["probe", "--compare", str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json"),
+                 "--out", str(tmp_path / "c"), "--set", *sets]) == 0
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("test-eval-trees").experiment_id
+    runs = client.search_runs([exp])
+    evals = {r.data.tags["stence.label"]: r for r in runs if r.data.tags.get("stence.stage") == "evaluation"}
+    assert set(evals) == {"stence", "baseline"}
+    for label, ev in evals.items():
+        assert ev.info.status == "FINISHED" and "mlflow.parentRunId" not in ev.data.tags  # a top-level tree
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]
+        assert sorted(r.data.tags["stence.stage"] for r in kids) == ["probe", "probe"]
+        assert {"0_100/auroc", "lt70_ge70/auroc"} <= set(ev.data.metrics)
+        arts = {a.path for a in client.list_artifacts(ev.info.run_id)}
+        assert {"results.json", "results.md", "fig2_auroc_vs_threshold.png"} <= arts
+    assert evals["stence"].data.tags["stence.encoder"].endswith("/encoder.pt")
+    assert str(tmp_path) not in evals["stence"].data.tags["stence.encoder"]  # no local path in MLflow
+    (cmp_run,) = [r for r in runs if r.data.tags.get("stence.stage") == "comparison"]
+    assert sorted(json.loads(cmp_run.data.tags[COMPARED_TAG])) == sorted(r.info.run_id for r in evals.values())
+    assert cmp_run.data.tags["stence.compared.stence"] == evals["stence"].info.run_id
+    arts = {a.path for a in client.list_artifacts(cmp_run.info.run_id)}
+    assert {"results.md", "fig2_auroc_vs_threshold.png", "delong.json"} <= arts
+    # the results table names the runs, so a comparison made later still links them
+    table = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert table["stence"]["0_100"]["evaluation_run_id"] == evals["stence"].info.run_id
+
+
 def _committed_epoch(run_dir: Path) -> int:
     """The epoch of the latest checkpoint Ray Train has on record for a run (0 before the first)."""
     try:

@@ -44,6 +44,7 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
     folder's `ablation/`), log them to the sweep's parent run. Returns the merged results."""
     from stence.eval.compare import delong_table, paired_delong
     from stence.eval.report import claim_results, plot_auroc_vs_threshold, write_json, write_results
+    from stence.train.eval_runs import finish_evaluation, log_comparison, start_evaluation
     from stence.train.stages import run_downstream
     from stence.train.tracking import Tracker, resolve_tracking_uri
 
@@ -65,13 +66,17 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
             reference = label
         vcfg = apply_overrides(cfg, overrides)
         merged[label] = {}
+        # one evaluation run per variant under the sweep's parent, one nested run per task
+        evaluation = start_evaluation(vcfg, label, "probe", str(encoder), parent_run_id=result.parent_run_id)
         for task in tasks:
             d = replace(vcfg.downstream, mode="probe", task=task, encoder_checkpoint=str(encoder))
             run_cfg = replace(vcfg, downstream=d, train=replace(vcfg.train, name=f"ablation-{trial_id}"))
-            out = run_downstream(run_cfg, label=label, parent_run_id=result.parent_run_id)
+            out = run_downstream(run_cfg, label=label, parent_run_id=evaluation or result.parent_run_id)
             if task in out["metrics"]:
-                merged[label][task] = {**out["metrics"][task],
+                merged[label][task] = {**out["metrics"][task], "run_id": out["run_id"],
+                                       "evaluation_run_id": evaluation,
                                        "predictions": str(Path(out["out"]).resolve() / "test_predictions.npz")}
+        finish_evaluation(vcfg, evaluation, {label: merged[label]})
     out = Path(out_dir) if out_dir else Path(result.path) / "ablation"
     _, md = write_results(merged, claim_results(out, overwrite=True))  # the sweep's own, replaced on a re-run
     plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png", tasks=tasks)
@@ -87,4 +92,6 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
         t = Tracker(uri, result.parent_run_id)
         for f in ("results.json", "results.md", "fig2_auroc_vs_threshold.png", "delong.json"):
             t.log_artifact(out / f, "ablation")
+    # and as a comparison run of its own, linked to each variant's evaluation run
+    log_comparison(cfg, merged, out, name="ablation-comparison", parent_run_id=result.parent_run_id)
     return {"results": merged, "out": str(out), "delong": rows}

@@ -34,7 +34,7 @@ def _add(sub: argparse._SubParsersAction, cmd: str) -> None:
                    help="only merge earlier results files into one table and Fig. 2")
     add_config_args(p)
     add_run_args(p)
-    p.set_defaults(func=run, mode=cmd.replace("finetune", "finetune"))
+    p.set_defaults(func=run, mode=cmd)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +67,7 @@ def _compare(args: argparse.Namespace) -> int:
         write_results,
     )
     from stence.outputs import check_output
+    from stence.train.eval_runs import log_comparison
 
     out, overwrite = _results_out(args, Path(DEFAULT_COMPARE_OUT))
     check_output(out, RESULTS_KIND, args.compare, overwrite)  # before reading anything
@@ -77,12 +78,16 @@ def _compare(args: argparse.Namespace) -> int:
     plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png")
     _write_delong(merged, out, Path(m))
     print(Path(m).read_text())
+    run_id = log_comparison(config_from_args(args), merged, out)
+    if run_id:
+        print(f"MLflow comparison run {run_id} (linked to the evaluation runs it compared)")
     return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
     from stence.eval.report import RESULTS_KIND, claim_results, plot_auroc_vs_threshold, write_results
     from stence.outputs import check_output
+    from stence.train.eval_runs import finish_evaluation, start_evaluation
     from stence.train.stages import run_downstream
 
     cfg = config_from_args(args)
@@ -101,19 +106,30 @@ def _probe(args: argparse.Namespace) -> int:
     d = replace(cfg.downstream, mode=args.mode, encoder_checkpoint=encoder)
     label = args.label or (Path(encoder).parent.name if encoder else f"{cfg.model.ecg}-baseline")
     results: dict = {label: {}}
-    for task in args.tasks or [d.task]:
-        out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label)
-        results[label].update({k: v for k, v in out["metrics"].items() if k not in ("subgroups", "val")})
-        if task in results[label]:  # for paired tests later (`--compare`)
-            results[label][task]["predictions"] = str(Path(out["out"]).resolve() / "test_predictions.npz")
-        r = out["metrics"].get(task, {})
-        if r:
-            print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
-                  f"AUPRC {r['auprc']:.3f} (n={r['n']}, positives {r['n_pos']})")
-    out_dir, overwrite = _results_out(args, Path(out["out"]).parent / f"results-{label}")
-    j, m = write_results(results, claim_results(out_dir, inputs, overwrite))
-    plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
+    evaluation = start_evaluation(cfg, label, args.mode, args.encoder or encoder)  # one run, a child per task
+    ok = False
+    try:
+        for task in args.tasks or [d.task]:
+            out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label,
+                                 parent_run_id=evaluation)
+            results[label].update({k: v for k, v in out["metrics"].items() if k not in ("subgroups", "val")})
+            if task in results[label]:  # for paired tests later (`--compare`), and the runs to link there
+                results[label][task].update(
+                    predictions=str(Path(out["out"]).resolve() / "test_predictions.npz"),
+                    run_id=out["run_id"], evaluation_run_id=evaluation)
+            r = out["metrics"].get(task, {})
+            if r:
+                print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
+                      f"AUPRC {r['auprc']:.3f} (n={r['n']}, positives {r['n_pos']})")
+        out_dir, overwrite = _results_out(args, Path(out["out"]).parent / f"results-{label}")
+        j, m = write_results(results, claim_results(out_dir, inputs, overwrite))
+        plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
+        ok = True
+    finally:
+        finish_evaluation(cfg, evaluation, results, out_dir if ok else None, ok=ok)
     print(f"results: {j}\n{json.dumps(str(m))}")
+    if evaluation:
+        print(f"MLflow evaluation run {evaluation} (one nested run per task)")
     return 0
 
 

@@ -9,7 +9,10 @@ memory is bounded by the limits, not by the input.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from stence.errors import FILE_OVER_LIMIT, BadInputError
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,22 @@ class Limits:
             max_frames=int(ingest_cfg.max_frames),
             max_decoded_bytes=int(float(ingest_cfg.max_decoded_mb) * (1 << 20)),
         )
+
+
+def read_bounded(path: Path, limits: Limits, what: str = "file") -> bytes:
+    """The file's bytes, refused (FILE_OVER_LIMIT) when larger than `limits.max_header_bytes` (headers and XML
+    exports are read whole as text). The size is checked before the read, and the read itself is bounded
+    too (the file may grow in between)."""
+    size = path.stat().st_size
+    data = b""
+    if size <= limits.max_header_bytes:
+        with open(path, "rb") as f:
+            data = f.read(limits.max_header_bytes + 1)
+        size = len(data)
+    if size > limits.max_header_bytes:
+        raise BadInputError(
+            FILE_OVER_LIMIT,
+            f"{what} is {size} bytes, over the limit of {limits.max_header_bytes} bytes "
+            f"({limits.max_header_bytes / 1024:g} KiB; raise ingest.max_header_kb)",
+        )
+    return data

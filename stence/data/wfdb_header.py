@@ -18,7 +18,7 @@ from pathlib import Path
 
 import wfdb
 
-from stence.data.limits import Limits
+from stence.data.limits import Limits, read_bounded
 from stence.errors import ECG_BAD_HEADER, ECG_MISSING_SIGNAL_FILE, FILE_OVER_LIMIT, BadInputError
 
 # Bits per sample of the WFDB storage formats with a fixed size. FLAC formats (508/516/524) are compressed:
@@ -63,17 +63,7 @@ def read_header_text(hea: Path, limits: Limits) -> str:
     The size is checked before any read, and the read itself is bounded too (the file may grow in between).
     Decoded as wfdb decodes it (ASCII, other bytes dropped) so that both see the same lines.
     """
-    size = hea.stat().st_size
-    if size <= limits.max_header_bytes:
-        with open(hea, "rb") as f:
-            raw = f.read(limits.max_header_bytes + 1)
-        size = len(raw)
-    if size > limits.max_header_bytes:
-        raise BadInputError(
-            FILE_OVER_LIMIT,
-            f"header is {size} bytes, over the limit of {limits.max_header_bytes} bytes "
-            f"({limits.max_header_bytes / 1024:g} KiB; raise ingest.max_header_kb)",
-        )
+    raw = read_bounded(hea, limits, "header")
     return raw.decode("ascii", errors="ignore")
 
 

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from stence.data.limits import Limits
+from stence.data.limits import read_bounded as _read_bounded
 from stence.errors import ECG_BAD_HEADER, FILE_OVER_LIMIT, BadInputError
 
 BYTES_PER_SAMPLE = 8  # decoded samples are held as int64 / float64 while converting
@@ -17,23 +18,8 @@ _MIB = float(1 << 20)
 
 
 def read_bounded(path: Path, limits: Limits) -> bytes:
-    """The file's bytes, refused (FILE_OVER_LIMIT) when larger than `limits.max_header_bytes`.
-
-    The size is checked before the read, and the read itself is bounded (the file may grow in between).
-    """
-    size = path.stat().st_size
-    data = b""
-    if size <= limits.max_header_bytes:
-        with open(path, "rb") as f:
-            data = f.read(limits.max_header_bytes + 1)
-        size = len(data)
-    if size > limits.max_header_bytes:
-        raise BadInputError(
-            FILE_OVER_LIMIT,
-            f"export file is {size} bytes, over the limit of {limits.max_header_bytes} bytes "
-            f"({limits.max_header_bytes / 1024:g} KiB; raise ingest.max_header_kb)",
-        )
-    return data
+    """An export file's bytes, refused (FILE_OVER_LIMIT) when larger than `limits.max_header_bytes`."""
+    return _read_bounded(path, limits, "export file")
 
 
 def check_rate(fs: float, limits: Limits, written: str | None = None) -> None:
