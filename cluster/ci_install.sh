@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the real-cluster tests (tests/test_cluster.py, marker `cluster`) need beyond the
 # virtualenv: a PostgreSQL server (Debian's `postgresql` package) and `runuser` (util-linux), because
-# PostgreSQL refuses to run as root and CI runs as root. Idempotent; does nothing when all is present.
+# PostgreSQL refuses to run as root and CI runs as root; and Debian's `chromium` for the MLflow UI test. Idempotent; does nothing when all is present.
 set -euo pipefail
 
 have_pg() { compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || command -v initdb > /dev/null; }
@@ -9,6 +9,7 @@ have_pg() { compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || command
 missing=()
 have_pg || missing+=(postgresql)
 command -v runuser > /dev/null || missing+=(util-linux)
+command -v chromium > /dev/null || missing+=(chromium)  # the MLflow UI browser test (tests/mlflow_ui.py)
 
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then

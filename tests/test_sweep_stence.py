@@ -128,3 +128,42 @@ def test_ablation_sweep_writes_the_table_figure_and_paired_tests(
                                    " and tags.`stence.best_checkpoint` != ''")  # fmt: skip
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")}
     assert "ablation/results.md" in arts and "ablation/fig2_auroc_vs_threshold.png" in arts
+
+
+def test_mlflow_ui_shows_the_sweep_the_evaluation_trees_and_the_comparison(sweep: dict, tmp_path: Path) -> None:
+    """The MLflow UI in headless Chromium, after the sweep and the ablation's evaluations above: the sweep's parent
+    with its trials, each evaluation run with its task runs, and the comparison run with its Fig. 2 artifact.
+    With STENCE_UI_SCREENSHOTS=DIR set, the pages are also saved there as PNGs (the README's screenshots)."""
+    import os
+
+    from tests.mlflow_ui import CHROMIUM, artifacts_page, mlflow_server, rendered, runs_page
+
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: `make test` installs it (cluster/ci_install.sh)")
+    shots = Path(os.environ["STENCE_UI_SCREENSHOTS"]) if os.environ.get("STENCE_UI_SCREENSHOTS") else None
+    client = mlflow.MlflowClient(sweep["db"])
+    exp = client.get_experiment_by_name("stence-sweep").experiment_id
+    runs = client.search_runs([exp])
+    by_id = {r.info.run_id: r for r in runs}
+    name = {r.info.run_id: r.info.run_name for r in runs}
+    parent = next(r for r in runs if r.data.tags.get(SWEEP_TAG) == "real-sweep" and "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and TRIAL_TAG in r.data.tags]
+    evals = [r for r in runs if r.data.tags.get("stence.stage") == "evaluation"]
+    (comparison,) = [r for r in runs if r.data.tags.get("stence.stage") == "comparison"]
+    assert len(trials) == 3 and len(evals) == 2
+    with mlflow_server(sweep["db"], tmp_path) as base:
+        dom = rendered(runs_page(base, exp, "tags.`stence.sweep` = 'real-sweep'"),
+                       shots / "mlflow_sweep_runs.png" if shots else None)
+        for r in [parent, *trials]:
+            assert name[r.info.run_id] in dom, f"sweep run {name[r.info.run_id]} not shown"
+        dom = rendered(runs_page(base, exp, "tags.`stence.stage` = 'evaluation'"),
+                       shots / "mlflow_evaluations.png" if shots else None)
+        for ev in evals:
+            assert name[ev.info.run_id] in dom
+            tasks = [r for r in by_id.values() if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]
+            assert tasks
+            dom = rendered(runs_page(base, exp, f"tags.`mlflow.parentRunId` = '{ev.info.run_id}'"))
+            assert all(name[t.info.run_id] in dom for t in tasks), "an evaluation's task runs are not shown"
+        dom = rendered(artifacts_page(base, exp, comparison.info.run_id),
+                       shots / "mlflow_comparison.png" if shots else None)
+        assert "fig2_auroc_vs_threshold.png" in dom and "delong.json" in dom

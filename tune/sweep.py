@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from stence.train.tracking import (
     start_run,
 )
 from stence.train.tracking_owner import DRIVER_TAG, driver_identity
-from tune.spaces import build_param_space, is_fixed
+from tune.spaces import SearchSpace, build_param_space, load_space, space_name
 from tune.trial_runs import (
     STOPPED_TAG,
     SWEEP_PATH_TAG,
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "stence_sweep.json"  # in the Tune experiment dir: parent run id and sweep settings
 BASE_CONFIG_FILE = "stence_base_config.yaml"  # the resolved base config the trials override
+SPACE_FILE = "space.yaml"  # in the Tune experiment dir: the space's YAML text, logged to the parent run
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _best_checkpoint(result: Any, metric: str, mode: str) -> str | None:
 
 def _new_sweep(
     cfg: Config,
-    space: str,
+    space: SearchSpace,
     num_samples: int,
     scheduler: str,
     metric: str,
@@ -175,25 +177,32 @@ def _new_sweep(
     name: str | None,
     search: str = "tpe",
 ) -> tuple[Path, Config, dict[str, Any]]:
-    """Experiment dir, resolved base config and stored settings of a new sweep; opens the parent run."""
+    """Experiment dir, resolved base config and stored settings of a new sweep; opens the parent run and
+    logs the space to it (the artifact space.yaml, the tag stence.space: its name, never a path)."""
     base = _resolve_base(cfg)
-    if is_fixed(space):
+    if space.fixed:
         if scheduler != "none":
-            logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end", space)
-        scheduler, num_samples = "none", len(build_param_space(space)[1])
-    sweep_name = name or f"{base.train.name}-sweep-{space}-{time.strftime('%Y%m%d-%H%M%S')}"
+            logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end",
+                           space.name)
+        scheduler, num_samples = "none", len(space.data["variants"])
+    sweep_name = name or f"{base.train.name}-sweep-{space.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(base.train.storage_path) / sweep_name
     path.mkdir(parents=True, exist_ok=True)
-    state = {"name": sweep_name, "space": space, "metric": metric, "mode": mode, "num_samples": num_samples,
-             "scheduler": scheduler, "search": search, "seed": seed, "parent_run_id": None}  # fmt: skip
+    (path / SPACE_FILE).write_text(space.text, encoding="utf-8")
+    state = {"name": sweep_name, "space": space.name, "metric": metric, "mode": mode,
+             "num_samples": num_samples, "scheduler": scheduler, "search": search, "seed": seed,
+             "parent_run_id": None}  # fmt: skip
     if base.tracking.enabled:
         state["parent_run_id"] = start_run(
             base,
             sweep_name,
-            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space, SWEEP_PATH_TAG: str(path)},
+            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space.name,
+                  SWEEP_PATH_TAG: str(path)},
             params={f"sweep.{k}": v for k, v in state.items() if k not in ("name", "parent_run_id")},
             spool=path / SPOOL_NAME,
         )
+        parent = Tracker(base.tracking.uri, state["parent_run_id"], spool=path / SPOOL_NAME)
+        parent.log_artifact(path / SPACE_FILE)  # the YAML as the user wrote it, comments included
     save_config(base, path / BASE_CONFIG_FILE)
     (path / STATE_FILE).write_text(json.dumps(state, indent=1))
     return path, base, state
@@ -231,6 +240,7 @@ def _new_tuner(
     path: Path,
     base: Config,
     state: dict[str, Any],
+    space: SearchSpace,
     max_concurrent: int | None,
     max_t: int,
     reduction_factor: float,
@@ -238,9 +248,9 @@ def _new_tuner(
     callbacks: list[Any] | None,
     stop: Any = None,
 ) -> tune.Tuner:
-    space, metric, mode, num_samples = state["space"], state["metric"], state["mode"], state["num_samples"]
+    metric, mode, num_samples = state["metric"], state["mode"], state["num_samples"]
     param_space, points = build_param_space(space, base)
-    fixed = is_fixed(space)
+    fixed = space.fixed
     k = max_concurrent or default_concurrency(base)
     n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
     run_callbacks = list(callbacks or [])
@@ -268,7 +278,7 @@ def run_sweep(
     train_fn_for_trial: Callable[[Config, str | None], Any],
     cfg: Config,
     *,
-    space: str,
+    space: str | os.PathLike | SearchSpace,
     num_samples: int,
     max_concurrent: int | None = None,
     scheduler: str = "asha",
@@ -284,7 +294,8 @@ def run_sweep(
     search: str = "tpe",
     stop: Any = None,
 ) -> SweepResult:
-    """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space`.
+    """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space` (a
+    built-in name, a `.yaml`/`.yml` file or a loaded `SearchSpace`; a bad one fails before Ray starts).
 
     Optuna TPE (seeded) proposes the trials after the space's points_to_evaluate; ASHA (time_attr
     training_iteration, grace period 1) stops poor trials early. A fixed variant space (the ablation)
@@ -304,10 +315,11 @@ def run_sweep(
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    space = space if resume else load_space(space)  # a resumed sweep keeps its own (restored by Tune)
     ensure_ray()
     if resume:
         path, base, state = _resumed_sweep(
-            resume, {"space": space, "metric": metric, "mode": mode, "search": search}
+            resume, {"space": space_name(space), "metric": metric, "mode": mode, "search": search}
         )
     else:
         path, base, state = _new_sweep(cfg, space, num_samples, scheduler, metric, mode, seed, name, search)
@@ -326,6 +338,7 @@ def run_sweep(
                 path,
                 base,
                 state,
+                space,
                 max_concurrent,
                 max_t,
                 reduction_factor,

@@ -4,6 +4,7 @@ as a nested MLflow run; the best encoder is probed, logged and registered (champ
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from stence.commands._common import RAW, add_config_args, add_run_args, config_from_args
@@ -14,13 +15,24 @@ EXAMPLE = """example:
   stence tune --config my.yaml --space ablation                 # the paper's W_Sten / frozen-no-CLS table
   stence tune --resume runs/ray/sweeps/<name>                   # continue an interrupted sweep
   stence tune --config my.yaml --search random --scheduler none # random search, every trial to the end
-Spaces (tune/spaces.py): default (loss.w_sten, loss.temperature, optim.lr_ecg, optim.lr_angio), ablation, smoke."""
+  stence tune --config my.yaml --space my_space.yaml            # a search space of your own
+Built-in spaces (tune/space_files/*.yaml): default (loss.w_sten, loss.temperature, optim.lr_ecg,
+optim.lr_angio), ablation, smoke. A space file (.yaml/.yml) has their schema:
+  kind: search                   # or `kind: variants` with `variants: [{loss.w_sten: 0.0}, ...]`
+  params:                        # dotted config keys; uniform, loguniform, int (inclusive) or categorical
+    loss.w_sten: {type: uniform, low: 0.0, high: 1.0}
+    optim.lr_ecg: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+    model.contract: {type: categorical, values: [paper, native]}
+  points_to_evaluate:            # optional, tried first
+    - {loss.w_sten: 0.3}
+A bad file is refused before anything starts: one line naming the key, exit code 2."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="sweep W_Sten, temperature and learning rates (Tune + Optuna)",
                        description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
-    p.add_argument("--space", default="default", help="named search space (default, ablation, smoke)")
+    p.add_argument("--space", default="default", metavar="NAME_OR_FILE",
+                   help="a built-in space (default, ablation, smoke) or a .yaml/.yml space file (see below)")
     p.add_argument("--num-samples", type=int, default=8, help="trials (fixed spaces run each variant once)")
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs allow")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on the kNN AUROC")
@@ -42,17 +54,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tune.spaces import SpaceError, load_space
+
+    try:  # first, before Ray, MLflow or the features: a bad file costs nothing
+        space = load_space(args.space)
+    except SpaceError as e:
+        print(f"stence tune: {e}", file=sys.stderr)
+        return 2
     from stence.train.features import extract_features
     from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
     from stence.train.stages import run_pretrain
-    from tune.spaces import is_fixed
     from tune.sweep import run_sweep
 
     cfg = config_from_args(args)
     if not args.resume:
         extract_features(cfg)  # once, on the driver: trials then only open the cache
-    name = args.sweep_name or f"{cfg.train.name}-{args.space}"
-    result = run_sweep(run_pretrain, cfg, space=args.space, num_samples=args.num_samples,
+    name = args.sweep_name or f"{cfg.train.name}-{space.stem}"
+    result = run_sweep(run_pretrain, cfg, space=space, num_samples=args.num_samples,
                        max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=SELECT_METRIC,
                        mode="max", resume=args.resume, seed=args.seed, name=name, search=args.search,
                        max_t=cfg.optim.epochs)
@@ -64,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not result.complete:
         print("the sweep was interrupted: resume it with --resume")
         return 1
-    if is_fixed(args.space):  # the ablation: every variant's encoder probed -> table, Fig. 2, DeLong
+    if space.fixed:  # the ablation: every variant's encoder probed -> table, Fig. 2, DeLong
         from tune.ablation import ablation_report
 
         report = ablation_report(result, cfg, args.tasks)

@@ -17,6 +17,7 @@ How a scorer is stored in MLflow, and why (MLflow 3 offers three ways):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import mlflow.pyfunc
@@ -25,6 +26,7 @@ import pandas as pd
 import torch
 
 SCORER_ARTIFACT = "scorer"  # key of the scorer file in the model's artifacts
+INPUT_NAME = "ecg"  # the one named input of the signature: (N, n_leads, n_samples) float32
 PROBABILITY = "probability"
 EMBEDDING_PREFIX = "emb_"
 OUTPUTS = ("probability", "embedding", "all")  # values of params={"output": ...}
@@ -45,12 +47,32 @@ def probability_columns(n_out: int) -> list[str]:
     return [PROBABILITY] if n_out == 1 else [f"{PROBABILITY}_{k}" for k in range(n_out)]
 
 
+def scorer_signature(spec: dict[str, Any], n_out: int) -> Any:
+    """The MLflow signature of a scorer with input contract `spec` and `n_out` tasks, as `predict` behaves:
+    input `ecg`, a float32 tensor (-1, n_leads, n_samples) in the lead order `spec["leads"]`; output the
+    DataFrame columns of `probability_columns(n_out)` (double, one per task); parameter `output`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    shape = (-1, len(spec["leads"]), int(spec["n_samples"]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), shape, INPUT_NAME)]),
+        outputs=Schema([ColSpec(DataType.double, c) for c in probability_columns(n_out)]),
+        params=ParamSchema([ParamSpec("output", DataType.string, PROBABILITY)]),
+    )
+
+
 def as_batch(model_input: Any, spec: dict[str, Any]) -> np.ndarray:
-    """Model input (array, nested list or DataFrame of records) -> (N, n_leads, n_samples) float32.
+    """Model input (array, nested list, DataFrame of records, or {"ecg": array} as MLflow hands a named
+    input to `predict`) -> (N, n_leads, n_samples) float32.
 
     A single (n_leads, n_samples) crop becomes a batch of one; any other shape raises ValueError naming
     the input contract.
     """
+    if isinstance(model_input, Mapping):
+        if INPUT_NAME not in model_input and len(model_input) != 1:
+            raise ValueError(f"expected the input {INPUT_NAME!r}, got the inputs {sorted(model_input)}")
+        model_input = model_input.get(INPUT_NAME, next(iter(model_input.values()), None))
     if isinstance(model_input, pd.DataFrame):
         model_input = np.stack([np.asarray(v, dtype=np.float32) for v in model_input.iloc[:, 0]])
     x = np.asarray(model_input, dtype=np.float32)

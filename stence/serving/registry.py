@@ -41,7 +41,7 @@ TAG_COHORT = "stence.cohort_fingerprint"
 TAG_CONFIG = "stence.config_hash"
 TAG_COMMIT = "stence.code_commit"
 TAG_SEED = "stence.seed"
-TAG_CONTRACT = "stence.input_contract"  # JSON of the input spec {fs, n_samples, leads, lead_order}
+TAG_CONTRACT = "stence.input_contract"  # JSON of the input spec {fs, n_samples, leads, lead_order, contract}
 TAG_SWEEP = "stence.sweep"  # the sweep the run was a trial of (same tag key as on the runs)
 TAG_DECISION = "stence.promotion"  # why the alias moved or did not
 UNKNOWN = "unknown"
@@ -86,11 +86,41 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 # logging
 
 
+EXAMPLE_FS, EXAMPLE_SECONDS = 500.0, 10.0  # the synthetic recording the input example is prepared from
+
+
 def example_input(spec: dict[str, Any], n: int = 1, seed: int = 0) -> np.ndarray:
-    """A (n, n_leads, n_samples) float32 crop at the input contract, distributed like a normalised crop
-    (each lead group z-scored), for the signature and the input example."""
+    """(n, n_leads, n_samples) float32 model inputs: n synthetic 10 s 12-lead recordings at 500 Hz (the
+    dipole-model ECG of stence.data.synth_ecg, in mV, distinct per seed) prepared by the scorer's input
+    contract (`apply_contract`), leads in `spec["leads"]` order. The registered model's input example."""
+    from stence.config import STANDARD_LEADS
+    from stence.data.contract import contract_of_spec
+    from stence.data.contract_apply import apply_contract
+    from stence.data.synth_ecg import sample_patient, simulate_ecg
+
+    contract = contract_of_spec(spec)
+    unknown = [lead for lead in spec["leads"] if lead not in STANDARD_LEADS]
+    if unknown:
+        raise ValueError(f"no synthetic signal for the leads {unknown} (known: {STANDARD_LEADS})")
+    rows = [STANDARD_LEADS.index(lead) for lead in spec["leads"]]
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, len(spec["leads"]), int(spec["n_samples"]))).astype(np.float32)
+    crops = []
+    for _ in range(n):
+        sig = simulate_ecg(sample_patient(rng, {}), EXAMPLE_FS, EXAMPLE_SECONDS, rng).signal  # (12, 5000) mV
+        crops.append(apply_contract(sig[rows], EXAMPLE_FS, contract))  # (n_leads, n_samples)
+    return np.stack(crops).astype(np.float32)
+
+
+def model_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """The MLmodel `metadata` of a logged scorer: its task and input spec (rate, window, leads, lead order and
+    the whole input contract under "contract"), from `scorer_metadata`."""
+    return {"task": str(meta["task"]), "input_spec": json.loads(contract_json(meta))}
+
+
+def contract_json(meta: dict[str, Any]) -> str:
+    """The input spec of `scorer_metadata` as JSON: the one form of the contract that MLflow stores (model
+    metadata, the `stence.input_contract` tag of logged models and versions)."""
+    return json.dumps(meta["input_spec"], sort_keys=True)
 
 
 def model_requirements() -> list[str]:
@@ -114,25 +144,29 @@ def log_scorer(scorer_path: str | Path, run_id: str, uri: str, name: str = "mode
     """Log a scorer file as an MLflow pyfunc model of run `run_id`; returns its `models:/<model_id>` URI.
 
     The model's only artifact is the scorer file (weights-only); its code is the installed package
-    (see stence/serving/pyfunc.py for why). The signature is inferred from `example` (default: a
-    normalised-crop-like array at the contract) and the real model's output on it, with the parameter
-    `output` ("probability" | "embedding" | "all").
+    (see stence/serving/pyfunc.py for why). The signature is explicit (`scorer_signature`): input `ecg`,
+    float32 (-1, n_leads, n_samples) in the contract's lead order; output `probability` (one double column
+    per task: `probability_<k>` for multi-label heads); parameter `output` ("probability" | "embedding" |
+    "all"). The input example is `example[:1]` (default: `example_input`, a synthetic recording prepared by
+    the contract). The task and the input spec with its contract are the model's metadata (MLmodel
+    `metadata`, shown by `get_model_info` and the loaded pyfunc's `metadata.metadata`), the same JSON as the
+    `stence.input_contract` tag of the logged model and of its registered versions.
     """
     import mlflow
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model
 
-    from stence.serving.pyfunc import ENTRY_CODE, SCORER_ARTIFACT, as_batch, score_batch
+    from stence.serving.pyfunc import ENTRY_CODE, INPUT_NAME, SCORER_ARTIFACT, as_batch, scorer_signature
 
     scorer_path = Path(scorer_path).resolve()
     scorer = load_scorer(scorer_path)
     meta = scorer_metadata(scorer_path)
     x = as_batch(example if example is not None else example_input(scorer.input_spec), scorer.input_spec)
-    signature = infer_signature(x, score_batch(scorer, x), params={"output": "probability"})
+    signature = scorer_signature(scorer.input_spec, scorer.head.n_out)
     client = _client(uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
         run.info.experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
-        tags={TAG_TASK: str(meta["task"]), TAG_CONTRACT: json.dumps(meta["input_spec"], sort_keys=True)},
+        tags={TAG_TASK: str(meta["task"]), TAG_CONTRACT: contract_json(meta)},
     )
     with tempfile.TemporaryDirectory() as tmp:
         entry = Path(tmp) / "stence_scorer_model.py"
@@ -141,7 +175,8 @@ def log_scorer(scorer_path: str | Path, run_id: str, uri: str, name: str = "mode
             info = Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                 python_model=str(entry), artifacts={SCORER_ARTIFACT: str(scorer_path)},
-                signature=signature, input_example=x[:1], pip_requirements=model_requirements(),
+                signature=signature, input_example={INPUT_NAME: x[:1]}, pip_requirements=model_requirements(),
+                metadata=model_metadata(meta),
             )
     return info.model_uri
 
@@ -209,7 +244,7 @@ def scorer_version_tags(meta: dict[str, Any], metric: str = "auroc", cohort: str
         TAG_CONFIG: _config_hash(cfg),
         TAG_COMMIT: commit or code_commit(),
         TAG_SEED: str((cfg.get("train") or {}).get("seed", UNKNOWN)),
-        TAG_CONTRACT: json.dumps(meta["input_spec"], sort_keys=True),
+        TAG_CONTRACT: contract_json(meta),
     }
     if sweep:
         tags[TAG_SWEEP] = sweep
@@ -359,9 +394,12 @@ __all__ = [
     "champion_version",
     "code_commit",
     "cohort_fingerprint",
+    "contract_json",
     "decide_promotion",
+    "example_input",
     "list_models",
     "log_scorer",
+    "model_metadata",
     "promote_if_better",
     "register",
     "scorer_version_tags",

@@ -21,6 +21,7 @@ from typing import Any
 
 from stence.config import Config
 from stence.train.tracking import Tracker, resolve_tracking_uri, start_run
+from stence.train.tracking_lineage import log_cohort_input
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,9 @@ def start_evaluation(cfg: Config, label: str, mode: str, encoder: str,
 
 
 def _log_cohort(cfg: Config, run_id: str, context: str) -> None:
-    """The cohort as the run's dataset input (stence/train/tracking_lineage.py), when that module exists."""
-    try:
-        from stence.train.tracking_lineage import log_cohort_input
-    except ImportError:
-        return
-    log_cohort_input(resolve_tracking_uri(cfg), run_id, cfg.data.cohort, context)
+    """The cohort as the run's dataset input (name, fingerprint digest, no path); never raises."""
+    if cfg.downstream.task != "echonext":
+        log_cohort_input(resolve_tracking_uri(cfg), run_id, cfg.data.cohort, context)
 
 
 def finish_evaluation(cfg: Config, run_id: str | None, results: Mapping[str, Any], out_dir: Path | None = None,

@@ -24,6 +24,7 @@ from stence.train.tracking import (
     run_spool,
     start_run,
 )
+from stence.train.tracking_lineage import log_cohort_input
 from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
 
 
@@ -122,6 +123,7 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
 
     name = cfg.train.name
     run = _tracker(cfg, run_id, f"angio-{name}", "angio")
+    log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
     ok = False
     try:
         end_to_end = trains_frame_encoder(cfg)
@@ -162,6 +164,7 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
 
     name = cfg.train.name
     run = _tracker(cfg, run_id, f"pretrain-{name}", "pretrain")
+    log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
     ok = False
     try:
         feats = _features(cfg)
@@ -230,6 +233,9 @@ def run_downstream(cfg: Config, run_id: str | None = None, label: str = "model",
     name = f"{cfg.train.name}-{_slug(label)}-{d.mode}-{d.task}-{_inputs_key(cfg)}"
     named = replace(cfg, train=replace(cfg.train, name=name))
     run = _tracker(cfg, run_id, name, d.mode, parent_run_id, train_cfg=named)
+    if d.task != "echonext":  # EchoNext reads downstream.echonext_root, not an ingested cohort
+        for split in ("train", "val", "test"):  # trained on train, selected on val, reported on test
+            log_cohort_input(run.uri, run.run_id, cfg.data.cohort, split)
     ok = False
     try:
         result = fit(downstream_loop, named, stage=d.mode, metric=DOWNSTREAM_METRIC,

@@ -100,6 +100,9 @@ def _client(uri: str) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+tracking_client = _client  # public name of the client factory, for the other tracking modules (lineage)
+
+
 def _experiment_id(client: Any, uri: str, name: str) -> str:
     """Get or create the experiment; a concurrent creator winning the race is fine."""
     exp = client.get_experiment_by_name(name)
@@ -372,6 +375,7 @@ __all__ = [
     "search_runs_by",
     "loop_tracking",
     "tracker_for_loop",
+    "tracking_client",
     "open_tracker",
     "resolve_tracking_uri",
     "run_spool",
