@@ -132,7 +132,7 @@ def test_probe_command_is_one_evaluation_tree_and_compare_links_the_trees(pretra
     runs = client.search_runs([exp])
     evals = {r.data.tags["stence.label"]: r for r in runs if r.data.tags.get("stence.stage") == "evaluation"}
     assert set(evals) == {"stence", "baseline"}
-    for label, ev in evals.items():
+    for ev in evals.values():
         assert ev.info.status == "FINISHED" and "mlflow.parentRunId" not in ev.data.tags  # a top-level tree
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]
         assert sorted(r.data.tags["stence.stage"] for r in kids) == ["probe", "probe"]
