@@ -1,6 +1,6 @@
 """Sweep efficiency: Optuna TPE + ASHA against random search, at an equal budget of trial-epochs.
 
-Both arms sweep the same space (tune/spaces.py, "default") over the real StenCE pretraining driver
+Both arms sweep the same space (tune/space_files/default.yaml) over the real StenCE pretraining driver
 (`stence.train.stages.run_pretrain`: every trial a Ray Train run, the kNN validation AUROC reported once
 per epoch) on the synthetic cohort, through the same `tune.sweep.run_sweep` code path:
 

@@ -114,9 +114,9 @@ def grant(uri: str, username: str, permission: str, *, model: str | None = None,
     if model is not None:
         _set_permission(client, username, "registered_model", model, permission)
         return f"{permission} on registered model {model!r}"
-    import mlflow
+    from stence.tracking.client import tracking_client
 
-    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    exp = tracking_client(uri).get_experiment_by_name(experiment)
     if exp is None:
         raise UserAdminError(f"no experiment named {experiment!r} on {uri}")
     _set_permission(client, username, "experiment", exp.experiment_id, permission)

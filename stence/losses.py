@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from stence.models.aggregator import N_TARGETS
+from stence.data.labels import TARGET_NAMES
 
 # stenosis term weights: patient, artery (RCA, LCA), 8 major segments
 W_PATIENT, W_ARTERY, W_SEGMENT = 0.4, 0.4, 0.2
@@ -94,9 +94,9 @@ def stenosis_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torc
 
     sten_loss = 0.4 * patient + 0.4 * mean(RCA, LCA) + 0.2 * mean(8 segments), element-wise BCE-with-logits.
     """
-    if logits.shape[-1] != N_TARGETS or targets.shape != logits.shape:
+    if logits.shape[-1] != len(TARGET_NAMES) or targets.shape != logits.shape:
         raise ValueError(
-            f"expected (B, {N_TARGETS}) logits and targets, got {tuple(logits.shape)}, {tuple(targets.shape)}"
+            f"expected (B, {len(TARGET_NAMES)}) logits and targets, got {tuple(logits.shape)}, {tuple(targets.shape)}"
         )
     bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")  # (B, 11)
     patient, artery, segment = bce[:, 0].mean(), bce[:, 1:3].mean(), bce[:, 3:].mean()

@@ -26,9 +26,10 @@ from stence.models.registry import create_ecg_encoder
 from stence.serving import registry as reg
 from stence.serving.pyfunc import INPUT_NAME, scorer_signature
 from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
+from stence.tracking.client import tracking_client
+from stence.tracking.lineage import SOURCE_TYPE, log_cohort_input
+from stence.tracking.tags import DATASET_CONTEXT_TAG, INPUT_CONTRACT_TAG
 from stence.train import stages
-from stence.train.tracking import tracking_client
-from stence.train.tracking_lineage import CONTEXT_TAG, SOURCE_TYPE, log_cohort_input
 from tests.ray_fixture import shared_mlflow_db
 
 EXPERIMENT = "lineage-test"
@@ -64,7 +65,7 @@ def _inputs(uri: str, run_id: str) -> dict[str, object]:
     """{context: Dataset} of a run's dataset inputs."""
     out = {}
     for di in tracking_client(uri).get_run(run_id).inputs.dataset_inputs:
-        (context,) = [t.value for t in di.tags if t.key == CONTEXT_TAG]
+        (context,) = [t.value for t in di.tags if t.key == DATASET_CONTEXT_TAG]
         out[context] = di.dataset
     return out
 
@@ -200,7 +201,7 @@ def test_registered_scorer_declares_signature_example_and_contract(
     model = mlflow.pyfunc.load_model(uri)
     assert model.metadata.metadata == info.metadata
     version_tags = tracking_client(mlflow_db).get_model_version(name, version).tags
-    assert json.loads(version_tags[reg.TAG_CONTRACT]) == info.metadata["input_spec"]  # one source, one JSON
+    assert json.loads(version_tags[INPUT_CONTRACT_TAG]) == info.metadata["input_spec"]  # one source, one JSON
 
     example = model.input_example[INPUT_NAME]
     assert example.shape == (1, 12, N_SAMPLES) and example.dtype == np.float32

@@ -23,6 +23,8 @@ from stence.models.registry import create_ecg_encoder
 from stence.serving import registry as reg
 from stence.serving.predict import NO_RECORDS, expand_records, predict_records
 from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
+from stence.tracking.client import global_tracking_uri
+from stence.tracking.tags import METRIC_TAG
 from tests.ray_fixture import shared_mlflow_db
 
 FS = 500
@@ -175,7 +177,7 @@ def test_predict_names_the_version_and_shows_a_swapped_champion(scorer: Path, tm
     run1 = client.create_run(exp).info.run_id
     tags = reg.scorer_version_tags(scorer_metadata(scorer), cohort="cohortA", sweep="sweep-7", commit="abc1234")
     v1 = reg.register(reg.log_scorer(scorer, run1, db), name, tags, uri=db)
-    assert reg.promote_if_better(name, v1, tags[reg.TAG_METRIC], 0.5, 0.45, "cohortA", strict=False, uri=db)
+    assert reg.promote_if_better(name, v1, tags[METRIC_TAG], 0.5, 0.45, "cohortA", strict=False, uri=db)
     argv = ["predict", "--json", "--model", f"models:/{name}@champion", "--set", f"tracking.uri={db}", "--",
             *map(str, records)]
     assert main(argv) == 0
@@ -193,7 +195,7 @@ def test_predict_names_the_version_and_shows_a_swapped_champion(scorer: Path, tm
     # anonymous client did on an open server: no lineage tags, no promotion record
     run2 = client.create_run(exp).info.run_id
     bad = reg.log_scorer(_biased_scorer(tmp_path / "bad" / "scorer.pt", -40.0), run2, db)
-    with reg._global_tracking_uri(db):  # the registry resolves a models:/ source through the global URI
+    with global_tracking_uri(db):  # the registry resolves a models:/ source through the global URI
         v2 = client.create_model_version(name, source=bad, run_id=run2, model_id=bad.removeprefix("models:/")).version
     client.set_registered_model_alias(name, "champion", v2)
     assert main(argv) == 0

@@ -31,7 +31,19 @@ from stence.serving import registry as reg
 from stence.serving.fetch import load_champion
 from stence.serving.predict import predict_records, prepare_record, preprocessing_for
 from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
-from stence.train.tracking import Tracker, start_run
+from stence.tracking.runs import Tracker, start_run
+from stence.tracking.tags import (
+    CODE_COMMIT_TAG,
+    COHORT_FINGERPRINT_TAG,
+    CONFIG_HASH_TAG,
+    INPUT_CONTRACT_TAG,
+    METRIC_INTERVAL_TAG,
+    METRIC_LO_TAG,
+    METRIC_TAG,
+    METRIC_VALUE_TAG,
+    SEED_TAG,
+    SWEEP_TAG,
+)
 from tests.ray_fixture import shared_mlflow_db
 
 EXPERIMENT = "registry-test"
@@ -94,7 +106,7 @@ def test_champion_loads_and_matches_scorer_file(logged: dict, mlflow_db: str,
     meta = scorer_metadata(logged["scorer"])
     tags = reg.scorer_version_tags(meta)
     version = reg.register(logged["model_uri"], name, tags, uri=mlflow_db)
-    assert reg.promote_if_better(name, version, tags[reg.TAG_METRIC], 0.70, 0.65, tags[reg.TAG_COHORT],
+    assert reg.promote_if_better(name, version, tags[METRIC_TAG], 0.70, 0.65, tags[COHORT_FINGERPRINT_TAG],
                                  strict=False, uri=mlflow_db)  # a first version becomes champion
     x = reg.example_input(meta["input_spec"], n=4, seed=3)  # (4, 12, 1500)
     p_ref, e_ref = _outputs(load_scorer(logged["scorer"]), x)
@@ -164,10 +176,10 @@ def test_promotion_rules(logged: dict, mlflow_db: str) -> None:
 
 
 def test_decide_promotion_refuses_unknown_or_undefined() -> None:
-    champ = {reg.TAG_METRIC: "t/auroc", reg.TAG_VALUE: "0.7", reg.TAG_COHORT: reg.UNKNOWN}
+    champ = {METRIC_TAG: "t/auroc", METRIC_VALUE_TAG: "0.7", COHORT_FINGERPRINT_TAG: reg.UNKNOWN}
     assert reg.decide_promotion(None, None, "t/auroc", 0.1, 0.0, reg.UNKNOWN, True)[0]
     assert not reg.decide_promotion(champ, "1", "t/auroc", 0.9, 0.8, reg.UNKNOWN, False)[0]
-    champ[reg.TAG_COHORT] = "C"
+    champ[COHORT_FINGERPRINT_TAG] = "C"
     assert reg.decide_promotion(champ, "1", "t/auroc", 0.9, 0.8, "C", False)[0]
     assert not reg.decide_promotion(champ, "1", "t/auroc", 0.9, math.nan, "C", True)[0]
     assert not reg.decide_promotion(champ, "1", "t/auroc", 0.7, 0.6, "C", False)[0]  # equal is not better
@@ -176,18 +188,18 @@ def test_decide_promotion_refuses_unknown_or_undefined() -> None:
 def test_version_tags(logged: dict) -> None:
     meta = scorer_metadata(logged["scorer"])
     tags = reg.scorer_version_tags(meta, sweep="sweep-1")
-    assert tags[reg.TAG_METRIC] == "0_100/auroc"
-    assert float(tags[reg.TAG_VALUE]) == pytest.approx(0.70) and float(tags[reg.TAG_LO]) == pytest.approx(0.65)
-    assert tags[reg.TAG_INTERVAL] == "0.7000 [0.6500, 0.7500]"
-    assert tags[reg.TAG_COHORT] == "cohortA"  # read from the scorer config's cohort.json
+    assert tags[METRIC_TAG] == "0_100/auroc"
+    assert float(tags[METRIC_VALUE_TAG]) == pytest.approx(0.70) and float(tags[METRIC_LO_TAG]) == pytest.approx(0.65)
+    assert tags[METRIC_INTERVAL_TAG] == "0.7000 [0.6500, 0.7500]"
+    assert tags[COHORT_FINGERPRINT_TAG] == "cohortA"  # read from the scorer config's cohort.json
     cfg = logged["cfg"]  # the scorer's config: the run's config with the cohort folder it trained on
-    assert tags[reg.TAG_CONFIG] == config_hash(replace(cfg, data=replace(cfg.data, cohort=meta["config"]["data"]["cohort"])))
-    assert tags[reg.TAG_SEED] == "7"
-    assert json.loads(tags[reg.TAG_CONTRACT]) == meta["input_spec"]
-    assert tags[reg.TAG_SWEEP] == "sweep-1"
+    assert tags[CONFIG_HASH_TAG] == config_hash(replace(cfg, data=replace(cfg.data, cohort=meta["config"]["data"]["cohort"])))
+    assert tags[SEED_TAG] == "7"
+    assert json.loads(tags[INPUT_CONTRACT_TAG]) == meta["input_spec"]
+    assert tags[SWEEP_TAG] == "sweep-1"
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(reg.__file__).parents[2], capture_output=True,
                          text=True)
-    assert tags[reg.TAG_COMMIT] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    assert tags[CODE_COMMIT_TAG] == (git.stdout.strip() if git.returncode == 0 else "unknown")
     with pytest.raises(ValueError, match="no metric"):
         reg.scorer_version_tags(meta, metric="brier")
 
@@ -204,10 +216,10 @@ def test_register_and_models_cli(logged: dict, mlflow_db: str, capsys: pytest.Ca
     assert f"registered {name} version 1" in out and "promoted to champion" in out
     mv = mlflow.MlflowClient(mlflow_db).get_model_version(name, "1")
     assert mv.run_id == run_id
-    for key in (reg.TAG_METRIC, reg.TAG_INTERVAL, reg.TAG_COHORT, reg.TAG_CONFIG, reg.TAG_COMMIT, reg.TAG_SEED,
-                reg.TAG_CONTRACT):
+    for key in (METRIC_TAG, METRIC_INTERVAL_TAG, COHORT_FINGERPRINT_TAG, CONFIG_HASH_TAG, CODE_COMMIT_TAG, SEED_TAG,
+                INPUT_CONTRACT_TAG):
         assert mv.tags.get(key), key
-    assert mv.tags[reg.TAG_SWEEP] == "sweep-9"
+    assert mv.tags[SWEEP_TAG] == "sweep-9"
     # a worse scorer given as a file: registered as version 2, champion stays on 1
     worse = make_scorer(logged["tmp"] / "worse" / "scorer.pt", 2, 0.60, cfg, cohort=str(logged["tmp"] / "cohort"))
     assert main(["register", str(worse), *common]) == 0

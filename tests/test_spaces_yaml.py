@@ -337,7 +337,8 @@ def test_parent_run_keeps_the_space_text_and_its_file_name(
     import mlflow
 
     from stence.config import load_config
-    from stence.train.tracking import SPOOL_NAME, Tracker
+    from stence.tracking.runs import Tracker
+    from stence.tracking.spool import SPOOL_NAME
     from tune.sweep import SPACE_FILE, _new_sweep
 
     db = shared_mlflow_db(tmp_path_factory)

@@ -116,7 +116,7 @@ def test_probe_command_is_one_evaluation_tree_and_compare_links_the_trees(pretra
     """`stence probe` on two tasks is one evaluation run with a nested run per task; `--compare` is a run of
     its own holding the table, paired tests and Fig. 2, tagged with the evaluation runs it compared."""
     from stence.cli import main
-    from stence.train.eval_runs import COMPARED_TAG
+    from stence.tracking.tags import COMPARED_TAG
 
     sets = [f"data.cohort={cfg.data.cohort}", f"train.storage_path={cfg.train.storage_path}",
             f"tracking.uri={cfg.tracking.uri}", "tracking.experiment=test-eval-trees", "downstream.epochs=1",

@@ -15,12 +15,13 @@ import pytest
 from ray import tune
 
 from stence.config import Config, ConfigError, apply_overrides, load_config
+from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from stence.train.worker import METRICS_FILE, load_state
 from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
 from tune import spaces
 from tune.spaces import SPACES, build_param_space, is_fixed
-from tune.sweep import STOPPED_TAG, SWEEP_TAG, TRIAL_MAX_FAILURES, TRIAL_TAG, default_concurrency, run_sweep
+from tune.sweep import TRIAL_MAX_FAILURES, default_concurrency, run_sweep
 
 
 @pytest.fixture(scope="module")

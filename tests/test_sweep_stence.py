@@ -18,12 +18,12 @@ from stence.eval.report import read_results
 from stence.models.checkpoint import load_encoder
 from stence.serving import registry as reg
 from stence.serving.fetch import load_champion
+from stence.tracking.tags import SWEEP_TAG, TRIAL_TAG
 from stence.train.pretrain_loop import KNN_METRIC
 from stence.train.worker import load_state
 from tests.ray_fixture import shared_mlflow_db
 from tune import spaces
 from tune.champion import export_best_encoder
-from tune.sweep import SWEEP_TAG, TRIAL_TAG
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MODEL = "stence-test-sweep-encoder"
@@ -136,34 +136,46 @@ def test_mlflow_ui_shows_the_sweep_the_evaluation_trees_and_the_comparison(sweep
     With STENCE_UI_SCREENSHOTS=DIR set, the pages are also saved there as PNGs (the README's screenshots)."""
     import os
 
-    from tests.mlflow_ui import CHROMIUM, artifacts_page, mlflow_server, rendered, runs_page
+    from tests.mlflow_ui import CHROMIUM, artifacts_page, chromium, mlflow_server, page_text, runs_page
 
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: `make test` installs it (cluster/ci_install.sh)")
     shots = Path(os.environ["STENCE_UI_SCREENSHOTS"]) if os.environ.get("STENCE_UI_SCREENSHOTS") else None
+
+    def shot(name: str) -> Path | None:
+        return shots / name if shots else None
+
     client = mlflow.MlflowClient(sweep["db"])
     exp = client.get_experiment_by_name("stence-sweep").experiment_id
     runs = client.search_runs([exp])
-    by_id = {r.info.run_id: r for r in runs}
     name = {r.info.run_id: r.info.run_name for r in runs}
     parent = next(r for r in runs if r.data.tags.get(SWEEP_TAG) == "real-sweep" and "mlflow.parentRunId" not in r.data.tags)
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and TRIAL_TAG in r.data.tags]
     evals = [r for r in runs if r.data.tags.get("stence.stage") == "evaluation"]
     (comparison,) = [r for r in runs if r.data.tags.get("stence.stage") == "comparison"]
     assert len(trials) == 3 and len(evals) == 2
-    with mlflow_server(sweep["db"], tmp_path) as base:
-        dom = rendered(runs_page(base, exp, "tags.`stence.sweep` = 'real-sweep'"),
-                       shots / "mlflow_sweep_runs.png" if shots else None)
+    with mlflow_server(sweep["db"], tmp_path) as base, chromium() as browser:
+        # the sweep: one parent run; unfolded (the "+" a user clicks), its trials beneath it
+        want = [name[r.info.run_id] for r in [parent, *trials]]
+        text = page_text(browser, runs_page(base, exp, "tags.`stence.sweep` = 'real-sweep'"), want, expand=True,
+                         screenshot=shot("mlflow_sweep_runs.png"))
         for r in [parent, *trials]:
-            assert name[r.info.run_id] in dom, f"sweep run {name[r.info.run_id]} not shown"
-        dom = rendered(runs_page(base, exp, "tags.`stence.stage` = 'evaluation'"),
-                       shots / "mlflow_evaluations.png" if shots else None)
-        for ev in evals:
-            assert name[ev.info.run_id] in dom
-            tasks = [r for r in by_id.values() if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]
-            assert tasks
-            dom = rendered(runs_page(base, exp, f"tags.`mlflow.parentRunId` = '{ev.info.run_id}'"))
-            assert all(name[t.info.run_id] in dom for t in tasks), "an evaluation's task runs are not shown"
-        dom = rendered(artifacts_page(base, exp, comparison.info.run_id),
-                       shots / "mlflow_comparison.png" if shots else None)
-        assert "fig2_auroc_vs_threshold.png" in dom and "delong.json" in dom
+            assert name[r.info.run_id] in text, f"sweep run {name[r.info.run_id]} not shown"
+        # the ablation sweep: one evaluation run per variant and the comparison run, beneath its parent
+        ablation = next(r for r in runs if r.data.tags.get(SWEEP_TAG) == "real-ablation"
+                        and "mlflow.parentRunId" not in r.data.tags)
+        want = [name[r.info.run_id] for r in [*evals, comparison]]
+        text = page_text(browser, runs_page(base, exp, f"tags.`mlflow.parentRunId` = '{ablation.info.run_id}'"),
+                         want, expand=True, screenshot=shot("mlflow_ablation.png"))
+        assert all(w in text for w in want), "an evaluation or the comparison run is not shown"
+        # each evaluation: its task runs beneath it
+        for i, ev in enumerate(evals):
+            tasks = [name[r.info.run_id] for r in runs if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]
+            text = page_text(browser, runs_page(base, exp, f"tags.`mlflow.parentRunId` = '{ev.info.run_id}'"),
+                             [name[ev.info.run_id], *tasks], expand=True,
+                             screenshot=shot("mlflow_evaluation.png") if i == 0 else None)
+            assert tasks and all(t in text for t in [name[ev.info.run_id], *tasks]), "task runs are not shown"
+        # the comparison run: its table, paired tests and Fig. 2
+        text = page_text(browser, artifacts_page(base, exp, comparison.info.run_id),
+                         ["fig2_auroc_vs_threshold.png", "delong.json"], screenshot=shot("mlflow_comparison.png"))
+        assert "fig2_auroc_vs_threshold.png" in text and "delong.json" in text

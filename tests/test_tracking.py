@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from stence.config import flatten, load_config, to_dict
-from stence.train.tracking import (
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.runs import (
     NullTracker,
     Tracker,
     find_run,
     loop_tracking,
     open_tracker,
-    resolve_tracking_uri,
     run_status,
     start_run,
     tracker_for_loop,

@@ -26,13 +26,13 @@ import pytest
 
 from stence.cli import main
 from stence.config import Config, apply_overrides, load_config
+from stence.tracking.owner import driver_identity
+from stence.tracking.runs import start_run
+from stence.tracking.spool import SPOOL_NAME, append_records, new_record, pending_records
+from stence.tracking.tags import DRIVER_TAG, REPAIRED_TAG, SPOOL_TAG
 from stence.train import pretrain_loop as pretrain_module
 from stence.train.pretrain_loop import SELECT_METRIC
 from stence.train.stages import run_pretrain
-from stence.train.tracking import SPOOL_NAME, SPOOL_TAG, start_run
-from stence.train.tracking_owner import DRIVER_TAG, driver_identity
-from stence.train.tracking_repair import REPAIRED_TAG
-from stence.train.tracking_spool import append_records, new_record, pending_records
 from tests.cluster_fixtures import VENV_BIN, free_port, pids_mentioning, stop_process_group, tail, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,7 +286,7 @@ def test_replay_applies_a_spool_once_and_sets_the_status(tmp_path: Path, capsys:
 def test_a_restore_refills_its_checkpoints_metrics_and_logs_no_step_twice(tmp_path: Path) -> None:
     """Metrics are logged after their checkpoint: a worker restarted from that checkpoint logs them if the
     crash came in between, and skips every step the run has (an epoch trained again is not logged twice)."""
-    from stence.train.tracking import Tracker
+    from stence.tracking.runs import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(load_config(None, [f"tracking.uri={uri}", "tracking.experiment=refill"]), "r")
@@ -347,8 +347,8 @@ def test_resume_ends_the_runs_its_dead_driver_orphaned_then_reopens_the_parent(t
     import json
 
     from stence.config import save_config
+    from stence.tracking.tags import SWEEP_TAG, TRIAL_TAG
     from tune.sweep import BASE_CONFIG_FILE, STATE_FILE, _resumed_sweep
-    from tune.trial_runs import SWEEP_TAG, TRIAL_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = load_config(None, [f"tracking.uri={uri}", "tracking.experiment=resumed", f"train.storage_path={tmp_path}"])

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from stence.config import Config, flatten, load_config, to_dict
+from stence.tracking.runs import Tracker, start_run
 from stence.train.driver import fit
 from stence.train.schedule import param_groups, warmup_cosine
-from stence.train.tracking import Tracker, start_run
 from stence.train.worker import (
     METRICS_FILE,
     all_gather_arrays,

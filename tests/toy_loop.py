@@ -28,9 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stence.config import Config, from_dict
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.runs import loop_tracking, tracker_for_loop
 from stence.train.driver import fit
 from stence.train.schedule import param_groups, warmup_cosine
-from stence.train.tracking import loop_tracking, resolve_tracking_uri, tracker_for_loop
 from stence.train.worker import (
     all_gather_arrays,
     all_reduce_mean,

@@ -44,9 +44,10 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
     folder's `ablation/`), log them to the sweep's parent run. Returns the merged results."""
     from stence.eval.compare import delong_table, paired_delong
     from stence.eval.report import claim_results, plot_auroc_vs_threshold, write_json, write_results
-    from stence.train.eval_runs import finish_evaluation, log_comparison, start_evaluation
+    from stence.tracking.client import resolve_tracking_uri
+    from stence.tracking.evaluations import finish_evaluation, log_comparison, start_evaluation
+    from stence.tracking.runs import Tracker
     from stence.train.stages import run_downstream
-    from stence.train.tracking import Tracker, resolve_tracking_uri
 
     variants = _variants(result.results)
     varied = [k for k in (variants[0][1] if variants else {}) if len({str(v[1].get(k)) for v in variants}) > 1]

@@ -10,8 +10,9 @@ from typing import Any
 from stence.config import Config, to_dict
 from stence.data.cohort_io import Cohort
 from stence.outputs import claim_output
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.tags import BEST_KNN_AUROC_TAG, TRIAL_TAG
 from stence.train.driver import absolute_storage
-from stence.train.tracking import resolve_tracking_uri
 from stence.train.worker import load_state
 
 
@@ -51,8 +52,8 @@ def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: 
     meta = scorer_metadata(probe["scorer"])
     cohort = Cohort.open(best.data.cohort).fingerprint
     tags = scorer_version_tags(meta, cohort=cohort, sweep=sweep_name or None)
-    tags["stence.trial_id"] = result.best_trial_id
-    tags["stence.best_knn_auroc_smooth"] = repr(float(result.best_metric))  # what ranked the trials
+    tags[TRIAL_TAG] = result.best_trial_id
+    tags[BEST_KNN_AUROC_TAG] = repr(float(result.best_metric))  # what ranked the trials
     name = cfg.tracking.registered_model
     version = register(model_uri, name, tags, uri=uri)
     m = meta["metrics"]

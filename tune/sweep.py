@@ -28,27 +28,30 @@ import pandas as pd
 from ray import tune
 
 from stence.config import Config, apply_overrides, load_config, save_config, to_dict, update
-from stence.train.driver import absolute_storage, ensure_ray
-from stence.train.tracking import (
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.lineage import log_cohort_input
+from stence.tracking.owner import driver_identity
+from stence.tracking.runs import NullTracker, Tracker, search_runs_by, start_run
+from stence.tracking.spool import SPOOL_NAME
+from stence.tracking.tags import (
+    BEST_CHECKPOINT_TAG,
+    BEST_OVERRIDES_TAG,
+    BEST_TRIAL_TAG,
+    DRIVER_TAG,
+    FAILED_TRIALS_TAG,
+    INTERRUPTED_TAG,
+    KIND_TAG,
     PARENT_TAG,
-    SPOOL_NAME,
-    NullTracker,
-    Tracker,
-    resolve_tracking_uri,
-    search_runs_by,
-    start_run,
-)
-from stence.train.tracking_owner import DRIVER_TAG, driver_identity
-from tune.spaces import SearchSpace, build_param_space, load_space, space_name
-from tune.trial_runs import (
+    RESUMED_AT_TAG,
+    SPACE_TAG,
     STOPPED_TAG,
     SWEEP_PATH_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
-    ChildRunCloser,
-    make_trial_fn,
-    repair_runs,
 )
+from stence.train.driver import absolute_storage, ensure_ray
+from tune.spaces import SearchSpace, build_param_space, load_space, space_name
+from tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +199,14 @@ def _new_sweep(
         state["parent_run_id"] = start_run(
             base,
             sweep_name,
-            tags={SWEEP_TAG: sweep_name, "stence.kind": "sweep", "stence.space": space.name,
+            tags={SWEEP_TAG: sweep_name, KIND_TAG: "sweep", SPACE_TAG: space.name,
                   SWEEP_PATH_TAG: str(path)},
             params={f"sweep.{k}": v for k, v in state.items() if k not in ("name", "parent_run_id")},
             spool=path / SPOOL_NAME,
         )
         parent = Tracker(base.tracking.uri, state["parent_run_id"], spool=path / SPOOL_NAME)
         parent.log_artifact(path / SPACE_FILE)  # the YAML as the user wrote it, comments included
+        log_cohort_input(base.tracking.uri, state["parent_run_id"], base.data.cohort, "train+val")  # its trials' data
     save_config(base, path / BASE_CONFIG_FILE)
     (path / STATE_FILE).write_text(json.dumps(state, indent=1))
     return path, base, state
@@ -229,7 +233,7 @@ def _resumed_sweep(resume: str, given: dict[str, Any]) -> tuple[Path, Config, di
         for r in ended:
             logger.info("resume: ended orphaned run %s (%s) %s: %s", r.name, r.run_id, r.status, r.reason)
         parent = Tracker(base.tracking.uri, state["parent_run_id"], spool=path / SPOOL_NAME)
-        parent.set_tags({"stence.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), DRIVER_TAG: driver_identity(),
+        parent.set_tags({RESUMED_AT_TAG: time.strftime("%Y-%m-%dT%H:%M:%S"), DRIVER_TAG: driver_identity(),
                          SWEEP_PATH_TAG: str(path)})
         parent.reopen()
     return path, base, state
@@ -395,7 +399,7 @@ def _finish(
         if r.error is None and r.metrics_dataframe is not None and metric in r.metrics_dataframe
     ]
     if not ok:
-        parent.set_tags({"stence.interrupted": str(not complete).lower()})
+        parent.set_tags({INTERRUPTED_TAG: str(not complete).lower()})
         parent.end("KILLED" if not complete else "FAILED")
         raise RuntimeError(f"sweep {sweep_name}: no trial reported {metric!r} (results in {path})")
     best = grid.get_best_result(metric=metric, mode=mode, scope="all", filter_nan_and_inf=True)
@@ -417,11 +421,11 @@ def _finish(
     n_failed = sum(r.error is not None for r in grid)
     parent.set_tags(
         {
-            "stence.best_trial_id": result.best_trial_id,
-            "stence.best_overrides": json.dumps(overrides, sort_keys=True, default=str),
-            "stence.best_checkpoint": result.best_checkpoint or "",
-            "stence.failed_trials": n_failed,
-            "stence.interrupted": str(not complete).lower(),
+            BEST_TRIAL_TAG: result.best_trial_id,
+            BEST_OVERRIDES_TAG: json.dumps(overrides, sort_keys=True, default=str),
+            BEST_CHECKPOINT_TAG: result.best_checkpoint or "",
+            FAILED_TRIALS_TAG: n_failed,
+            INTERRUPTED_TAG: str(not complete).lower(),
         }
     )
     if math.isfinite(best_metric):
@@ -434,5 +438,4 @@ def _finish(
     return result
 
 
-__all__ = ["SEARCHES", "STOPPED_TAG", "SWEEP_TAG", "TRIAL_TAG", "ChildRunCloser", "SweepResult", "default_concurrency",
-           "run_sweep"]
+__all__ = ["SEARCHES", "ChildRunCloser", "SweepResult", "default_concurrency", "run_sweep"]

@@ -20,18 +20,23 @@ from typing import Any
 from ray import tune
 
 from stence.config import Config, apply_overrides, from_dict
+from stence.tracking.client import tracking_client
+from stence.tracking.repair import Repair, end_orphans, find_orphans, replay_spools
+from stence.tracking.runs import NullTracker, Tracker, find_run_by, run_status, start_run
+from stence.tracking.tags import (
+    DRIVER_TAG,
+    HEARTBEAT_TAG,
+    OVERRIDES_TAG,
+    PARENT_TAG,
+    STOPPED_TAG,
+    SWEEP_PATH_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 from stence.train.driver import tune_trial_id
-from stence.train.tracking import PARENT_TAG, NullTracker, Tracker, find_run_by, run_status, start_run
-from stence.train.tracking_owner import DRIVER_TAG
-from stence.train.tracking_repair import Repair, end_orphans, find_orphans, replay_spools
-from stence.train.tracking_spool import HEARTBEAT_TAG
 
 logger = logging.getLogger(__name__)
 
-TRIAL_TAG = "stence.trial_id"
-SWEEP_TAG = "stence.sweep"
-SWEEP_PATH_TAG = "stence.sweep_path"  # on the parent run: the Tune experiment folder (for repair)
-STOPPED_TAG = "stence.stopped_early"
 HEARTBEAT_EVERY_S = 60.0  # the sweep driver refreshes its parent run's heartbeat at most this often
 
 
@@ -55,7 +60,7 @@ def make_trial_fn(
             tags = {TRIAL_TAG: trial_id, SWEEP_TAG: sweep_name}
             run_id = find_run_by(uri, cfg.tracking.experiment, tags)
             if run_id is None:
-                tags.update({"stence.overrides": json.dumps(config, sort_keys=True, default=str),
+                tags.update({OVERRIDES_TAG: json.dumps(config, sort_keys=True, default=str),
                              **({DRIVER_TAG: driver} if driver else {})})
                 run_id = start_run(cfg, f"{sweep_name}-{trial_id}", parent_run_id=parent_run_id, tags=tags)
                 tracker = Tracker(uri, run_id, spool=spool)
@@ -148,10 +153,8 @@ class SweepStatus:
 
     def _sweep_path(self, parent_id: str) -> str:
         if parent_id not in self._paths:
-            import mlflow
-
             try:
-                tags = mlflow.MlflowClient(tracking_uri=self.uri).get_run(parent_id).data.tags
+                tags = tracking_client(self.uri).get_run(parent_id).data.tags
                 self._paths[parent_id] = tags.get(SWEEP_PATH_TAG, "")
             except Exception:  # noqa: BLE001 - a deleted parent: KILLED is the safe default
                 self._paths[parent_id] = ""
@@ -184,5 +187,4 @@ def repair_runs(uri: str, experiment: str, sweep: str | None = None, older_than_
     return end_orphans(uri, orphans, SweepStatus(uri), dry_run=dry_run), kept
 
 
-__all__ = ["STOPPED_TAG", "SWEEP_PATH_TAG", "SWEEP_TAG", "TRIAL_TAG", "ChildRunCloser", "SweepStatus",
-           "make_trial_fn", "repair_runs", "tune_trial_states"]
+__all__ = ["ChildRunCloser", "SweepStatus", "make_trial_fn", "repair_runs", "tune_trial_states"]

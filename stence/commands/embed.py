@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     source = None
     if args.model:
         from stence.serving.fetch import load_champion
-        from stence.train.tracking import resolve_tracking_uri
+        from stence.tracking.client import resolve_tracking_uri
 
         try:
             source = load_champion(args.model, uri=resolve_tracking_uri(cfg))

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stence.serving.registry import list_models
-    from stence.train.tracking import resolve_tracking_uri
+    from stence.tracking.client import resolve_tracking_uri
 
     cfg = config_from_args(args)
     name = args.name or cfg.tracking.registered_model

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from stence.data.limits import Limits
     from stence.serving.fetch import load_champion
     from stence.serving.predict import expand_records, predict_records
-    from stence.train.tracking import resolve_tracking_uri
+    from stence.tracking.client import resolve_tracking_uri
 
     cfg = config_from_args(args)
     ref = args.model or f"models:/{cfg.tracking.registered_model}@champion"

@@ -67,7 +67,7 @@ def _compare(args: argparse.Namespace) -> int:
         write_results,
     )
     from stence.outputs import check_output
-    from stence.train.eval_runs import log_comparison
+    from stence.tracking.evaluations import log_comparison
 
     out, overwrite = _results_out(args, Path(DEFAULT_COMPARE_OUT))
     check_output(out, RESULTS_KIND, args.compare, overwrite)  # before reading anything
@@ -87,7 +87,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from stence.eval.report import RESULTS_KIND, claim_results, plot_auroc_vs_threshold, write_results
     from stence.outputs import check_output
-    from stence.train.eval_runs import finish_evaluation, start_evaluation
+    from stence.tracking.evaluations import finish_evaluation, start_evaluation
     from stence.train.stages import run_downstream
 
     cfg = config_from_args(args)
@@ -97,8 +97,8 @@ def _probe(args: argparse.Namespace) -> int:
         check_output(args.out, RESULTS_KIND, inputs, args.overwrite)
     if encoder and not Path(encoder).exists():  # models:/NAME@ALIAS, runs:/...: fetch the registered scorer
         from stence.serving.fetch import fetch_scorer
+        from stence.tracking.client import resolve_tracking_uri
         from stence.train.driver import absolute_storage
-        from stence.train.tracking import resolve_tracking_uri
 
         dst = Path(absolute_storage(cfg.train.storage_path)) / "fetched" / encoder.replace(":/", "_").replace("/", "_")
         encoder = str(fetch_scorer(encoder, dst, uri=resolve_tracking_uri(cfg)))

@@ -43,14 +43,16 @@ def _run_for_file(cfg: Config, scorer: Path, meta: dict) -> str:
     from dataclasses import replace
 
     from stence.config import ConfigError, from_dict
-    from stence.train.tracking import Tracker, resolve_tracking_uri, start_run
+    from stence.tracking.client import resolve_tracking_uri
+    from stence.tracking.runs import Tracker, start_run
+    from stence.tracking.tags import SCORER_PATH_TAG, STAGE_TAG
 
     try:
         run_cfg = replace(from_dict(meta["config"]), tracking=cfg.tracking) if meta.get("config") else cfg
     except (ConfigError, TypeError, ValueError):
         run_cfg = cfg
     run_id = start_run(run_cfg, f"register-{scorer.parent.name}",
-                       tags={"stence.stage": "register", "stence.scorer_path": str(scorer.resolve())})
+                       tags={STAGE_TAG: "register", SCORER_PATH_TAG: str(scorer.resolve())})
     Tracker(resolve_tracking_uri(cfg), run_id).end("FINISHED")
     return run_id
 
@@ -60,7 +62,18 @@ def run(args: argparse.Namespace) -> int:
     from stence.serving import registry as reg
     from stence.serving.fetch import fetch_scorer
     from stence.serving.scorer import scorer_metadata
-    from stence.train.tracking import resolve_tracking_uri
+    from stence.tracking.client import resolve_tracking_uri, tracking_client
+    from stence.tracking.tags import (
+        CODE_COMMIT_TAG,
+        COHORT_FINGERPRINT_TAG,
+        CONFIG_HASH_TAG,
+        METRIC_INTERVAL_TAG,
+        METRIC_LO_TAG,
+        METRIC_TAG,
+        METRIC_VALUE_TAG,
+        PROMOTION_TAG,
+        SWEEP_TAG,
+    )
 
     cfg = config_from_args(args)
     uri = resolve_tracking_uri(cfg)
@@ -82,22 +95,22 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}")
             return 1
-        run_tags = reg._client(uri).get_run(run_id).data.tags
-        if run_tags.get(reg.TAG_SWEEP):
-            tags[reg.TAG_SWEEP] = run_tags[reg.TAG_SWEEP]
+        run_tags = tracking_client(uri).get_run(run_id).data.tags
+        if run_tags.get(SWEEP_TAG):
+            tags[SWEEP_TAG] = run_tags[SWEEP_TAG]
         model_uri = reg.log_scorer(scorer, run_id, uri)
     version = reg.register(model_uri, name, tags, uri=uri)
     print(f"registered {name} version {version} from run {run_id} ({model_uri})")
-    print(f"  {tags[reg.TAG_METRIC]} {tags[reg.TAG_INTERVAL]}; cohort {tags[reg.TAG_COHORT]}; "
-          f"config {tags[reg.TAG_CONFIG]}; commit {tags[reg.TAG_COMMIT][:12]}")
+    print(f"  {tags[METRIC_TAG]} {tags[METRIC_INTERVAL_TAG]}; cohort {tags[COHORT_FINGERPRINT_TAG]}; "
+          f"config {tags[CONFIG_HASH_TAG]}; commit {tags[CODE_COMMIT_TAG][:12]}")
     if args.force:
         reg.set_alias(name, version, args.alias, uri=uri)
         print(f"  {args.alias} -> version {version} (forced)")
         return 0
-    promoted = reg.promote_if_better(name, version, tags[reg.TAG_METRIC], float(tags[reg.TAG_VALUE]),
-                                     float(tags[reg.TAG_LO]), tags[reg.TAG_COHORT], args.strict, uri=uri,
-                                     alias=args.alias)
-    decision = reg._client(uri).get_model_version(name, version).tags.get(reg.TAG_DECISION, "")
+    promoted = reg.promote_if_better(name, version, tags[METRIC_TAG], float(tags[METRIC_VALUE_TAG]),
+                                     float(tags[METRIC_LO_TAG]), tags[COHORT_FINGERPRINT_TAG], args.strict,
+                                     uri=uri, alias=args.alias)
+    decision = tracking_client(uri).get_model_version(name, version).tags.get(PROMOTION_TAG, "")
     print(f"  {decision}")
     if not promoted:
         print(f"  (use --force to make version {version} the {args.alias} anyway)")

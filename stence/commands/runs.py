@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _spools(paths: list[str]) -> list[Path]:
-    from stence.train.tracking import SPOOL_NAME
+    from stence.tracking.spool import SPOOL_NAME
 
     out: list[Path] = []
     for p in map(Path, paths):
@@ -52,8 +52,8 @@ def _spools(paths: list[str]) -> list[Path]:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from stence.train.tracking_replay import replay
-    from stence.train.tracking_spool import pending_records
+    from stence.tracking.replay import replay
+    from stence.tracking.spool import pending_records
 
     left = 0
     for spool in _spools(args.paths):
@@ -74,7 +74,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from stence.train.tracking import resolve_tracking_uri
+    from stence.tracking.client import resolve_tracking_uri
     from tune.trial_runs import repair_runs
 
     cfg = config_from_args(args)

@@ -44,7 +44,7 @@ def server_command(uri: str, host: str, port: int, allowed_hosts: str | None = N
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.train.tracking import resolve_tracking_uri
+    from stence.tracking.client import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config_from_args(args))
     if not uri.startswith("sqlite:///"):

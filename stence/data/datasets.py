@@ -187,8 +187,7 @@ class StudyDataset(_EpochSeeded):
         k = rng.integers(cache.shape[1], size=len(vrows))
         frames = np.stack([np.asarray(cache[r, j], np.float32) for r, j in zip(vrows, k, strict=True)])
         if self.augment_frames:
-            from stence.data.frame_augment import random_affine
-            from stence.train.features import augment_frames
+            from stence.data.frame_augment import augment_frames, random_affine
 
             if self.rotate_deg > 0:
                 frames = np.stack([random_affine(f, rng, self.rotate_deg) for f in frames])

@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-N_QUERIES = 12  # CLIP + patient + RCA + LCA + 8 segments
-N_TARGETS = N_QUERIES - 1
+from stence.data.labels import TARGET_NAMES
+
+N_TARGETS = len(TARGET_NAMES)  # patient, RCA, LCA, 8 major segments (stence/data/labels.py)
+N_QUERIES = N_TARGETS + 1  # plus the CLIP query
 
 
 class SegmentMILAggregator(nn.Module):

@@ -15,24 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from stence.outputs import claim_output
-from stence.serving.registry import (
-    SCORER_FILE,
-    TAG_COHORT,
-    TAG_COMMIT,
-    TAG_CONFIG,
-    TAG_DECISION,
-    TAG_INTERVAL,
-    TAG_METRIC,
-    TAG_SWEEP,
-    TAG_VALUE,
-    _client,
-    _global_tracking_uri,
-    _uri,
-)
+from stence.serving.registry import SCORER_FILE
 from stence.serving.scorer import Scorer, load_scorer, scorer_metadata
+from stence.tracking.client import global_tracking_uri, tracking_client, uri_or_default
+from stence.tracking.tags import (
+    CODE_COMMIT_TAG,
+    COHORT_FINGERPRINT_TAG,
+    CONFIG_HASH_TAG,
+    METRIC_INTERVAL_TAG,
+    METRIC_TAG,
+    METRIC_VALUE_TAG,
+    PROMOTION_TAG,
+    SWEEP_TAG,
+)
 
 # Tags every version registered by stence carries (`scorer_version_tags`); none of them: registered elsewhere.
-LINEAGE_TAGS = (TAG_METRIC, TAG_COHORT, TAG_COMMIT, TAG_CONFIG)
+LINEAGE_TAGS = (METRIC_TAG, COHORT_FINGERPRINT_TAG, CODE_COMMIT_TAG, CONFIG_HASH_TAG)
 
 
 @dataclass(frozen=True)
@@ -54,10 +52,11 @@ class Lineage:
             return f"model {self.source} ({kind}; no registry lineage)"
         t = self.tags
         where = ", ".join(x for x in (f"run {self.run_id or '-'}", self.alias and f"alias {self.alias}") if x)
-        metric = f"{t.get(TAG_METRIC, '-')} {t.get(TAG_INTERVAL, t.get(TAG_VALUE, ''))}".strip()
-        fields = {"sweep": t.get(TAG_SWEEP, "-"), "metric": metric, "cohort": t.get(TAG_COHORT, "-"),
-                  "commit": t.get(TAG_COMMIT, "-"), "config": t.get(TAG_CONFIG, "-"),
-                  "promotion": t.get(TAG_DECISION, "-")}
+        interval = t.get(METRIC_INTERVAL_TAG, t.get(METRIC_VALUE_TAG, ""))
+        metric = f"{t.get(METRIC_TAG, '-')} {interval}".strip()
+        fields = {"sweep": t.get(SWEEP_TAG, "-"), "metric": metric, "cohort": t.get(COHORT_FINGERPRINT_TAG, "-"),
+                  "commit": t.get(CODE_COMMIT_TAG, "-"), "config": t.get(CONFIG_HASH_TAG, "-"),
+                  "promotion": t.get(PROMOTION_TAG, "-")}
         return (f"model {self.name} version {self.version} ({where}) "
                 + ", ".join(f"{k}={v}" for k, v in fields.items()))
 
@@ -72,7 +71,7 @@ class Lineage:
             out.append(f"{mv} carries no stence lineage tags (metric, cohort, commit, config): it was not "
                        "registered by stence; find out who registered it before trusting these scores")
         if self.alias:
-            decision = self.tags.get(TAG_DECISION, "")
+            decision = self.tags.get(PROMOTION_TAG, "")
             if not (decision.startswith(f"promoted to {self.alias}") or decision.startswith(f"{self.alias} set by hand")):
                 out.append(f"no record that stence moved @{self.alias} to {mv} (promotion tag: "
                            f"{decision or 'none'}); check the registry before trusting these scores")
@@ -170,7 +169,7 @@ def _fetch(ref: str, dst: str | Path, *, uri: str | None = None) -> tuple[Path, 
     local = Path(ref).expanduser()
     if local.exists():
         return _find_scorer(local), Lineage(source=ref)
-    tracking = _uri(uri)
+    tracking = uri_or_default(uri)
     if not ref.startswith(("models:/", "runs:/")):
         if "@" in ref and "/" not in ref:  # NAME@ALIAS shorthand
             ref = f"models:/{ref}"
@@ -180,12 +179,12 @@ def _fetch(ref: str, dst: str | Path, *, uri: str | None = None) -> tuple[Path, 
             raise FileNotFoundError(f"{ref!r} is neither a file nor a models:/ or runs:/ URI")
     given = ref
     if ref.startswith("runs:/"):
-        ref = _resolve_run_ref(_client(uri), ref)
+        ref = _resolve_run_ref(tracking_client(tracking), ref)
     claim_output(dst, FETCHED_KIND, overwrite=True)  # ours (re-fetched) or new; never a folder stence did not write
-    ref, lineage = _pin_version(_client(uri), ref)
+    ref, lineage = _pin_version(tracking_client(tracking), ref)
     run_id = lineage.run_id or (given[len("runs:/"):].split("/", 1)[0] if given.startswith("runs:/") else None)
     lineage = replace(lineage, source=given, run_id=run_id)
-    with _global_tracking_uri(tracking):  # models:/ resolution ignores the explicit URIs in places
+    with global_tracking_uri(tracking):  # models:/ resolution ignores the explicit URIs in places
         out = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst), tracking_uri=tracking,
                                                   registry_uri=tracking)
     return _find_scorer(Path(out)), lineage

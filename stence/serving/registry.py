@@ -4,82 +4,47 @@ stence.serving.fetch).
 
 MLflow 3: stages are deprecated, so promotion is the alias `champion` (`models:/NAME@champion`). Every
 function takes the tracking URI explicitly (default: `resolve_tracking_uri` of the default config) and
-uses an `MlflowClient` bound to it; only `log_scorer` must briefly point MLflow's global URI at it,
-because `Model.log` has no client argument. Call these from the driver, never from Ray workers.
+uses the `MlflowClient` bound to it (stence.tracking.client); only `log_scorer` must briefly point
+MLflow's global URI at it, because `Model.log` has no client argument. Call these from the driver, never
+from Ray workers. The version tags are in stence.tracking.tags.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stence.serving.scorer import load_scorer, scorer_metadata
+from stence.tracking.client import global_tracking_uri, project_dir, tracking_client, uri_or_default
+from stence.tracking.tags import (
+    CODE_COMMIT_TAG,
+    COHORT_FINGERPRINT_TAG,
+    CONFIG_HASH_TAG,
+    INPUT_CONTRACT_TAG,
+    METRIC_HI_TAG,
+    METRIC_INTERVAL_TAG,
+    METRIC_LO_TAG,
+    METRIC_TAG,
+    METRIC_VALUE_TAG,
+    PROMOTION_TAG,
+    SEED_TAG,
+    SWEEP_TAG,
+    TASK_TAG,
+)
 
 REGISTERED_MODEL = "stence-ecg-encoder"  # the default of `tracking.registered_model`
 CHAMPION = "champion"
 SCORER_FILE = "scorer.pt"
 MODEL_TYPE = "stence-scorer"
 
-# Model-version tags (the champion's tags are what a candidate is compared against).
-TAG_TASK = "stence.task"
-TAG_METRIC = "stence.metric"  # e.g. "0_100/auroc": task and metric, compared as one name
-TAG_VALUE = "stence.metric_value"
-TAG_LO = "stence.metric_lo"
-TAG_HI = "stence.metric_hi"
-TAG_INTERVAL = "stence.metric_interval"  # human-readable "0.812 [0.770, 0.851]"
-TAG_COHORT = "stence.cohort_fingerprint"
-TAG_CONFIG = "stence.config_hash"
-TAG_COMMIT = "stence.code_commit"
-TAG_SEED = "stence.seed"
-TAG_CONTRACT = "stence.input_contract"  # JSON of the input spec {fs, n_samples, leads, lead_order, contract}
-TAG_SWEEP = "stence.sweep"  # the sweep the run was a trial of (same tag key as on the runs)
-TAG_DECISION = "stence.promotion"  # why the alias moved or did not
-UNKNOWN = "unknown"
-
-
-def _uri(uri: str | None) -> str:
-    if uri:
-        return uri
-    from stence.config import Config
-    from stence.train.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(Config())
-
-
-def _client(uri: str | None) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=_uri(uri), registry_uri=_uri(uri))
-
-
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking URI at `uri` for the block, then restore it (and the
-    MLFLOW_TRACKING_URI variable, which `mlflow.set_tracking_uri` also writes)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous = getattr(tracking_utils, "_tracking_uri", None)
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
+UNKNOWN = "unknown"  # a provenance tag that could not be read
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,16 +127,16 @@ def log_scorer(scorer_path: str | Path, run_id: str, uri: str, name: str = "mode
     meta = scorer_metadata(scorer_path)
     x = as_batch(example if example is not None else example_input(scorer.input_spec), scorer.input_spec)
     signature = scorer_signature(scorer.input_spec, scorer.head.n_out)
-    client = _client(uri)
+    client = tracking_client(uri)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
         run.info.experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
-        tags={TAG_TASK: str(meta["task"]), TAG_CONTRACT: contract_json(meta)},
+        tags={TASK_TAG: str(meta["task"]), INPUT_CONTRACT_TAG: contract_json(meta)},
     )
     with tempfile.TemporaryDirectory() as tmp:
         entry = Path(tmp) / "stence_scorer_model.py"
         entry.write_text(ENTRY_CODE)
-        with _global_tracking_uri(uri):
+        with global_tracking_uri(uri):
             info = Model.log(
                 artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
                 python_model=str(entry), artifacts={SCORER_ARTIFACT: str(scorer_path)},
@@ -203,7 +168,7 @@ def cohort_fingerprint(cfg_dict: dict[str, Any]) -> str:
         return UNKNOWN
     path = Path(root)
     if not path.is_absolute():
-        path = Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd()) / path
+        path = project_dir() / path
     try:
         return str(json.loads((path / "cohort.json").read_text())["fingerprint"]) or UNKNOWN
     except (OSError, ValueError, KeyError):
@@ -236,18 +201,18 @@ def scorer_version_tags(meta: dict[str, Any], metric: str = "auroc", cohort: str
     value = float(metrics[metric])
     lo, hi = float(metrics.get(f"{metric}_lo", math.nan)), float(metrics.get(f"{metric}_hi", math.nan))
     tags = {
-        TAG_TASK: str(meta["task"]),
-        TAG_METRIC: f"{meta['task']}/{metric}",
-        TAG_VALUE: repr(value), TAG_LO: repr(lo), TAG_HI: repr(hi),
-        TAG_INTERVAL: f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]",
-        TAG_COHORT: cohort or cohort_fingerprint(cfg),
-        TAG_CONFIG: _config_hash(cfg),
-        TAG_COMMIT: commit or code_commit(),
-        TAG_SEED: str((cfg.get("train") or {}).get("seed", UNKNOWN)),
-        TAG_CONTRACT: contract_json(meta),
+        TASK_TAG: str(meta["task"]),
+        METRIC_TAG: f"{meta['task']}/{metric}",
+        METRIC_VALUE_TAG: repr(value), METRIC_LO_TAG: repr(lo), METRIC_HI_TAG: repr(hi),
+        METRIC_INTERVAL_TAG: f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]",
+        COHORT_FINGERPRINT_TAG: cohort or cohort_fingerprint(cfg),
+        CONFIG_HASH_TAG: _config_hash(cfg),
+        CODE_COMMIT_TAG: commit or code_commit(),
+        SEED_TAG: str((cfg.get("train") or {}).get("seed", UNKNOWN)),
+        INPUT_CONTRACT_TAG: contract_json(meta),
     }
     if sweep:
-        tags[TAG_SWEEP] = sweep
+        tags[SWEEP_TAG] = sweep
     return tags
 
 
@@ -266,7 +231,7 @@ def register(model_uri: str, name: str, tags: dict[str, Any] | None = None, *, u
     (`models:/<model_id>` from `log_scorer`, or `runs:/<run_id>/<path>`); returns the version."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    client = tracking_client(uri)
     try:
         client.create_registered_model(name, description="StenCE ECG scorers (encoder + stenosis head)")
     except MlflowException as e:
@@ -278,7 +243,8 @@ def register(model_uri: str, name: str, tags: dict[str, Any] | None = None, *, u
         run_id = client.get_logged_model(model_id).source_run_id
     elif model_uri.startswith("runs:/"):
         run_id = model_uri[len("runs:/"):].split("/", 1)[0]
-    with _global_tracking_uri(_uri(uri)):  # the registry store resolves `models:/<id>` sources globally
+    # the registry store resolves `models:/<id>` sources through the global URI
+    with global_tracking_uri(uri_or_default(uri)):
         mv = client.create_model_version(name, source=model_uri, run_id=run_id,
                                          tags={k: str(v) for k, v in (tags or {}).items()}, model_id=model_id)
     return str(mv.version)
@@ -299,14 +265,14 @@ def decide_promotion(champion: dict[str, str] | None, champion_version: str | No
     if champion is None:
         return True, "first version: no champion yet"
     cv = f"v{champion_version}"
-    if champion.get(TAG_METRIC) != metric_name:
-        return False, f"{cv} was scored on {champion.get(TAG_METRIC)!r}, this version on {metric_name!r}"
-    theirs = champion.get(TAG_COHORT, UNKNOWN)
+    if champion.get(METRIC_TAG) != metric_name:
+        return False, f"{cv} was scored on {champion.get(METRIC_TAG)!r}, this version on {metric_name!r}"
+    theirs = champion.get(COHORT_FINGERPRINT_TAG, UNKNOWN)
     if cohort == UNKNOWN or theirs == UNKNOWN:
         return False, f"cohort fingerprint unknown (this: {cohort}, {cv}: {theirs}): cannot compare"
     if cohort != theirs:
         return False, f"different cohort: {cohort} vs {theirs} of {cv}; metrics are not comparable"
-    best = _tag_float(champion, TAG_VALUE)
+    best = _tag_float(champion, METRIC_VALUE_TAG)
     mine, what = (lo, "lower bound") if strict else (value, "value")
     if not math.isfinite(mine):
         return False, f"{metric_name} {what} is undefined"
@@ -320,7 +286,7 @@ def champion_version(name: str, *, uri: str | None = None, alias: str = CHAMPION
     from mlflow.exceptions import MlflowException
 
     try:
-        return _client(uri).get_model_version_by_alias(name, alias)
+        return tracking_client(uri).get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
@@ -330,10 +296,10 @@ def promote_if_better(name: str, version: str, metric_name: str, value: float, l
                       alias: str = CHAMPION) -> bool:
     """Move `alias` to `version` when it beats the current holder (see `decide_promotion`); a first
     version always gets it. The candidate's metric/cohort tags and the decision are written on it."""
-    client = _client(uri)
+    client = tracking_client(uri)
     version = str(version)
-    candidate = {TAG_METRIC: metric_name, TAG_VALUE: repr(float(value)), TAG_LO: repr(float(lo)),
-                   TAG_COHORT: cohort_fingerprint}
+    candidate = {METRIC_TAG: metric_name, METRIC_VALUE_TAG: repr(float(value)), METRIC_LO_TAG: repr(float(lo)),
+                   COHORT_FINGERPRINT_TAG: cohort_fingerprint}
     for k, v in candidate.items():
         client.set_model_version_tag(name, version, k, v)
     current = champion_version(name, uri=uri, alias=alias)
@@ -347,15 +313,15 @@ def promote_if_better(name: str, version: str, metric_name: str, value: float, l
         client.set_registered_model_alias(name, alias, version)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     verdict = "promoted to" if ok else "not promoted to"
-    client.set_model_version_tag(name, version, TAG_DECISION, f"{verdict} {alias}: {why} ({stamp})")
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{verdict} {alias}: {why} ({stamp})")
     return ok
 
 
 def set_alias(name: str, version: str, alias: str = CHAMPION, *, uri: str | None = None) -> None:
     """Move `alias` to `version` unconditionally (a deliberate override by hand)."""
-    client = _client(uri)
+    client = tracking_client(uri)
     client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), TAG_DECISION,
+    client.set_model_version_tag(name, str(version), PROMOTION_TAG,
                                  f"{alias} set by hand ({time.strftime('%Y-%m-%dT%H:%M:%S')})")
 
 
@@ -363,7 +329,7 @@ def list_models(name: str, *, uri: str | None = None) -> list[dict[str, Any]]:
     """Versions of `name`, newest first: version, aliases, metric (with interval), created, run id, ..."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    client = tracking_client(uri)
     try:
         aliases = dict(client.get_registered_model(name).aliases or {})  # alias -> version
     except MlflowException:
@@ -371,15 +337,15 @@ def list_models(name: str, *, uri: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for mv in client.search_model_versions(f"name = '{name}'"):
         tags = dict(mv.tags or {})
-        metric = tags.get(TAG_METRIC, "")
+        metric = tags.get(METRIC_TAG, "")
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
-            "metric": f"{metric} {tags.get(TAG_INTERVAL, tags.get(TAG_VALUE, ''))}".strip(),
+            "metric": f"{metric} {tags.get(METRIC_INTERVAL_TAG, tags.get(METRIC_VALUE_TAG, ''))}".strip(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mv.creation_timestamp / 1000)),
             "run_id": mv.run_id or "",
-            "cohort": tags.get(TAG_COHORT, ""),
-            "decision": tags.get(TAG_DECISION, ""),
+            "cohort": tags.get(COHORT_FINGERPRINT_TAG, ""),
+            "decision": tags.get(PROMOTION_TAG, ""),
         })
     return sorted(rows, key=lambda r: -r["version"])
 

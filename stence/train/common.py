@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from stence.config import Config, from_dict
-from stence.train.tracking import NullTracker, Tracker, tracker_for_loop
+from stence.tracking.runs import NullTracker, Tracker, tracker_for_loop
 from stence.train.worker import WorkerInfo, all_gather_arrays, seed_everything, worker_info
 
 

@@ -13,10 +13,10 @@ import math
 import os
 import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from stence.config import Config, ConfigError, to_dict
+from stence.tracking.client import project_dir
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def absolute_storage(path: str) -> str:
     directory, which inside a Tune trial is the original working directory, not the trial's."""
     if "://" in path:
         return path
-    base = Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd())
-    return str((base / path).resolve())
+    return str((project_dir() / path).resolve())
 
 
 def run_name_for(cfg: Config, stage: str, run_name: str | None = None) -> str:

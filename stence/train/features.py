@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stence.config import Config, to_dict
 from stence.data.cohort_io import Cohort
 from stence.data.feature_store import FeatureStore
+from stence.data.frame_augment import augment_frames
 from stence.outputs import claim_output
 
 
@@ -55,16 +56,6 @@ FEATURES_KIND = "features"  # output kind in the ownership marker (stence/output
 
 def features_dir(cohort: Cohort, cfg: Config) -> Path:
     return cohort.root / "features" / feature_key(cohort, cfg)
-
-
-def augment_frames(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(N, H, W) in [0, 1] -> augmented copy: gamma, contrast, noise and a small translation."""
-    x = np.clip(frames, 0, 1) ** rng.uniform(0.8, 1.25)
-    x = (x - x.mean()) * rng.uniform(0.85, 1.15) + x.mean()
-    x = x + rng.normal(0, 0.02, size=x.shape)
-    shift = rng.integers(-2, 3, size=2)
-    x = np.roll(x, tuple(int(s) for s in shift), axis=(-2, -1))
-    return np.clip(x, 0, 1).astype(np.float32)
 
 
 class FrameEncoderActor:

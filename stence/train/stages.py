@@ -15,16 +15,11 @@ import numpy as np
 
 from stence.config import Config, to_dict
 from stence.outputs import MARKER, claim_output
+from stence.tracking.client import resolve_tracking_uri, run_spool
+from stence.tracking.lineage import log_cohort_input
+from stence.tracking.runs import Tracker, loop_tracking, start_run
+from stence.tracking.tags import ENCODER_PATH_TAG, SPOOL_TAG, STAGE_TAG
 from stence.train.driver import absolute_storage, fit, run_name_for, tune_trial_id
-from stence.train.tracking import (
-    SPOOL_TAG,
-    Tracker,
-    loop_tracking,
-    resolve_tracking_uri,
-    run_spool,
-    start_run,
-)
-from stence.train.tracking_lineage import log_cohort_input
 from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
 
 
@@ -57,7 +52,7 @@ def _tracker(cfg: Config, run_id: str | None, run_name: str, stage: str,
         run = _Run(uri, run_id, False, spool)
         run.tracker().set_tags({SPOOL_TAG: spool})
         return run
-    run_id = start_run(cfg, run_name, parent_run_id=parent_run_id, tags={"stence.stage": stage}, spool=spool)
+    run_id = start_run(cfg, run_name, parent_run_id=parent_run_id, tags={STAGE_TAG: stage}, spool=spool)
     return _Run(uri, run_id, True, spool)
 
 
@@ -180,7 +175,7 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         if run.run_id:
             t = run.tracker()
             t.log_metrics({f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}, step=0)
-            t.set_tags({"stence.encoder_path": str(out / "encoder.pt")})
+            t.set_tags({ENCODER_PATH_TAG: str(out / "encoder.pt")})
         ok = True
         return {"checkpoint": str(out / "stence.pt"), "encoder": str(out / "encoder.pt"), "metrics": best,
                 "run_id": run.run_id}

@@ -2,7 +2,7 @@
 SIGKILLed, a machine lost), so nothing will ever end them.
 
 The rule (never end a run whose driver is alive):
-  * a RUNNING run whose recorded driver (`stence.driver`, see tracking_owner.py) is on this host and no longer
+  * a RUNNING run whose recorded driver (`stence.driver`, see owner.py) is on this host and no longer
     runs is orphaned;
   * a run whose driver is alive is never touched;
   * a run whose driver cannot be checked from here (another host, or a run from before drivers were
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stence.train.tracking import SPOOL_TAG, run_status, search_runs_by
-from stence.train.tracking_owner import DRIVER_TAG, driver_alive
-from stence.train.tracking_replay import replay
-from stence.train.tracking_spool import HEARTBEAT_TAG, pending_records
-
-REPAIRED_TAG = "stence.repaired"  # why `stence runs repair` ended the run
+from stence.tracking.client import tracking_client
+from stence.tracking.owner import driver_alive
+from stence.tracking.replay import replay
+from stence.tracking.runs import run_status, search_runs_by
+from stence.tracking.spool import pending_records
+from stence.tracking.tags import DRIVER_TAG, HEARTBEAT_TAG, REPAIRED_TAG, SPOOL_TAG
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,9 @@ def replay_spools(runs: list[Any]) -> dict[str, str]:
 def end_orphans(uri: str, orphans: list[Verdict], status_for: Callable[[Any], str],
                 dry_run: bool = False) -> list[Repair]:
     """Replay the orphans' spools, then end those still RUNNING with `status_for(run)`."""
-    import mlflow
-
     if not dry_run:
         replay_spools([v.run for v in orphans])
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     done = []
     for v in orphans:
         run_id, name = v.run.info.run_id, v.run.info.run_name
@@ -113,5 +111,5 @@ def end_orphans(uri: str, orphans: list[Verdict], status_for: Callable[[Any], st
     return done
 
 
-__all__ = ["REPAIRED_TAG", "Repair", "Verdict", "end_orphans", "find_orphans", "judge", "last_activity_s",
+__all__ = ["Repair", "Verdict", "end_orphans", "find_orphans", "judge", "last_activity_s",
            "replay_spools"]

@@ -25,7 +25,7 @@ duplicates a step; params and tags are set again, and a status may be made condi
 RUNNING. The file is truncated once nothing is pending.
 Appends and rewrites hold an flock on the file; a replay holds an flock on a hidden sibling, so two processes
 (a Ray Train worker and its driver) never replay the same lines at once. This module is the file; the
-replays and the background writer are in tracking_replay.py.
+replays are in replay.py, the background writer in writer.py.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ SPOOL_NAME = "mlflow_spool.jsonl"  # in the run's folder (<storage>/<run name>/)
 DEADLINE_S = 10.0  # a caller waits at most this long for its call while the store is healthy
 CLOSE_WAIT_S = 30.0  # end of a run: how long to wait for the last replay
 FLUSH_LOCK_WAIT_S = 60.0  # a replay waits this long for another process's replay of the same file
-HEARTBEAT_TAG = "stence.heartbeat"  # unix seconds of the latest metrics: `stence runs repair --older-than`
 
 
 def replay_command(path: Path | str) -> str:
@@ -145,7 +144,6 @@ __all__ = [
     "CLOSE_WAIT_S",
     "DEADLINE_S",
     "FLUSH_LOCK_WAIT_S",
-    "HEARTBEAT_TAG",
     "SPOOL_NAME",
     "append_records",
     "compact",

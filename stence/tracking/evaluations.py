@@ -20,15 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from stence.config import Config
-from stence.train.tracking import Tracker, resolve_tracking_uri, start_run
-from stence.train.tracking_lineage import log_cohort_input
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.lineage import log_cohort_input
+from stence.tracking.runs import Tracker, start_run
+from stence.tracking.tags import (
+    COHORT_TAG,
+    COMPARED_PREFIX,
+    COMPARED_TAG,
+    ENCODER_TAG,
+    LABEL_TAG,
+    MODE_TAG,
+    STAGE_TAG,
+)
 
 log = logging.getLogger(__name__)
 
-STAGE_TAG = "stence.stage"
-EVALUATION, COMPARISON = "evaluation", "comparison"
-LABEL_TAG, MODE_TAG, ENCODER_TAG, COHORT_TAG = "stence.label", "stence.mode", "stence.encoder", "stence.cohort"
-COMPARED_TAG = "stence.compared_runs"  # JSON list of the evaluation run ids a comparison compared
+EVALUATION, COMPARISON = "evaluation", "comparison"  # values of the stage tag
 RESULT_FILES = ("results.json", "results.md", "fig2_auroc_vs_threshold.png", "delong.json")
 
 
@@ -120,7 +127,7 @@ def log_comparison(cfg: Config, results: Mapping[str, Any], out_dir: Path, name:
         return None
     compared = evaluation_runs(results)
     tags: dict[str, Any] = {STAGE_TAG: COMPARISON, COMPARED_TAG: json.dumps(list(compared.values())),
-                            **{f"stence.compared.{_slug(label, 60)}": rid for label, rid in compared.items()}}
+                            **{f"{COMPARED_PREFIX}{_slug(label, 60)}": rid for label, rid in compared.items()}}
     run_name = name or "compare-" + "-vs-".join(_slug(label, 16) for label in results)[:80]
     try:
         run_id = start_run(cfg, run_name, parent_run_id=parent_run_id, tags=tags)
@@ -128,6 +135,7 @@ def log_comparison(cfg: Config, results: Mapping[str, Any], out_dir: Path, name:
         log.warning("MLflow: the comparison is not logged (%s: %s); its files are in %s", type(e).__name__, e,
                     out_dir)
         return None
+    _log_cohort(cfg, run_id, "test")  # the test rows the compared models were scored on
     t = Tracker(resolve_tracking_uri(cfg), run_id)
     for f in [*(out_dir / n for n in RESULT_FILES), *extra_files]:
         if Path(f).is_file():
@@ -136,5 +144,5 @@ def log_comparison(cfg: Config, results: Mapping[str, Any], out_dir: Path, name:
     return run_id
 
 
-__all__ = ["COMPARED_TAG", "describe_encoder", "evaluation_runs", "finish_evaluation", "log_comparison",
+__all__ = ["COMPARISON", "EVALUATION", "describe_encoder", "evaluation_runs", "finish_evaluation", "log_comparison",
            "start_evaluation"]

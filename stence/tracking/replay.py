@@ -1,6 +1,6 @@
-"""Replaying spool files to MLflow (see tracking_spool.py for the format), by hand (`replay`, behind
-`stence runs replay`) or from the background thread of a `SpoolWriter`, the one per spool file and process
-that every Tracker writing to that file shares.
+"""Replaying spool files to MLflow (see spool.py for the format), by hand (`replay`, behind
+`stence runs replay`) or from the background thread of a `SpoolWriter` (writer.py), the one per spool file
+and process that every Tracker writing to that file shares.
 
 A replay applies the pending records in order and acknowledges each. An error a retry cannot fix (the store
 refused the value, the run was deleted) drops the record; any other (the store is unreachable, locked or
@@ -13,23 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from stence.train.tracking_spool import (
-    FLUSH_LOCK_WAIT_S,
-    HEARTBEAT_TAG,
-    append_records,
-    compact,
-    pending_records,
-    replay_command,
-    replay_lock,
-)
+from stence.tracking.client import tracking_client
+from stence.tracking.spool import FLUSH_LOCK_WAIT_S, append_records, compact, pending_records, replay_lock
+from stence.tracking.tags import HEARTBEAT_TAG
 
 logger = logging.getLogger("stence.tracking")
 
@@ -54,7 +45,6 @@ _PERMANENT = {
 # applying records to MLflow
 
 
-_CLIENTS: dict[str, Any] = {}
 _ENV_LOCK = threading.Lock()
 _ENV_USERS = [0, {}]  # [replays running, values replaced]
 
@@ -77,14 +67,6 @@ def bounded_http() -> Iterator[None]:
                 for k in _ENV_USERS[1]:
                     os.environ.pop(k, None)
                 _ENV_USERS[1] = {}
-
-
-def _client(uri: str) -> Any:
-    if uri not in _CLIENTS:
-        import mlflow
-
-        _CLIENTS[uri] = mlflow.MlflowClient(tracking_uri=uri)
-    return _CLIENTS[uri]
 
 
 def is_permanent(err: BaseException) -> bool:
@@ -116,7 +98,7 @@ class _Applier:
     def _steps(self, uri: str, run_id: str, key: str) -> set[int]:
         k = (uri, run_id, key)
         if k not in self.known:
-            self.known[k] = {int(m.step) for m in _client(uri).get_metric_history(run_id, key)}
+            self.known[k] = {int(m.step) for m in tracking_client(uri).get_metric_history(run_id, key)}
         return self.known[k]
 
     def metrics(self, uri: str, run_id: str, records: list[dict], stats: ReplayStats) -> None:
@@ -137,7 +119,7 @@ class _Applier:
                 batch.append(Metric(key, float(value), int(ts), int(step)))
         if not batch:
             return
-        client = _client(uri)
+        client = tracking_client(uri)
         beat = [RunTag(HEARTBEAT_TAG, str(max(int(r["ts"]) for r in records) // 1000))]
         for i in range(0, len(batch), _MAX_METRICS):
             client.log_batch(run_id, metrics=batch[i : i + _MAX_METRICS], tags=beat if i == 0 else [])
@@ -148,7 +130,7 @@ class _Applier:
     def one(self, rec: dict) -> None:
         from mlflow.entities import Param, RunTag
 
-        client, run_id, op = _client(rec["uri"]), rec["run_id"], rec["op"]
+        client, run_id, op = tracking_client(rec["uri"]), rec["run_id"], rec["op"]
         if op == "params":
             items = [Param(k, v) for k, v in rec["params"].items()]
             for i in range(0, len(items), _MAX_ITEMS):
@@ -238,140 +220,11 @@ def replay(path: Path | str, wait_s: float = FLUSH_LOCK_WAIT_S) -> ReplayStats:
     return stats
 
 
-# ---------------------------------------------------------------------------------------------------
-# the background writer: one per spool file and process
-
-
-class SpoolWriter:
-    """Appends records to one spool file and replays them from a background thread (one at a time)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.cond = threading.Condition()  # guards running/finished; appends happen under it too
-        self.running = False  # a replay thread is working through the file
-        self.finished: set[str] = set()  # ids applied or dropped by this process's replays
-        self.degraded = ""  # the error that made tracking degraded ("" while healthy)
-        self.errors: dict[str, BaseException] = {}  # permanent failures by record id, for waiting callers
-        self.known: dict[tuple[str, str, str], set[int]] = {}  # steps the store has, per (uri, run, key)
-        self.first_try: set[str] = set()  # ids submitted here and not tried yet
-
-    def _start(self) -> None:
-        self.running = True
-        threading.Thread(target=self._run, name="stence-tracking", daemon=True).start()
-
-    def submit(self, record: dict) -> None:
-        """Append `record` and make sure a replay runs. A spool that cannot be written (a read-only folder)
-        moves to the temporary folder, with a warning: tracking must not fail training either."""
-        with self.cond:
-            try:
-                append_records(self.path, [record])
-            except OSError as e:
-                moved = Path(tempfile.gettempdir()) / "stence-spool" / f"{os.getpid()}-{self.path.parent.name}"
-                logger.warning("tracking: cannot write the spool %s (%s); buffering to %s instead", self.path, e,
-                               moved / self.path.name)
-                self.path = moved / self.path.name
-                append_records(self.path, [record])
-            self.first_try.add(record["id"])
-            if not self.running:
-                self._start()
-
-    def kick(self) -> None:
-        """Start a replay of whatever is pending (written by this process or another), unless one runs."""
-        with self.cond:
-            if not self.running and pending_records(self.path):
-                self._start()
-
-    def wait_for(self, record_id: str, timeout_s: float) -> bool:
-        """Wait until the replay has applied (or dropped) `record_id`; False if it failed or timed out."""
-        deadline = time.monotonic() + timeout_s
-        with self.cond:
-            while record_id not in self.finished:
-                left = deadline - time.monotonic()
-                if not self.running:
-                    return False
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            else:
-                self.finished.discard(record_id)
-                return True
-        self._degrade(f"the tracking store did not answer within {timeout_s:.0f} s")
-        return False
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no replay runs; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        with self.cond:
-            while self.running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
-
-    def _done(self, ids: list[str]) -> None:
-        with self.cond:
-            self.finished.update(ids)
-            self.cond.notify_all()
-
-    def _run(self) -> None:
-        stats = ReplayStats()
-        try:
-            with replay_lock(self.path, FLUSH_LOCK_WAIT_S) as held:
-                if not held:
-                    return  # another process replays this file: it takes our lines too
-                with bounded_http():
-                    while True:
-                        if not replay_pending(self.path, self.known, stats, self.errors, self._done,
-                                              self.first_try):
-                            self._degrade(stats.error)
-                            return
-                        with self.cond:  # stop only if nothing was appended meanwhile (atomic with submit)
-                            if not pending_records(self.path):
-                                compact(self.path)
-                                self.running = False
-                                self.cond.notify_all()
-                                break
-            if self.degraded:
-                logger.warning("tracking recovered: replayed %d buffered items from %s", stats.applied, self.path)
-                self.degraded = ""
-        except Exception as e:  # noqa: BLE001 - a replay thread must never take training down
-            self._degrade(f"{type(e).__name__}: {e}")
-        finally:
-            with self.cond:
-                self.running = False
-                self.cond.notify_all()
-
-    def _degrade(self, error: str) -> None:
-        first = not self.degraded
-        self.degraded = error or "unknown error"
-        if first:
-            n = len(pending_records(self.path))
-            logger.warning("tracking degraded: %s; buffered %d items to %s (training goes on; retried at the "
-                           "next epoch; if they remain, run: %s)", self.degraded, n, self.path,
-                           replay_command(self.path))
-
-
-_WRITERS: dict[Path, SpoolWriter] = {}
-_WRITERS_LOCK = threading.Lock()
-
-
-def writer_for(path: Path | str) -> SpoolWriter:
-    """The process's writer of a spool file (shared by every tracker writing to it)."""
-    p = Path(path).resolve()
-    with _WRITERS_LOCK:
-        if p not in _WRITERS:
-            _WRITERS[p] = SpoolWriter(p)
-        return _WRITERS[p]
-
-
 __all__ = [
     "HTTP_BOUNDS",
     "ReplayStats",
-    "SpoolWriter",
     "bounded_http",
     "is_permanent",
     "replay",
     "replay_pending",
-    "writer_for",
 ]

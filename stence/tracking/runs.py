@@ -1,9 +1,8 @@
-"""MLflow tracking with explicit run ids: one writer (rank 0), a null tracker everywhere else.
+"""MLflow runs with explicit run ids: one writer (rank 0), a null tracker everywhere else.
 
 No fluent `mlflow.start_run()` global state: the driver creates runs with `start_run` and hands their
 ids to the workers, which log through `open_tracker(uri, run_id, rank)`. Nothing is read or opened at
-import time. URIs are always absolute because Ray Tune and Ray Train change the working directory of
-trials and workers.
+import time. Where runs go (URIs, spools) is stence/tracking/client.py.
 """
 
 from __future__ import annotations
@@ -14,93 +13,20 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import yaml
 
 from stence.config import Config, config_hash, flatten, to_dict
-from stence.train.tracking_owner import DRIVER_TAG, driver_identity
-from stence.train.tracking_replay import writer_for
-from stence.train.tracking_spool import (
-    CLOSE_WAIT_S,
-    DEADLINE_S,
-    HEARTBEAT_TAG,
-    SPOOL_NAME,
-    new_record,
-    pending_records,
-    replay_command,
-)
+from stence.tracking.client import artifact_location, default_spool, resolve_tracking_uri, tracking_client
+from stence.tracking.owner import driver_identity
+from stence.tracking.spool import CLOSE_WAIT_S, DEADLINE_S, new_record, pending_records, replay_command
+from stence.tracking.tags import CONFIG_HASH_TAG, DRIVER_TAG, PARENT_TAG, SPOOL_TAG
+from stence.tracking.writer import writer_for
 
 logger = logging.getLogger("stence.tracking")
 
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (the UI draws children under parents)
-RUN_NAME_TAG = "mlflow.runName"
-CONFIG_HASH_TAG = "stence.config_hash"
-SPOOL_TAG = "stence.spool"  # the spool file a run's trackers buffer to (replayed by `stence runs repair`)
 _MAX_BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch
 _MAX_PARAM_LEN = 6000
-
-
-def _project_dir() -> Path:
-    """The directory relative paths mean: the original cwd inside a Tune trial, else the cwd."""
-    return Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd())
-
-
-def _absolute_sqlite(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////abs/relative.db (a relative file moves with the cwd)."""
-    path = uri[len("sqlite:///") :]
-    if path.startswith("/") or path == ":memory:" or not path:
-        return uri
-    return "sqlite:///" + str((_project_dir() / path).resolve())
-
-
-def resolve_tracking_uri(cfg: Config) -> str:
-    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:////<project>/runs/mlflow.db."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return "sqlite:///" + str((_project_dir() / "runs" / "mlflow.db").resolve())
-    if uri.startswith("sqlite:///"):
-        return _absolute_sqlite(uri)
-    if "://" not in uri:
-        raise ValueError(
-            f"tracking URI {uri!r} has no scheme: use sqlite:////abs/path/mlflow.db or http://host:5000 "
-            "(MLflow 3 refuses a plain ./mlruns file store unless opted in)"
-        )
-    return uri
-
-
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Artifacts beside a SQLite database (<db dir>/mlartifacts/<experiment>); servers choose their own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))  # urlparse would keep "//" in front
-    return (db.parent / "mlartifacts" / experiment).as_uri()
-
-
-def default_spool(uri: str) -> Path:
-    """Spool of a tracker given none: beside a SQLite database, else <project>/runs/."""
-    if uri.startswith("sqlite:///"):
-        db = Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
-        if db.is_absolute():
-            return db.parent / SPOOL_NAME
-    return _project_dir() / "runs" / SPOOL_NAME
-
-
-def run_spool(storage_path: str, run_name: str) -> Path:
-    """The spool of a training run: in its own folder, <storage>/<run name>/ (the folder of its Ray Train
-    checkpoints). Remote storage (s3://...) cannot be appended to: <project>/runs/spool/<run name>/ then."""
-    if "://" in storage_path:
-        return _project_dir() / "runs" / "spool" / run_name / SPOOL_NAME
-    return Path(storage_path) / run_name / SPOOL_NAME
-
-
-def _client(uri: str) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=uri)
-
-
-tracking_client = _client  # public name of the client factory, for the other tracking modules (lineage)
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:
@@ -145,7 +71,7 @@ def start_run(
     `stence runs repair`, and the spool file its trackers buffer to (`spool`) for replays. Creating a run
     needs the store: unlike the Tracker calls this fails (after MLflow's own retries) when it is down."""
     uri = resolve_tracking_uri(cfg)
-    client = _client(uri)
+    client = tracking_client(uri)
     exp_id = _experiment_id(client, uri, cfg.tracking.experiment)
     all_tags = {CONFIG_HASH_TAG: config_hash(cfg), DRIVER_TAG: driver_identity(), **(tags or {})}
     if spool:
@@ -176,7 +102,7 @@ def _quote(value: str) -> str:
 
 def search_runs_by(uri: str, experiment: str, tags: dict[str, Any], status: str | None = None) -> list[Any]:
     """Runs of `experiment` carrying all `tags` (and `status`, if given), newest first."""
-    client = _client(uri)
+    client = tracking_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -198,17 +124,17 @@ def find_run_by(uri: str, experiment: str, tags: dict[str, Any]) -> str | None:
 
 def run_status(uri: str, run_id: str) -> str:
     """RUNNING / FINISHED / FAILED / KILLED."""
-    return _client(uri).get_run(run_id).info.status
+    return tracking_client(uri).get_run(run_id).info.status
 
 
 class Tracker:
     """Logs to one MLflow run by id (rank 0 only; see `open_tracker`) through the run's spool.
 
     Every call is appended to the spool file first and replayed to the store by a background thread (see
-    tracking_spool.py and tracking_replay.py). While the store answers, a call returns once applied (at most `deadline_s`), and
-    errors the store gives for good (a changed param, a deleted run) are raised as before. While it does
-    not (server down, SQLite locked), calls return at once: their lines wait in the spool, one warning says
-    tracking is degraded, and each later call retries. `close()` (and `end()`) wait a bounded time for the
+    spool.py, replay.py and writer.py). While the store answers, a call returns once applied (at most
+    `deadline_s`), and errors the store gives for good (a changed param, a deleted run) are raised as before.
+    While it does not (server down, SQLite locked), calls return at once: their lines wait in the spool, one
+    warning says tracking is degraded, and each later call retries. `close()` (and `end()`) wait a bounded time for the
     last replay and name the replay command for anything left.
     """
 
@@ -360,25 +286,17 @@ def tracker_for_loop(config: dict[str, Any], rank: int) -> Tracker | NullTracker
 
 
 __all__ = [
-    "CONFIG_HASH_TAG",
-    "DRIVER_TAG",
-    "HEARTBEAT_TAG",
-    "PARENT_TAG",
-    "SPOOL_NAME",
-    "SPOOL_TAG",
+    "LOOP_RUN_KEY",
+    "LOOP_SPOOL_KEY",
+    "LOOP_URI_KEY",
     "NullTracker",
     "Tracker",
-    "artifact_location",
     "find_run",
-    "default_spool",
     "find_run_by",
-    "search_runs_by",
     "loop_tracking",
-    "tracker_for_loop",
-    "tracking_client",
     "open_tracker",
-    "resolve_tracking_uri",
-    "run_spool",
     "run_status",
+    "search_runs_by",
     "start_run",
+    "tracker_for_loop",
 ]

@@ -13,8 +13,6 @@ import os
 import socket
 from pathlib import Path
 
-DRIVER_TAG = "stence.driver"
-
 
 def _boot_id() -> str:
     try:
@@ -74,4 +72,4 @@ def driver_alive(identity: str | None) -> bool | None:
     return not start or now == start
 
 
-__all__ = ["DRIVER_TAG", "driver_alive", "driver_identity"]
+__all__ = ["driver_alive", "driver_identity"]

@@ -22,14 +22,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from stence.train.tracking import tracking_client
+from stence.tracking.client import tracking_client
+from stence.tracking.replay import bounded_http
+from stence.tracking.tags import DATASET_CONTEXT_TAG
 
 logger = logging.getLogger("stence.tracking")
 
 DATASET_NAME = "cohort"  # name prefix of every cohort input (`cohort-train`, `cohort-train+val`, ...)
 SOURCE_TYPE = "stence_cohort"
 SOURCE_SCHEME = "cohort://"
-CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input tag (mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT)
 CONTEXTS = ("train", "val", "test", "train+val")  # the usual ones; any other non-empty word is accepted
 
 
@@ -65,13 +66,11 @@ def log_cohort_input(uri: str | None, run_id: str | None, cohort_root: str | Pat
         return False
     from mlflow.entities import DatasetInput, InputTag
 
-    from stence.train.tracking_replay import bounded_http
-
     try:
         dataset = cohort_dataset(cohort_root, context)
         with bounded_http():
             tracking_client(uri).log_inputs(
-                run_id, datasets=[DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])])
+                run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
     except Exception as e:  # noqa: BLE001 - lineage is best effort: training goes on
         # the cohort's location stays out of the message too: logs are shared and may be tracked
         logger.warning("tracking degraded: the %s cohort input of MLflow run %s was not logged (%s: %s)",
@@ -88,4 +87,4 @@ def _without_path(text: str, root: str | Path) -> str:
     return text
 
 
-__all__ = ["CONTEXTS", "CONTEXT_TAG", "DATASET_NAME", "SOURCE_TYPE", "cohort_dataset", "log_cohort_input"]
+__all__ = ["CONTEXTS", "DATASET_NAME", "SOURCE_TYPE", "cohort_dataset", "log_cohort_input"]
