@@ -25,6 +25,7 @@ demo: install
 
 test: install
 	bash cluster/ci_install.sh
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -36,6 +37,7 @@ test-cluster: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) -m bench.run_all

@@ -1,7 +1,7 @@
 """Sweep efficiency: Optuna TPE + ASHA against random search, at an equal budget of trial-epochs.
 
 Both arms sweep the same space (tune/space_files/default.yaml) over the real StenCE pretraining driver
-(`stence.train.stages.run_pretrain`: every trial a Ray Train run, the kNN validation AUROC reported once
+(`stence.pipelines.pretrain.run_pretrain`: every trial a Ray Train run, the kNN validation AUROC reported once
 per epoch) on the synthetic cohort, through the same `tune.sweep.run_sweep` code path:
 
   random     Optuna RandomSampler, no early stopping: every trial runs --epochs epochs
@@ -177,8 +177,8 @@ def run_arm(arm: str, cfg: Any, *, space: str, budget: int, epochs: int, trials_
             max_concurrent: int, reduction_factor: float, n_startup: int,
             name: str) -> dict[str, Any]:  # fmt: skip
     """One sweep limited to `budget` trial-epochs; its results in arrival order and a summary."""
+    from stence.pipelines.pretrain import run_pretrain
     from stence.train.pretrain_loop import KNN_METRIC
-    from stence.train.stages import run_pretrain
     from tune.budget import ResultLog, TrialEpochBudget
     from tune.sweep import run_sweep
 

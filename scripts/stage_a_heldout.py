@@ -25,7 +25,7 @@ from stence.data.ingest import ingest
 from stence.data.synth import SynthConfig, write_cohort
 from stence.eval.metrics import auroc
 from stence.models.angio_e2e import AngioEndToEnd, load_stage_a_export
-from stence.train.stages import run_angio
+from stence.pipelines.angio import run_angio
 
 MAJOR_SEGMENTS = (1, 2, 3, 5, 6, 7, 11, 13)
 DEMO_SALT = "demo-site-secret-change-me"  # scripts/demo.sh's default: the salt decides the split

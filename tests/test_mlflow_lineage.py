@@ -23,13 +23,14 @@ from stence.data.cohort_io import Cohort
 from stence.data.contract import echoingecg_contract
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
+from stence.models.scorer import load_scorer, save_scorer, scorer_metadata
+from stence.pipelines import angio as angio_pipeline
+from stence.pipelines import pretrain as pretrain_pipeline
 from stence.serving import registry as reg
 from stence.serving.pyfunc import INPUT_NAME, scorer_signature
-from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.tracking.client import tracking_client
 from stence.tracking.lineage import SOURCE_TYPE, log_cohort_input
 from stence.tracking.tags import DATASET_CONTEXT_TAG, INPUT_CONTRACT_TAG
-from stence.train import stages
 from tests.ray_fixture import shared_mlflow_db
 
 EXPERIMENT = "lineage-test"
@@ -139,12 +140,13 @@ def test_stage_runs_log_their_cohort(stage: str, cohort: Path, mlflow_db: str, t
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`run_pretrain` / `run_angio` (single commands, and sweep trials, which hand in their run id) log the
     cohort as train+val before training; the run is real, only `fit` (and feature extraction) is cut."""
-    monkeypatch.setattr(stages, "fit", _no_training)
-    monkeypatch.setattr(stages, "_features", lambda cfg: str(tmp_path / "features"))
+    pipeline = pretrain_pipeline if stage == "pretrain" else angio_pipeline
+    monkeypatch.setattr(pipeline, "fit", _no_training)
+    monkeypatch.setattr(pipeline, "features_dir", lambda cfg: str(tmp_path / "features"))
     cfg = apply_overrides(Config(), {"tracking.uri": mlflow_db, "tracking.experiment": EXPERIMENT,
                                      "data.cohort": str(cohort), "train.storage_path": str(tmp_path / "ray"),
                                      "train.name": f"wiring-{stage}", "train.workers": 0})
-    run_fn = stages.run_pretrain if stage == "pretrain" else stages.run_angio
+    run_fn = pipeline.run_pretrain if stage == "pretrain" else pipeline.run_angio
     with pytest.raises(_Stop):
         run_fn(cfg)  # starts its own run
     client = tracking_client(mlflow_db)

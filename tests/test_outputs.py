@@ -224,7 +224,8 @@ def test_probe_refuses_a_bad_out_before_training(tmp_path: Path, capsys) -> None
 
 def test_exports_reuse_their_own_folder_and_refuse_a_foreign_one(tmp_path: Path) -> None:
     from stence.config import Config
-    from stence.train.stages import EXPORT_KIND, _output_dir
+    from stence.pipelines.stage_runs import EXPORT_KIND
+    from stence.pipelines.stage_runs import output_dir as _output_dir
 
     cfg = Config()
     cfg = replace(cfg, train=replace(cfg.train, storage_path=str(tmp_path / "ray")))

@@ -20,9 +20,9 @@ from stence.cli import main
 from stence.config import STANDARD_LEADS, Config, to_dict
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
+from stence.models.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.serving import registry as reg
 from stence.serving.predict import NO_RECORDS, expand_records, predict_records
-from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.tracking.client import global_tracking_uri
 from stence.tracking.tags import METRIC_TAG
 from tests.ray_fixture import shared_mlflow_db

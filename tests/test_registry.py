@@ -27,10 +27,10 @@ from stence.cli import main
 from stence.config import Config, config_hash, to_dict
 from stence.models.heads import ClassifierHead
 from stence.models.registry import create_ecg_encoder
+from stence.models.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.serving import registry as reg
 from stence.serving.fetch import load_champion
 from stence.serving.predict import predict_records, prepare_record, preprocessing_for
-from stence.serving.scorer import load_scorer, save_scorer, scorer_metadata
 from stence.tracking.runs import Tracker, start_run
 from stence.tracking.tags import (
     CODE_COMMIT_TAG,

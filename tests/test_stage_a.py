@@ -194,7 +194,7 @@ def _predict(export: Path, cohort: Path, splits: tuple[str, ...]) -> tuple[np.nd
 
 @pytest.fixture(scope="module")
 def stage_a(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from stence.train.stages import run_angio
+    from stence.pipelines.angio import run_angio
 
     cfg = _stage_a_cfg(small_cohort, tmp_path_factory.mktemp("storage"), **{"optim.epochs": 40})
     t0 = time.monotonic()
@@ -267,7 +267,7 @@ def test_demo_cohort_stage_a(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     """
     from stence.data.ingest import ingest
     from stence.data.synth import SynthConfig, write_cohort
-    from stence.train.stages import run_angio
+    from stence.pipelines.angio import run_angio
 
     write_cohort(tmp_path / "raw", SynthConfig.preset("demo", echonext=0))  # corrupt files change nothing
     monkeypatch.setenv("STENCE_SALT", "demo-site-secret-change-me")  # scripts/demo.sh's: the salt decides the split

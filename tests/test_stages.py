@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from stence.config import Config, apply_overrides
-from stence.serving.scorer import load_scorer
+from stence.models.scorer import load_scorer
+from stence.pipelines.downstream import run_downstream
+from stence.pipelines.pretrain import run_pretrain
 from stence.train.features import extract_features
 from stence.train.pretrain_loop import SELECT_METRIC, smoothed
-from stence.train.stages import run_downstream, run_pretrain
 from tests.ray_fixture import shared_mlflow_db
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -26,13 +26,13 @@ import pytest
 
 from stence.cli import main
 from stence.config import Config, apply_overrides, load_config
+from stence.pipelines.pretrain import run_pretrain
 from stence.tracking.owner import driver_identity
 from stence.tracking.runs import start_run
 from stence.tracking.spool import SPOOL_NAME, append_records, new_record, pending_records
 from stence.tracking.tags import DRIVER_TAG, REPAIRED_TAG, SPOOL_TAG
 from stence.train import pretrain_loop as pretrain_module
 from stence.train.pretrain_loop import SELECT_METRIC
-from stence.train.stages import run_pretrain
 from tests.cluster_fixtures import VENV_BIN, free_port, pids_mentioning, stop_process_group, tail, wait_until
 
 REPO = Path(__file__).resolve().parents[1]

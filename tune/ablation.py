@@ -39,15 +39,15 @@ def _variants(results: Any) -> list[tuple[str, dict[str, Any]]]:
 
 
 def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | Path | None = None) -> dict:
-    """Probe each variant (its exported best encoder, `exports/pretrain-<trial id>/encoder.pt`) on `tasks`;
-    write results.json/.md, fig2_auroc_vs_threshold.png and delong.json into `out_dir` (default: the sweep
-    folder's `ablation/`), log them to the sweep's parent run. Returns the merged results."""
-    from stence.eval.compare import delong_table, paired_delong
-    from stence.eval.report import claim_results, plot_auroc_vs_threshold, write_json, write_results
+    """Probe each variant (its exported best encoder, `exports/pretrain-<trial id>/encoder.pt`) on `tasks`, one
+    evaluation run per variant under the sweep's parent; write results.json/.md, fig2_auroc_vs_threshold.png
+    and delong.json into `out_dir` (default: the sweep folder's `ablation/`) as a comparison run, and log them
+    to the sweep's parent run too. Returns the merged results."""
+    from stence.eval.report import claim_results
+    from stence.pipelines.compare import compare
+    from stence.pipelines.downstream import close_evaluation, evaluate
     from stence.tracking.client import resolve_tracking_uri
-    from stence.tracking.evaluations import finish_evaluation, log_comparison, start_evaluation
     from stence.tracking.runs import Tracker
-    from stence.train.stages import run_downstream
 
     variants = _variants(result.results)
     varied = [k for k in (variants[0][1] if variants else {}) if len({str(v[1].get(k)) for v in variants}) > 1]
@@ -66,33 +66,18 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
         ):
             reference = label
         vcfg = apply_overrides(cfg, overrides)
-        merged[label] = {}
-        # one evaluation run per variant under the sweep's parent, one nested run per task
-        evaluation = start_evaluation(vcfg, label, "probe", str(encoder), parent_run_id=result.parent_run_id)
-        for task in tasks:
-            d = replace(vcfg.downstream, mode="probe", task=task, encoder_checkpoint=str(encoder))
-            run_cfg = replace(vcfg, downstream=d, train=replace(vcfg.train, name=f"ablation-{trial_id}"))
-            out = run_downstream(run_cfg, label=label, parent_run_id=evaluation or result.parent_run_id)
-            if task in out["metrics"]:
-                merged[label][task] = {**out["metrics"][task], "run_id": out["run_id"],
-                                       "evaluation_run_id": evaluation,
-                                       "predictions": str(Path(out["out"]).resolve() / "test_predictions.npz")}
-        finish_evaluation(vcfg, evaluation, {label: merged[label]})
-    out = Path(out_dir) if out_dir else Path(result.path) / "ablation"
-    _, md = write_results(merged, claim_results(out, overwrite=True))  # the sweep's own, replaced on a re-run
-    plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png", tasks=tasks)
-    scored = {k: v for k, v in merged.items() if v}
-    if reference is not None:  # reference first: paired_delong compares the first model with the others
-        scored = {reference: scored[reference], **{k: v for k, v in scored.items() if k != reference}}
-    rows = paired_delong(scored) if len(scored) > 1 else []
-    write_json(rows, out / "delong.json")
-    if rows:
-        md.write_text(md.read_text() + "\n## Paired DeLong test and patient bootstrap against the paper's setting\n\n" + delong_table(rows) + "\n")
+        vcfg = replace(vcfg, train=replace(vcfg.train, name=f"ablation-{trial_id}"))
+        results, evaluation = evaluate(vcfg, label, "probe", str(encoder), tasks, parent_run_id=result.parent_run_id)
+        close_evaluation(vcfg, evaluation, results)
+        merged[label] = results[label]
+    if reference is not None:  # reference first: the paired tests compare the first model with the others
+        merged = {reference: merged[reference], **{k: v for k, v in merged.items() if k != reference}}
+    out = claim_results(Path(out_dir) if out_dir else Path(result.path) / "ablation", overwrite=True)
+    done = compare(cfg, merged, out, tasks=tasks, run_name="ablation-comparison", parent_run_id=result.parent_run_id,
+                   heading="Paired DeLong test and patient bootstrap against the paper's setting")
     uri = resolve_tracking_uri(cfg)
     if result.parent_run_id and uri:
         t = Tracker(uri, result.parent_run_id)
         for f in ("results.json", "results.md", "fig2_auroc_vs_threshold.png", "delong.json"):
             t.log_artifact(out / f, "ablation")
-    # and as a comparison run of its own, linked to each variant's evaluation run
-    log_comparison(cfg, merged, out, name="ablation-comparison", parent_run_id=result.parent_run_id)
-    return {"results": merged, "out": str(out), "delong": rows}
+    return {"results": merged, "out": str(out), "delong": done["delong"]}

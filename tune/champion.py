@@ -32,9 +32,10 @@ def export_best_encoder(best_checkpoint: str, cfg: Config, out_dir: Path) -> Pat
 def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: bool = False,
                   sweep_name: str = "") -> dict[str, Any]:
     """Probe, log, register and (maybe) promote the sweep's best encoder. Returns what happened."""
+    from stence.models.scorer import scorer_metadata
+    from stence.pipelines.downstream import run_downstream
+    from stence.pipelines.stage_runs import EXPORT_KIND
     from stence.serving.registry import log_scorer, promote_if_better, register, scorer_version_tags
-    from stence.serving.scorer import scorer_metadata
-    from stence.train.stages import EXPORT_KIND, run_downstream
 
     if not result.best_checkpoint:
         raise RuntimeError("the sweep produced no checkpoint to register")

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.train.stages import run_pretrain
+    from stence.pipelines.pretrain import run_pretrain
 
     out = run_pretrain(config_from_args(args))
     m = out["metrics"]

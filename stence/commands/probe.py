@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from stence.commands._common import RAW, add_config_args, add_run_args, config_from_args
@@ -59,36 +58,35 @@ def _results_out(args: argparse.Namespace, default: Path) -> tuple[Path, bool]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from stence.eval.report import (
-        RESULTS_KIND,
-        claim_results,
-        plot_auroc_vs_threshold,
-        read_results,
-        write_results,
-    )
+    from stence.eval.report import RESULTS_KIND, claim_results, read_results
     from stence.outputs import check_output
-    from stence.tracking.evaluations import log_comparison
+    from stence.pipelines.compare import compare
 
     out, overwrite = _results_out(args, Path(DEFAULT_COMPARE_OUT))
     check_output(out, RESULTS_KIND, args.compare, overwrite)  # before reading anything
     merged: dict = {}
     for f in args.compare:
         merged.update(read_results(f))
-    j, m = write_results(merged, claim_results(out, args.compare, overwrite))
-    plot_auroc_vs_threshold(merged, out / "fig2_auroc_vs_threshold.png")
-    _write_delong(merged, out, Path(m))
-    print(Path(m).read_text())
-    run_id = log_comparison(config_from_args(args), merged, out)
-    if run_id:
-        print(f"MLflow comparison run {run_id} (linked to the evaluation runs it compared)")
+    done = compare(config_from_args(args), merged, claim_results(out, args.compare, overwrite))
+    print(Path(done["md"]).read_text())
+    if done["run_id"]:
+        print(f"MLflow comparison run {done['run_id']} (linked to the evaluation runs it compared)")
     return 0
+
+
+def _print_task(label: str):
+    def report(task: str, r: dict, _out: dict) -> None:
+        if r:
+            print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
+                  f"AUPRC {r['auprc']:.3f} (n={r['n']}, positives {r['n_pos']})")
+    return report
 
 
 def _probe(args: argparse.Namespace) -> int:
     from stence.eval.report import RESULTS_KIND, claim_results, plot_auroc_vs_threshold, write_results
     from stence.outputs import check_output
-    from stence.tracking.evaluations import finish_evaluation, start_evaluation
-    from stence.train.stages import run_downstream
+    from stence.pipelines.downstream import close_evaluation, evaluate
+    from stence.train.driver import absolute_storage
 
     cfg = config_from_args(args)
     encoder = args.encoder or cfg.downstream.encoder_checkpoint
@@ -98,50 +96,21 @@ def _probe(args: argparse.Namespace) -> int:
     if encoder and not Path(encoder).exists():  # models:/NAME@ALIAS, runs:/...: fetch the registered scorer
         from stence.serving.fetch import fetch_scorer
         from stence.tracking.client import resolve_tracking_uri
-        from stence.train.driver import absolute_storage
 
         dst = Path(absolute_storage(cfg.train.storage_path)) / "fetched" / encoder.replace(":/", "_").replace("/", "_")
         encoder = str(fetch_scorer(encoder, dst, uri=resolve_tracking_uri(cfg)))
         inputs.append(encoder)
-    d = replace(cfg.downstream, mode=args.mode, encoder_checkpoint=encoder)
     label = args.label or (Path(encoder).parent.name if encoder else f"{cfg.model.ecg}-baseline")
-    results: dict = {label: {}}
-    evaluation = start_evaluation(cfg, label, args.mode, args.encoder or encoder)  # one run, a child per task
-    ok = False
-    try:
-        for task in args.tasks or [d.task]:
-            out = run_downstream(replace(cfg, downstream=replace(d, task=task)), label=label,
-                                 parent_run_id=evaluation)
-            results[label].update({k: v for k, v in out["metrics"].items() if k not in ("subgroups", "val")})
-            if task in results[label]:  # for paired tests later (`--compare`), and the runs to link there
-                results[label][task].update(
-                    predictions=str(Path(out["out"]).resolve() / "test_predictions.npz"),
-                    run_id=out["run_id"], evaluation_run_id=evaluation)
-            r = out["metrics"].get(task, {})
-            if r:
-                print(f"{label} {task}: AUROC {r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}] "
-                      f"AUPRC {r['auprc']:.3f} (n={r['n']}, positives {r['n_pos']})")
-        out_dir, overwrite = _results_out(args, Path(out["out"]).parent / f"results-{label}")
-        j, m = write_results(results, claim_results(out_dir, inputs, overwrite))
-        plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
-        ok = True
-    finally:
-        finish_evaluation(cfg, evaluation, results, out_dir if ok else None, ok=ok)
+    tasks = args.tasks or [cfg.downstream.task]
+    results, evaluation = evaluate(cfg, label, args.mode, encoder, tasks, encoder_ref=args.encoder or encoder,
+                                   report=_print_task(label))
+    default = Path(absolute_storage(cfg.train.storage_path)) / "exports" / f"results-{label}"
+    out_dir, overwrite = _results_out(args, default)
+    j, m = write_results(results, claim_results(out_dir, inputs, overwrite))
+    plot_auroc_vs_threshold(results, out_dir / "fig2_auroc_vs_threshold.png")
+    close_evaluation(cfg, evaluation, results, out_dir)
     print(f"results: {j}\n{json.dumps(str(m))}")
     if evaluation:
         print(f"MLflow evaluation run {evaluation} (one nested run per task)")
     return 0
 
-
-def _write_delong(results: dict, out: Path, md: Path) -> None:
-    """Paired tests (first model vs each other: DeLong, patient bootstrap) into delong.json and the Markdown
-    table."""
-    from stence.eval.compare import delong_table, paired_delong
-    from stence.eval.report import write_json
-
-    rows = paired_delong(results)
-    write_json(rows, out / "delong.json")
-    if rows:
-        md.write_text(md.read_text() + "\n## Paired DeLong test and patient bootstrap on the same test rows\n\n" + delong_table(rows) + "\n")
-    else:
-        md.write_text(md.read_text() + "\n(no paired DeLong test: the results name no prediction files)\n")

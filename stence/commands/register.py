@@ -59,9 +59,9 @@ def _run_for_file(cfg: Config, scorer: Path, meta: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from stence.models.scorer import scorer_metadata
     from stence.serving import registry as reg
     from stence.serving.fetch import fetch_scorer
-    from stence.serving.scorer import scorer_metadata
     from stence.tracking.client import resolve_tracking_uri, tracking_client
     from stence.tracking.tags import (
         CODE_COMMIT_TAG,

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.train.stages import run_angio
+    from stence.pipelines.angio import run_angio
 
     out = run_angio(config_from_args(args))
     m = out["metrics"]

@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     except SpaceError as e:
         print(f"stence tune: {e}", file=sys.stderr)
         return 2
+    from stence.pipelines.pretrain import run_pretrain
     from stence.train.features import extract_features
     from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
-    from stence.train.stages import run_pretrain
     from tune.sweep import run_sweep
 
     cfg = config_from_args(args)

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stence.models.scorer import Scorer, load_scorer, scorer_metadata
 from stence.outputs import claim_output
 from stence.serving.registry import SCORER_FILE
-from stence.serving.scorer import Scorer, load_scorer, scorer_metadata
 from stence.tracking.client import global_tracking_uri, tracking_client, uri_or_default
 from stence.tracking.tags import (
     CODE_COMMIT_TAG,

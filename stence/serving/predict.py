@@ -23,7 +23,7 @@ from stence.data.ecg_formats import read_ecg_file, sniff
 from stence.data.limits import Limits
 from stence.data.wfdb_io import validate_signal
 from stence.errors import BadInputError
-from stence.serving.scorer import Scorer
+from stence.models.scorer import Scorer
 
 UNEXPECTED = "unexpected_error"
 NO_RECORDS = "no_records"  # a folder argument with no ECG record (WFDB header or vendor export) under it

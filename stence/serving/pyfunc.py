@@ -116,7 +116,7 @@ class ScorerModel(mlflow.pyfunc.PythonModel):
     embedding columns `emb_<k>` with params={"output": "embedding"}, both with "all")."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from stence.serving.scorer import load_scorer
+        from stence.models.scorer import load_scorer
 
         self.scorer = load_scorer(context.artifacts[SCORER_ARTIFACT])
         self.input_spec = self.scorer.input_spec

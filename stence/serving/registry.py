@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from stence.serving.scorer import load_scorer, scorer_metadata
+from stence.models.scorer import load_scorer, scorer_metadata
 from stence.tracking.client import global_tracking_uri, project_dir, tracking_client, uri_or_default
 from stence.tracking.tags import (
     CODE_COMMIT_TAG,

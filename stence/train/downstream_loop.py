@@ -46,7 +46,7 @@ def load_downstream_encoder(cfg: Config) -> ECGEncoder:
         from stence.models.checkpoint import load_encoder
 
         if torch.load(path, map_location="cpu", weights_only=True).get("kind") == "scorer":
-            from stence.serving.scorer import load_scorer
+            from stence.models.scorer import load_scorer
 
             return load_scorer(path).encoder  # a registered model: its encoder, without the old head
         return load_encoder(path)
