@@ -6,8 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from stence.config import Config, to_dict
-from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, stage_run
-from stence.tracking.lineage import log_cohort_input
+from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, training_run
 from stence.train.driver import fit
 
 
@@ -24,8 +23,7 @@ def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     from stence.train.angio_loop import ANGIO_METRIC, angio_loop
 
     name = cfg.train.name
-    run = stage_run(cfg, run_id, f"angio-{name}", "angio")
-    log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
+    run = training_run(cfg, run_id, "angio")
     ok = False
     try:
         end_to_end = trains_frame_encoder(cfg)

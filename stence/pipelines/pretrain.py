@@ -7,8 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from stence.config import Config, to_dict
-from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, stage_run
-from stence.tracking.lineage import log_cohort_input
+from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, training_run
 from stence.tracking.tags import ENCODER_PATH_TAG
 from stence.train.driver import fit, tune_trial_id
 
@@ -21,8 +20,7 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
 
     name = cfg.train.name
-    run = stage_run(cfg, run_id, f"pretrain-{name}", "pretrain")
-    log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
+    run = training_run(cfg, run_id, "pretrain")
     ok = False
     try:
         feats = features_dir(cfg)

@@ -97,3 +97,13 @@ def features_dir(cfg: Config) -> str:
     from stence.train.features import extract_features  # Ray Data: imported only by the stages that need it
 
     return str(extract_features(cfg).root)
+
+
+def training_run(cfg: Config, run_id: str | None, stage: str) -> StageRun:
+    """The run of a training stage (`<stage>-<train.name>`), with the cohort it trains on (train, selected on
+    val) logged as its dataset input."""
+    from stence.tracking.lineage import log_cohort_input
+
+    run = stage_run(cfg, run_id, f"{stage}-{cfg.train.name}", stage)
+    log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
+    return run
