@@ -61,19 +61,16 @@ def run(args: argparse.Namespace) -> int:
     except SpaceError as e:
         print(f"stence tune: {e}", file=sys.stderr)
         return 2
-    from stence.pipelines.pretrain import run_pretrain
-    from stence.train.features import extract_features
     from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
-    from tune.sweep import run_sweep
+    from tune.pipeline import sweep_pipeline
 
     cfg = config_from_args(args)
-    if not args.resume:
-        extract_features(cfg)  # once, on the driver: trials then only open the cache
     name = args.sweep_name or f"{cfg.train.name}-{space.stem}"
-    result = run_sweep(run_pretrain, cfg, space=space, num_samples=args.num_samples,
-                       max_concurrent=args.max_concurrent, scheduler=args.scheduler, metric=SELECT_METRIC,
-                       mode="max", resume=args.resume, seed=args.seed, name=name, search=args.search,
-                       max_t=cfg.optim.epochs)
+    out = sweep_pipeline(cfg, space, name=name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                         scheduler=args.scheduler, search=args.search, seed=args.seed, resume=args.resume,
+                         tasks=args.tasks, register=not args.no_register, register_task=args.register_task,
+                         strict=args.strict)
+    result = out.result
     cols = [c for c in result.results.columns if c.startswith("config/") or c in (SELECT_METRIC, KNN_METRIC, "trial_id")]
     print(result.results[cols].to_string(index=False))
     print(f"best trial {result.best_trial_id}: {SELECT_METRIC} {result.best_metric:.3f} "
@@ -82,18 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if not result.complete:
         print("the sweep was interrupted: resume it with --resume")
         return 1
-    if space.fixed:  # the ablation: every variant's encoder probed -> table, Fig. 2, DeLong
-        from tune.ablation import ablation_report
-
-        report = ablation_report(result, cfg, args.tasks)
-        print((Path(report["out"]) / "results.md").read_text())
-        print(f"ablation table, Fig. 2 and paired DeLong tests: {report['out']}")
-    if args.no_register or not cfg.tracking.enabled:
-        return 0
-    from tune.champion import register_best
-
-    reg = register_best(result, cfg, task=args.register_task, strict=args.strict, sweep_name=name)
-    print(f"registered {reg['name']} version {reg['version']} (val AUROC {reg['val_auroc']:.3f} "
-          f"[{reg['val_auroc_lo']:.3f}, {reg['val_auroc_hi']:.3f}]); "
-          f"{'now champion' if reg['promoted'] else 'champion unchanged'}")
+    if out.ablation is not None:
+        print((Path(out.ablation["out"]) / "results.md").read_text())
+        print(f"ablation table, Fig. 2 and paired DeLong tests: {out.ablation['out']}")
+    reg = out.registration
+    if reg is not None:
+        print(f"registered {reg['name']} version {reg['version']} (val AUROC {reg['val_auroc']:.3f} "
+              f"[{reg['val_auroc_lo']:.3f}, {reg['val_auroc_hi']:.3f}]); "
+              f"{'now champion' if reg['promoted'] else 'champion unchanged'}")
     return 0

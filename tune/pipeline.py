@@ -1,0 +1,49 @@
+"""The sweep pipeline `stence tune` calls: features once on the driver, the sweep (every trial runs
+`stence.pipelines.pretrain.run_pretrain`), then, for a fixed-variant space, the ablation table, and the
+registration of the best encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stence.config import Config
+from tune.spaces import SearchSpace
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep produced: Tune's result, the ablation report (fixed-variant spaces), the registration."""
+
+    result: Any
+    ablation: dict[str, Any] | None = None
+    registration: dict[str, Any] | None = None
+
+
+def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: int, max_concurrent: int | None,
+                   scheduler: str, search: str, seed: int, resume: str | None, tasks: list[str],
+                   register: bool, register_task: str | None, strict: bool) -> SweepOutcome:
+    """Run the whole sweep; an interrupted sweep (`result.complete` False) stops before the report and the
+    registration, to be resumed with `resume`."""
+    from stence.pipelines.pretrain import run_pretrain
+    from stence.train.features import extract_features
+    from stence.train.pretrain_loop import SELECT_METRIC
+    from tune.sweep import run_sweep
+
+    if not resume:
+        extract_features(cfg)  # once, on the driver: trials then only open the cache
+    result = run_sweep(run_pretrain, cfg, space=space, num_samples=num_samples, max_concurrent=max_concurrent,
+                       scheduler=scheduler, metric=SELECT_METRIC, mode="max", resume=resume, seed=seed, name=name,
+                       search=search, max_t=cfg.optim.epochs)
+    outcome = SweepOutcome(result)
+    if not result.complete:
+        return outcome
+    if space.fixed:  # the ablation: every variant's encoder probed -> table, Fig. 2, paired tests
+        from tune.ablation import ablation_report
+
+        outcome.ablation = ablation_report(result, cfg, tasks)
+    if register and cfg.tracking.enabled:
+        from tune.champion import register_best
+
+        outcome.registration = register_best(result, cfg, task=register_task, strict=strict, sweep_name=name)
+    return outcome
