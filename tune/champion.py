@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from stence.config import Config, to_dict
-from stence.data.cohort_io import Cohort
 from stence.outputs import claim_output
-from stence.tracking.client import resolve_tracking_uri
-from stence.tracking.tags import BEST_KNN_AUROC_TAG, TRIAL_TAG
+from stence.tracking.tags import BEST_KNN_AUROC_TAG, SWEEP_TAG, TRIAL_TAG
 from stence.train.driver import absolute_storage
 from stence.train.worker import load_state
 
@@ -34,8 +32,8 @@ def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: 
     """Probe, log, register and (maybe) promote the sweep's best encoder. Returns what happened."""
     from stence.models.scorer import scorer_metadata
     from stence.pipelines.downstream import run_downstream
+    from stence.pipelines.register import promote, register_scorer
     from stence.pipelines.stage_runs import EXPORT_KIND
-    from stence.serving.registry import log_scorer, promote_if_better, register, scorer_version_tags
 
     if not result.best_checkpoint:
         raise RuntimeError("the sweep produced no checkpoint to register")
@@ -48,18 +46,12 @@ def register_best(result: Any, cfg: Config, *, task: str | None = None, strict: 
                                                  encoder_checkpoint=str(encoder)),
                         train=replace(best.train, name=f"{sweep_name or best.train.name}-champion"))
     probe = run_downstream(probe_cfg, label="sweep-best", parent_run_id=result.parent_run_id)
-    uri = resolve_tracking_uri(cfg)
-    model_uri = log_scorer(probe["scorer"], probe["run_id"], uri)
-    meta = scorer_metadata(probe["scorer"])
-    cohort = Cohort.open(best.data.cohort).fingerprint
-    tags = scorer_version_tags(meta, cohort=cohort, sweep=sweep_name or None)
-    tags[TRIAL_TAG] = result.best_trial_id
-    tags[BEST_KNN_AUROC_TAG] = repr(float(result.best_metric))  # what ranked the trials
-    name = cfg.tracking.registered_model
-    version = register(model_uri, name, tags, uri=uri)
-    m = meta["metrics"]
-    promoted = promote_if_better(name, version, f"{task}/auroc", m["auroc"], m.get("auroc_lo", float("nan")),
-                                 cohort, strict, uri=uri)
-    return {"model_uri": model_uri, "name": name, "version": version, "promoted": promoted,
+    extra = {TRIAL_TAG: result.best_trial_id, BEST_KNN_AUROC_TAG: repr(float(result.best_metric))}  # what ranked
+    if sweep_name:
+        extra[SWEEP_TAG] = sweep_name
+    done = promote(cfg, register_scorer(cfg, probe["scorer"], probe["run_id"], cfg.tracking.registered_model,
+                                        extra_tags=extra), strict=strict)
+    m = scorer_metadata(probe["scorer"])["metrics"]
+    return {"model_uri": done.model_uri, "name": done.name, "version": done.version, "promoted": done.promoted,
             "val_auroc": m["auroc"], "val_auroc_lo": m.get("auroc_lo"), "val_auroc_hi": m.get("auroc_hi"),
             "test_auroc": m.get("test_auroc"), "scorer": probe["scorer"], "encoder": str(encoder)}

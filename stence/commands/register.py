@@ -60,18 +60,15 @@ def _run_for_file(cfg: Config, scorer: Path, meta: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from stence.models.scorer import scorer_metadata
-    from stence.serving import registry as reg
+    from stence.pipelines.register import promote, register_scorer, run_tags
     from stence.serving.fetch import fetch_scorer
-    from stence.tracking.client import resolve_tracking_uri, tracking_client
+    from stence.tracking.client import resolve_tracking_uri
     from stence.tracking.tags import (
         CODE_COMMIT_TAG,
         COHORT_FINGERPRINT_TAG,
         CONFIG_HASH_TAG,
         METRIC_INTERVAL_TAG,
-        METRIC_LO_TAG,
         METRIC_TAG,
-        METRIC_VALUE_TAG,
-        PROMOTION_TAG,
         SWEEP_TAG,
     )
 
@@ -90,28 +87,18 @@ def run(args: argparse.Namespace) -> int:
             run_id = _run_for_file(cfg, scorer, meta)
         else:
             run_id = src[len("runs:/"):].split("/", 1)[0] if src.startswith("runs:/") else src
+        sweep = run_tags(cfg, run_id).get(SWEEP_TAG)
         try:
-            tags = reg.scorer_version_tags(meta, args.metric)
+            done = register_scorer(cfg, scorer, run_id, name, args.metric, {SWEEP_TAG: sweep} if sweep else None)
         except ValueError as e:
             print(f"error: {e}")
             return 1
-        run_tags = tracking_client(uri).get_run(run_id).data.tags
-        if run_tags.get(SWEEP_TAG):
-            tags[SWEEP_TAG] = run_tags[SWEEP_TAG]
-        model_uri = reg.log_scorer(scorer, run_id, uri)
-    version = reg.register(model_uri, name, tags, uri=uri)
-    print(f"registered {name} version {version} from run {run_id} ({model_uri})")
+    tags = done.tags
+    print(f"registered {name} version {done.version} from run {run_id} ({done.model_uri})")
     print(f"  {tags[METRIC_TAG]} {tags[METRIC_INTERVAL_TAG]}; cohort {tags[COHORT_FINGERPRINT_TAG]}; "
           f"config {tags[CONFIG_HASH_TAG]}; commit {tags[CODE_COMMIT_TAG][:12]}")
-    if args.force:
-        reg.set_alias(name, version, args.alias, uri=uri)
-        print(f"  {args.alias} -> version {version} (forced)")
-        return 0
-    promoted = reg.promote_if_better(name, version, tags[METRIC_TAG], float(tags[METRIC_VALUE_TAG]),
-                                     float(tags[METRIC_LO_TAG]), tags[COHORT_FINGERPRINT_TAG], args.strict,
-                                     uri=uri, alias=args.alias)
-    decision = tracking_client(uri).get_model_version(name, version).tags.get(PROMOTION_TAG, "")
-    print(f"  {decision}")
-    if not promoted:
-        print(f"  (use --force to make version {version} the {args.alias} anyway)")
+    promote(cfg, done, alias=args.alias, strict=args.strict, force=args.force)
+    print(f"  {done.decision}")
+    if not done.promoted:
+        print(f"  (use --force to make version {done.version} the {args.alias} anyway)")
     return 0
