@@ -39,7 +39,6 @@ from stence.tracking.tags import (
     TASK_TAG,
 )
 
-REGISTERED_MODEL = "stence-ecg-encoder"  # the default of `tracking.registered_model`
 CHAMPION = "champion"
 SCORER_FILE = "scorer.pt"
 MODEL_TYPE = "stence-scorer"
@@ -356,7 +355,6 @@ def list_models(name: str, *, uri: str | None = None) -> list[dict[str, Any]]:
 
 __all__ = [
     "CHAMPION",
-    "REGISTERED_MODEL",
     "champion_version",
     "code_commit",
     "cohort_fingerprint",
