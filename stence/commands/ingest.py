@@ -12,7 +12,9 @@ EXAMPLE = """example:
   stence ingest runs/raw --out runs/cohort --set data.fs=500 data.pair_window_days=30
   stence ingest runs/raw --out runs/cohort --overwrite     # replace an earlier cohort in runs/cohort
 
-RAW layout: ecg/** (WFDB .hea + signal files), ecg_index.csv (record,patient_id,acquisition_date),
+RAW layout: ecg/** (WFDB .hea + signal files, or GE MUSE / Philips / HL7 aECG XML and DICOM ECG exports,
+recognised by content), ecg_index.csv (record,patient_id,acquisition_date; optional for files that carry
+their own patient ID and date),
 angio/** (DICOM XA views), annotations.csv (study_uid,segment,stenosis). Every file is used or
 quarantined with a reason; the map of file pseudonyms to original paths (identifiers: site only) goes to
 COHORT.site-identifiers/ (ingest.site_dir)."""
