@@ -238,7 +238,7 @@ def _crafted_export(base: Path, root: Path) -> tuple[Path, dict[str, str]]:
         fh.write(_signal_lines("million", 12) * (1_000_000 // 12))
     expect["ecg/million.hea"] = "file_over_limit"
     shutil.copy(pydicom.data.get_testdata_file("waveform_ecg.dcm"), ecg / "waveform.dcm")
-    expect["ecg/waveform.dcm"] = "ecg_unsupported_format"
+    expect["ecg/waveform.dcm"] = "ecg_unpaired"  # read as a DICOM ECG; its patient has no angiogram here
     (ecg / "notes.txt").write_text("nothing to see")
     expect["ecg/notes.txt"] = "unrecognised_file"
     (raw / "export_log.pdf").write_bytes(b"%PDF-1.4")

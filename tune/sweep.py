@@ -171,7 +171,7 @@ def _best_checkpoint(result: Any, metric: str, mode: str) -> str | None:
 
 def _new_sweep(
     cfg: Config,
-    space: SearchSpace,
+    space: SearchSpace | str,
     num_samples: int,
     scheduler: str,
     metric: str,
@@ -183,6 +183,7 @@ def _new_sweep(
     """Experiment dir, resolved base config and stored settings of a new sweep; opens the parent run and
     logs the space to it (the artifact space.yaml, the tag stence.space: its name, never a path)."""
     base = _resolve_base(cfg)
+    space = load_space(space)  # a name, a file or a loaded space
     if space.fixed:
         if scheduler != "none":
             logger.warning("space %r is a fixed variant list: ASHA off, every variant runs to the end",
