@@ -38,6 +38,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _wait_http(url: str, what: str, log: Path | None = None, tries: int = 120) -> bytes:
     for _ in range(tries):
         try:
@@ -62,11 +70,7 @@ def mlflow_server(store_uri: str, workdir: Path) -> Iterator[str]:
             _wait_http(f"{base}/health", "mlflow server", log_path)
             yield base
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
 
 
 @contextlib.contextmanager
@@ -84,11 +88,7 @@ def chromium() -> Iterator[str]:
             targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", "chromium"))
             yield next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
 
 
 async def _visit(ws_url: str, url: str, expect: Sequence[str], timeout_s: float, expand: bool,
