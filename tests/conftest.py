@@ -46,3 +46,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vendor(shared_data: Path) -> Path:
+    """The real vendor ECG exports (GE MUSE, Philips, HL7 aECG) in ../shared/data/ecg_vendor."""
+    d = shared_data / "ecg_vendor"
+    if not d.is_dir():
+        pytest.skip(f"vendor ECG samples not found at {d}")
+    return d
