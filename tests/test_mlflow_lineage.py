@@ -28,7 +28,7 @@ from stence.pipelines import angio as angio_pipeline
 from stence.pipelines import pretrain as pretrain_pipeline
 from stence.serving import registry as reg
 from stence.serving.pyfunc import INPUT_NAME, scorer_signature
-from stence.tracking.client import tracking_client
+from stence.tracking.client import artifact_location, tracking_client
 from stence.tracking.lineage import SOURCE_TYPE, log_cohort_input
 from stence.tracking.tags import DATASET_CONTEXT_TAG, INPUT_CONTRACT_TAG
 from tests.ray_fixture import shared_mlflow_db
@@ -58,7 +58,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _new_run(uri: str) -> str:
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    # artifacts beside the store (never ./mlruns in the working directory)
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri, EXPERIMENT))
     return client.create_run(exp_id, run_name=f"lineage-{uuid.uuid4().hex[:6]}").info.run_id
 
 

@@ -169,7 +169,7 @@ def test_predict_names_the_version_and_shows_a_swapped_champion(scorer: Path, tm
 
     db = shared_mlflow_db(tmp_path_factory)
     client = mlflow.MlflowClient(tracking_uri=db, registry_uri=db)
-    exp = client.create_experiment(f"predict-lineage-{tmp_path.name}")
+    exp = client.create_experiment(f"predict-lineage-{tmp_path.name}", artifact_location=str(tmp_path / "artifacts"))
     name = f"stence-lineage-{tmp_path.name}"[:60]
     records = [_write_record(tmp_path / "ecg", "a", seed=1), _write_record(tmp_path / "ecg", "b", seed=2)]
 
