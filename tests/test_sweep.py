@@ -253,3 +253,40 @@ def test_ablation_runs_every_variant_once_failed_ones_end_failed(ray_session: No
         status[r.data.params["loss.learnable_temperature"]].add(r.info.status)
     assert status == {"False": {"FINISHED"}, "True": {"FAILED"}}
     assert parent.info.status == "FINISHED" and parent.data.tags["stence.failed_trials"] == "1"
+
+
+def test_tpe_startup_is_sized_to_the_concurrency_and_concurrent_trials_are_not_all_random() -> None:
+    """The sweep's own searcher object (OptunaSearch over a seeded multivariate TPE with constant liar), driven
+    as Tune drives it with 4 trials at a time: the random start-up stays within min(10, n // 2) trials, and
+    once it ends the trials running side by side are TPE's, not random ones."""
+    from ray import tune as ray_tune
+
+    from tune.sweep import _searcher, startup_trials
+
+    n, k = 16, 4
+    assert startup_trials(n, 1) == 8 and startup_trials(n, k) == 5 and startup_trials(4, 8) == 1
+    searcher = _searcher(False, [], METRIC, "max", seed=0, n_startup=startup_trials(n, k), max_concurrent=k)
+    searcher.set_search_properties(METRIC, "max", {"x": ray_tune.uniform(0.0, 1.0), "y": ray_tune.uniform(0.0, 1.0)})
+    sampler = searcher._ot_study.sampler
+    random_calls: list[str] = []
+    inner = sampler._random_sampler.sample_independent
+
+    def counted(study, trial, name, dist):  # noqa: ANN001 - Optuna's signature
+        random_calls.append(trial.number)
+        return inner(study, trial, name, dist)
+
+    sampler._random_sampler.sample_independent = counted
+    running, done, random_trials = [], 0, set()
+    for i in range(n):
+        if len(running) == k:  # a slot frees: the oldest trial finishes
+            tid, cfg = running.pop(0)
+            searcher.on_trial_complete(tid, {METRIC: -((cfg["x"] - 0.3) ** 2 + (cfg["y"] - 0.7) ** 2)})
+            done += 1
+        before = len(random_calls)
+        cfg = searcher.suggest(f"t{i}")
+        if len(random_calls) > before:
+            random_trials.add(i)
+        running.append((f"t{i}", cfg))
+    assert len(random_trials) <= min(10, n // 2)  # the start-up budget holds under concurrency
+    assert len(random_trials) < n and not set(range(n - k, n)) <= random_trials  # the last wave is TPE's
+    assert set(range(k)) <= random_trials  # the first wave, with nothing finished, is the random start-up

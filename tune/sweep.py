@@ -103,6 +103,17 @@ def default_concurrency(cfg: Config) -> int:
 SEARCHES = ("tpe", "random")
 
 
+def startup_trials(num_samples: int, concurrency: int) -> int:
+    """TPE's random start-up trials, sized to the concurrency.
+
+    Optuna counts only finished trials towards `n_startup_trials`, so with `concurrency` trials running at
+    once up to `concurrency - 1` more start at random before the start-up ends (ray-project/ray#52535). The
+    sweep aims at min(10, num_samples // 2) random trials in all and asks Optuna for that many minus the
+    concurrent surplus (at least 1)."""
+    budget = min(10, max(1, num_samples // 2))
+    return max(1, budget - (max(1, concurrency) - 1))
+
+
 def _searcher(
     fixed: bool,
     points: list[dict],
@@ -126,8 +137,9 @@ def _searcher(
     # the same OptunaSearch either way: only the sampler differs, so a TPE/random comparison isolates it
     if search == "random":
         sampler: Any = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup)
+    else:  # multivariate TPE; running trials count as "lies", so concurrent trials spread out
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True,
+                                             constant_liar=True)
     return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points or None)
 
 
@@ -257,7 +269,7 @@ def _new_tuner(
     param_space, points = build_param_space(space, base)
     fixed = space.fixed
     k = max_concurrent or default_concurrency(base)
-    n_startup = n_startup_trials if n_startup_trials is not None else min(10, max(1, num_samples // 2))
+    n_startup = n_startup_trials if n_startup_trials is not None else startup_trials(num_samples, k)
     run_callbacks = list(callbacks or [])
     if state["parent_run_id"]:
         run_callbacks.insert(0, ChildRunCloser(base.tracking.uri, base.tracking.experiment, state["name"],
