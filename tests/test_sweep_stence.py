@@ -53,6 +53,19 @@ def test_sweep_runs_are_nested_finished_and_complete(sweep: dict) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid and TRIAL_TAG in r.data.tags]
     assert len(children) == 3 and len({c.data.tags[TRIAL_TAG] for c in children}) == 3
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    # what a user looks at after the sweep, in its parent run: best-so-far, importances, trials sorted
+    arts = {a.path for a in client.list_artifacts(pid, "summary")}
+    assert {"summary/best_so_far.png", "summary/best_so_far.csv", "summary/trials.md",
+            "summary/importances.json"} <= arts
+    sweep_dir = next((sweep["root"] / "ray").glob("real-sweep*"))
+    curve = np.loadtxt(sweep_dir / "summary" / "best_so_far.csv", delimiter=",", skiprows=1, usecols=(0, 1))
+    assert (np.diff(curve[:, 1]) >= 0).all() and curve[-1, 0] == len(curve)  # a running best per trial-epoch
+    rows = [line.split("|") for line in (sweep_dir / "summary" / "trials.md").read_text().splitlines()[2:]
+            if line.startswith("| ")]
+    best = [float(r[-3]) for r in rows]
+    assert len(best) == 3 and best == sorted(best, reverse=True)
+    imp = json.loads((sweep_dir / "summary" / "importances.json").read_text())
+    assert set(imp) <= {"loss.w_sten", "loss.temperature", "optim.lr_ecg", "optim.lr_angio"}
     for c in children:
         assert c.info.status == "FINISHED"
         assert {"loss.w_sten", "loss.temperature", "optim.lr_ecg", "optim.lr_angio"} <= set(c.data.params)

@@ -51,6 +51,7 @@ from stence.tracking.tags import (
 )
 from stence.train.driver import absolute_storage, ensure_ray
 from tune.spaces import SearchSpace, build_param_space, load_space, space_name
+from tune.summary import SUMMARY_DIR, write_summary
 from tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class SweepResult:
     results: pd.DataFrame  # one row per trial (last result, config/..., mlflow_run_id)
     path: str  # Tune experiment directory, the argument of a later `resume`
     complete: bool  # False when the sweep was interrupted (resume it with `resume=path`)
+    summary: dict[str, Any] | None = None  # tune/summary.py: trials sorted, importances, best-so-far curve
 
 
 TRIAL_MAX_FAILURES = 2
@@ -370,6 +372,20 @@ def run_sweep(
     return _finish(grid, base, state, path, parent, stopped=_stopped_all(stop))
 
 
+def _summary(grid: Any, df: pd.DataFrame, path: Path, metric: str, mode: str,
+             parent: Tracker | NullTracker) -> dict[str, Any] | None:
+    """The sweep's summary (tune/summary.py) in `<sweep folder>/summary/`, logged to the parent run; None (with
+    a warning) when it cannot be made: the sweep's result stands without it."""
+    try:
+        summary = write_summary(grid, df, load_space(path / SPACE_FILE), metric, mode, path / SUMMARY_DIR)
+    except Exception as e:  # noqa: BLE001 - a summary is a view of the result, never a reason to fail it
+        logger.warning("no sweep summary (%s: %s)", type(e).__name__, e)
+        return None
+    for f in summary["files"]:
+        parent.log_artifact(f, SUMMARY_DIR)
+    return summary
+
+
 def _stopped_all(stop: Any) -> bool:
     """True when `stop` is a Tune Stopper that ended the whole experiment (e.g. a spent budget)."""
     return isinstance(stop, tune.Stopper) and bool(stop.stop_all())
@@ -443,6 +459,7 @@ def _finish(
     )
     if math.isfinite(best_metric):
         parent.log_metrics({f"best/{metric}": best_metric}, step=0)
+    result.summary = _summary(grid, df, path, metric, mode, parent)
     if not complete:
         logger.warning("sweep %s interrupted; resume with resume=%r", sweep_name, str(path))
         parent.end("KILLED")

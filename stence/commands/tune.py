@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
                          tasks=args.tasks, register=not args.no_register, register_task=args.register_task,
                          strict=args.strict)
     result = out.result
-    cols = [c for c in result.results.columns if c.startswith("config/") or c in (SELECT_METRIC, KNN_METRIC, "trial_id")]
-    print(result.results[cols].to_string(index=False))
+    if result.summary is not None:  # trials sorted by the objective, importances (also in the parent run)
+        print((Path(result.path) / "summary" / "trials.md").read_text())
+    else:
+        cols = [c for c in result.results.columns if c.startswith("config/") or c in (SELECT_METRIC, KNN_METRIC, "trial_id")]
+        print(result.results[cols].to_string(index=False))
     print(f"best trial {result.best_trial_id}: {SELECT_METRIC} {result.best_metric:.3f} "
           f"with {result.best_overrides}")
     print(f"sweep folder (for --resume): {result.path}")
