@@ -354,3 +354,41 @@ echo $? > {tmp_path}/rc.txt
     last = [line for line in err.splitlines() if line.startswith("stence ingest:")]
     assert len(last) == 1 and "disk full" in last[0] and "Traceback" not in err, err[-2000:]
     assert (tmp_path / "before.txt").read_text() == (tmp_path / "after.txt").read_text()
+
+
+class _PoolBrokenAtSubmit:
+    """A stand-in for ProcessPoolExecutor that runs jobs in-process and, at its n-th submit, says the pool broke
+    (a worker died between the last wait and this submit): the race real pools show on a loaded machine."""
+
+    submits = 0
+
+    def __init__(self, processes: int, mp_context=None):  # noqa: ANN001 - the executor's signature
+        self.n = processes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, job):  # noqa: ANN001
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        type(self).submits += 1
+        if type(self).submits == 3:
+            raise BrokenProcessPool("a worker died")
+        fut: Future = Future()
+        fut.set_result(fn(job))
+        return fut
+
+
+def test_a_pool_found_broken_at_submit_reruns_its_jobs_and_loses_none(monkeypatch):
+    """Deterministic: the pool reports itself broken while a job is being submitted (not through a future);
+    the jobs in flight are re-run alone, the rest in a new pool, and every job gets its result once."""
+    import stence.data.pool as pool
+
+    monkeypatch.setattr(pool, "ProcessPoolExecutor", _PoolBrokenAtSubmit)
+    out = pool.run_jobs(lambda x: {"x": x}, list(range(6)), 2, "test", on_death=lambda j: {"died": j},
+                        progress=False)
+    assert out == [{"x": i} for i in range(6)]

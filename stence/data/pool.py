@@ -59,8 +59,15 @@ def _run(fn: Callable[[Any], dict], jobs: Sequence[Any], processes: int, on_deat
             broken = False
             while (pos < len(todo) or in_flight) and not broken:
                 while pos < len(todo) and len(in_flight) < 2 * processes:
-                    in_flight[ex.submit(fn, jobs[todo[pos]])] = todo[pos]
+                    try:
+                        fut = ex.submit(fn, jobs[todo[pos]])
+                    except BrokenProcessPool:  # a worker died since the last wait: its future fails next
+                        broken = True
+                        break
+                    in_flight[fut] = todo[pos]
                     pos += 1
+                if broken:
+                    break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for fut in done:
                     i = in_flight.pop(fut)
