@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tune.budget import best_so_far, trial_epochs_to_within
+from stence.tune.budget import best_so_far, trial_epochs_to_within
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -160,7 +160,7 @@ def bench_config(cohort: Path, runs: Path, work: Path, epochs: int, workers: int
 def bench_space(space: str, paper_point: str) -> str:
     """The name of the space both arms sweep: `space` itself, or (paper_point="drop") a copy of it without
     points_to_evaluate, registered for this process (the trials never look the space up)."""
-    from tune.spaces import SPACES, get_space
+    from stence.tune.spaces import SPACES, get_space
 
     if paper_point == "keep":
         return space
@@ -179,8 +179,8 @@ def run_arm(arm: str, cfg: Any, *, space: str, budget: int, epochs: int, trials_
     """One sweep limited to `budget` trial-epochs; its results in arrival order and a summary."""
     from stence.pipelines.pretrain import run_pretrain
     from stence.train.pretrain_loop import KNN_METRIC
-    from tune.budget import ResultLog, TrialEpochBudget
-    from tune.sweep import run_sweep
+    from stence.tune.budget import ResultLog, TrialEpochBudget
+    from stence.tune.sweep import run_sweep
 
     search, scheduler = ARMS[arm]
     stopper, log = TrialEpochBudget(budget), ResultLog(KNN_METRIC)

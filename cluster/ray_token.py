@@ -15,7 +15,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from cluster.users import write_private
+from stence.cluster.users import write_private
 
 TOKEN_NAME = "auth_token"
 NODE_AUTH_DIR = Path("~/.stence-auth")  # mounted on every node by cluster.yaml / cluster/onprem.yaml

@@ -199,7 +199,7 @@ def auth_problems(environ: Mapping[str, str] | None = None) -> list[str]:
 def token_file_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     """Make the client's token file private if others can read it (warning returned), or refuse one we
     do not own (TokenError); nothing to do when the token comes in RAY_AUTH_TOKEN or there is no file."""
-    from cluster.ray_token import check_token_file, default_token_path
+    from stence.cluster.ray_token import check_token_file, default_token_path
 
     env = os.environ if environ is None else environ
     path = default_token_path(env)

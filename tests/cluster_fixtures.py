@@ -317,7 +317,7 @@ class MlflowServer:
 
 def write_mlflow_credentials(home: Path, user: tuple[str, str]) -> Path:
     """`home`/.mlflow/credentials (mode 600) for `user`: what cluster.yaml gives every node."""
-    from cluster.users import credentials_text, write_private
+    from stence.cluster.users import credentials_text, write_private
 
     return write_private(home / ".mlflow" / "credentials", credentials_text(*user))
 

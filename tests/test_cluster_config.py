@@ -21,7 +21,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cluster import submit as sj
+from stence.cluster import submit as sj
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = {d.split("==")[0].split("[")[0]: d.split("==")[1] for d in sj.pinned_requirements() if "==" in d}
@@ -450,7 +450,7 @@ def test_auth_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_token_is_created_and_kept_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cluster.ray_token import TokenError, check_token_file, ensure_token
+    from stence.cluster.ray_token import TokenError, check_token_file, ensure_token
 
     monkeypatch.setenv("HOME", str(tmp_path))
     path, done = ensure_token(tmp_path / ".ray" / "auth_token", tmp_path / ".stence-auth")

@@ -15,10 +15,10 @@ from ray.tune.result import RESULT_DUPLICATE
 from bench.bench_search import bench_space, compare_arms, median_ratio
 from stence.config import Config, load_config
 from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG
+from stence.tune import spaces
+from stence.tune.budget import ResultLog, TrialEpochBudget, best_so_far, trial_epochs_to_within
+from stence.tune.sweep import STATE_FILE, _new_sweep, _resumed_sweep, _searcher, run_sweep
 from tests.ray_fixture import shared_mlflow_db
-from tune import spaces
-from tune.budget import ResultLog, TrialEpochBudget, best_so_far, trial_epochs_to_within
-from tune.sweep import STATE_FILE, _new_sweep, _resumed_sweep, _searcher, run_sweep
 
 METRIC = "val/score"
 EPOCHS = 3

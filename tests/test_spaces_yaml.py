@@ -15,8 +15,8 @@ import yaml
 
 from stence.cli import main
 from stence.config import Config
+from stence.tune.spaces import SPACES, SearchSpace, SpaceError, build_param_space, is_fixed, load_space
 from tests.ray_fixture import shared_mlflow_db
-from tune.spaces import SPACES, SearchSpace, SpaceError, build_param_space, is_fixed, load_space
 
 # the built-in spaces as tune/spaces.py held them in Python before they became files
 FORMER_SPACES: dict[str, dict[str, Any]] = {
@@ -81,14 +81,14 @@ def test_builtin_files_keep_their_comments_and_are_the_only_spaces() -> None:
 
 
 def test_builtin_files_are_package_data() -> None:
-    folder = resources.files("tune") / "space_files"
+    folder = resources.files("stence.tune") / "space_files"
     assert sorted(f.name for f in folder.iterdir() if f.name.endswith(".yaml")) == [
         "ablation.yaml", "default.yaml", "smoke.yaml"]  # fmt: skip
     if sys.version_info >= (3, 11):
         import tomllib
 
         project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-        globs = project["tool"]["setuptools"]["package-data"]["tune"]
+        globs = project["tool"]["setuptools"]["package-data"]["stence.tune"]
         assert all(any(Path("space_files", f.name).match(g) for g in globs) for f in folder.iterdir()
                    if f.name.endswith(".yaml"))  # fmt: skip
 
@@ -339,7 +339,7 @@ def test_parent_run_keeps_the_space_text_and_its_file_name(
     from stence.config import load_config
     from stence.tracking.runs import Tracker
     from stence.tracking.spool import SPOOL_NAME
-    from tune.sweep import SPACE_FILE, _new_sweep
+    from stence.tune.sweep import SPACE_FILE, _new_sweep
 
     db = shared_mlflow_db(tmp_path_factory)
     user = tmp_path / "somebody" / "my_space.yaml"

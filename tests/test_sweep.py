@@ -17,11 +17,11 @@ from ray import tune
 from stence.config import Config, ConfigError, apply_overrides, load_config
 from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from stence.train.worker import METRICS_FILE, load_state
+from stence.tune import spaces
+from stence.tune.spaces import SPACES, build_param_space, is_fixed
+from stence.tune.sweep import TRIAL_MAX_FAILURES, default_concurrency, run_sweep
 from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
-from tune import spaces
-from tune.spaces import SPACES, build_param_space, is_fixed
-from tune.sweep import TRIAL_MAX_FAILURES, default_concurrency, run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +261,7 @@ def test_tpe_startup_is_sized_to_the_concurrency_and_concurrent_trials_are_not_a
     once it ends the trials running side by side are TPE's, not random ones."""
     from ray import tune as ray_tune
 
-    from tune.sweep import _searcher, startup_trials
+    from stence.tune.sweep import _searcher, startup_trials
 
     n, k = 16, 4
     assert startup_trials(n, 1) == 8 and startup_trials(n, k) == 5 and startup_trials(4, 8) == 1

@@ -21,9 +21,9 @@ from stence.serving.fetch import load_champion
 from stence.tracking.tags import SWEEP_TAG, TRIAL_TAG
 from stence.train.pretrain_loop import KNN_METRIC
 from stence.train.worker import load_state
+from stence.tune import spaces
+from stence.tune.champion import export_best_encoder
 from tests.ray_fixture import shared_mlflow_db
-from tune import spaces
-from tune.champion import export_best_encoder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MODEL = "stence-test-sweep-encoder"

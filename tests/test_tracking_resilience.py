@@ -348,7 +348,7 @@ def test_resume_ends_the_runs_its_dead_driver_orphaned_then_reopens_the_parent(t
 
     from stence.config import save_config
     from stence.tracking.tags import SWEEP_TAG, TRIAL_TAG
-    from tune.sweep import BASE_CONFIG_FILE, STATE_FILE, _resumed_sweep
+    from stence.tune.sweep import BASE_CONFIG_FILE, STATE_FILE, _resumed_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = load_config(None, [f"tracking.uri={uri}", "tracking.experiment=resumed", f"train.storage_path={tmp_path}"])

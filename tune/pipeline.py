@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stence.config import Config
-from tune.spaces import SearchSpace
+from stence.tune.spaces import SearchSpace
 
 
 @dataclass
@@ -28,7 +28,7 @@ def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: i
     from stence.pipelines.pretrain import run_pretrain
     from stence.train.features import extract_features
     from stence.train.pretrain_loop import SELECT_METRIC
-    from tune.sweep import run_sweep
+    from stence.tune.sweep import run_sweep
 
     if not resume:
         extract_features(cfg)  # once, on the driver: trials then only open the cache
@@ -39,11 +39,11 @@ def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: i
     if not result.complete:
         return outcome
     if space.fixed:  # the ablation: every variant's encoder probed -> table, Fig. 2, paired tests
-        from tune.ablation import ablation_report
+        from stence.tune.ablation import ablation_report
 
         outcome.ablation = ablation_report(result, cfg, tasks)
     if register and cfg.tracking.enabled:
-        from tune.champion import register_best
+        from stence.tune.champion import register_best
 
         outcome.registration = register_best(result, cfg, task=register_task, strict=strict, sweep_name=name)
     return outcome

@@ -273,7 +273,7 @@ def validate_space(data: Any, source: str) -> dict[str, Any]:
 
 
 def _builtin_texts() -> dict[str, str]:
-    folder = resources.files("tune") / SPACE_FILES
+    folder = resources.files(__package__) / SPACE_FILES
     return {f.name.rsplit(".", 1)[0]: f.read_text(encoding="utf-8")
             for f in folder.iterdir() if f.name.endswith(".yaml")}  # fmt: skip
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tune.spaces import SearchSpace
+from stence.tune.spaces import SearchSpace
 
 logger = logging.getLogger(__name__)
 SUMMARY_DIR = "summary"

@@ -50,9 +50,9 @@ from stence.tracking.tags import (
     TRIAL_TAG,
 )
 from stence.train.driver import absolute_storage, ensure_ray
-from tune.spaces import SearchSpace, build_param_space, load_space, space_name
-from tune.summary import SUMMARY_DIR, write_summary
-from tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs
+from stence.tune.spaces import SearchSpace, build_param_space, load_space, space_name
+from stence.tune.summary import SUMMARY_DIR, write_summary
+from stence.tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs
 
 logger = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _client(args: argparse.Namespace) -> Any:
     """A JobSubmissionClient (imported lazily), after warning about missing token-auth settings and
     making a token file that others can read private (TokenError, a RuntimeError, if it is not ours)."""
-    from cluster.submit import auth_problems, make_client, token_file_warnings
+    from stence.cluster.submit import auth_problems, make_client, token_file_warnings
 
     for problem in [*token_file_warnings(), *auth_problems()]:
         print(f"warning: {problem}", file=sys.stderr)
@@ -178,7 +178,7 @@ def _fail(e: Exception) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Submit the command after `--`; with --wait/--follow the exit code says whether it succeeded."""
-    from cluster import submit as sj
+    from stence.cluster import submit as sj
 
     command = list(args.job_command)
     if command and command[0] == "--":
@@ -219,7 +219,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """Print one job's status (and message)."""
-    from cluster import submit as sj
+    from stence.cluster import submit as sj
 
     try:
         summary = sj.job_summary(_client(args), args.job_id)
@@ -236,7 +236,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_logs(args: argparse.Namespace) -> int:
     """Print (or stream) one job's logs."""
-    from cluster import submit as sj
+    from stence.cluster import submit as sj
 
     try:
         client = _client(args)
@@ -252,7 +252,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 def run_stop(args: argparse.Namespace) -> int:
     """Ask the cluster to stop one job."""
-    from cluster import submit as sj
+    from stence.cluster import submit as sj
 
     try:
         stopped = _client(args).stop_job(args.job_id)
@@ -264,7 +264,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """List the cluster's jobs, newest first."""
-    from cluster import submit as sj
+    from stence.cluster import submit as sj
 
     try:
         rows = sj.list_summaries(_client(args))
@@ -284,7 +284,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_token(args: argparse.Namespace) -> int:
     """Create or tighten the Ray auth token file and copy it for the nodes; never print the token."""
-    from cluster.ray_token import ensure_token
+    from stence.cluster.ray_token import ensure_token
 
     try:
         _, done = ensure_token(args.path, None if args.no_copy else args.copy_to)
@@ -298,7 +298,7 @@ def run_token(args: argparse.Namespace) -> int:
 
 def _password(args: argparse.Namespace) -> str:
     """The new user's password: from --password-file, generated for --credentials-file, else prompted."""
-    from cluster import users
+    from stence.cluster import users
 
     if args.password_file:
         return users.read_password_file(args.password_file)
@@ -316,7 +316,7 @@ def run_user_add(args: argparse.Namespace) -> int:
     """Create an MLflow user (as the admin); with --credentials-file, its credentials go only to that file."""
     from mlflow.exceptions import MlflowException
 
-    from cluster import users
+    from stence.cluster import users
 
     try:
         uri = users.tracking_uri(args.uri)
@@ -339,7 +339,7 @@ def run_user_grant(args: argparse.Namespace) -> int:
     """Grant a user a permission on a registered model or an experiment (as the admin)."""
     from mlflow.exceptions import MlflowException
 
-    from cluster import users
+    from stence.cluster import users
 
     try:
         what = users.grant(users.tracking_uri(args.uri), args.username, args.permission, model=args.model,

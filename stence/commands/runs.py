@@ -75,7 +75,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _repair(args: argparse.Namespace) -> int:
     from stence.tracking.client import resolve_tracking_uri
-    from tune.trial_runs import repair_runs
+    from stence.tune.trial_runs import repair_runs
 
     cfg = config_from_args(args)
     uri, experiment = resolve_tracking_uri(cfg), args.experiment or cfg.tracking.experiment

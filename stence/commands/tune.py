@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.spaces import SpaceError, load_space
+    from stence.tune.spaces import SpaceError, load_space
 
     try:  # first, before Ray, MLflow or the features: a bad file costs nothing
         space = load_space(args.space)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stence tune: {e}", file=sys.stderr)
         return 2
     from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
-    from tune.pipeline import sweep_pipeline
+    from stence.tune.pipeline import sweep_pipeline
 
     cfg = config_from_args(args)
     name = args.sweep_name or f"{cfg.train.name}-{space.stem}"
