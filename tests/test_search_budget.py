@@ -17,7 +17,8 @@ from stence.config import Config, load_config
 from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG
 from stence.tune import spaces
 from stence.tune.budget import ResultLog, TrialEpochBudget, best_so_far, trial_epochs_to_within
-from stence.tune.sweep import STATE_FILE, _new_sweep, _resumed_sweep, _searcher, run_sweep
+from stence.tune.search import make_searcher
+from stence.tune.sweep import STATE_FILE, _new_sweep, _resumed_sweep, run_sweep
 from tests.ray_fixture import shared_mlflow_db
 
 METRIC = "val/score"
@@ -112,8 +113,8 @@ def test_random_search_is_the_same_optuna_search_with_another_sampler() -> None:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    rnd = _searcher(False, [], METRIC, "max", 3, 10, 2, search="random")
-    tpe = _searcher(False, [], METRIC, "max", 3, 10, 2, search="tpe")
+    rnd = make_searcher(False, [], METRIC, "max", 3, 10, 2, search="random")
+    tpe = make_searcher(False, [], METRIC, "max", 3, 10, 2, search="tpe")
     assert isinstance(rnd, OptunaSearch) and isinstance(tpe, OptunaSearch)
     assert isinstance(rnd._sampler, optuna.samplers.RandomSampler)
     assert isinstance(tpe._sampler, optuna.samplers.TPESampler)

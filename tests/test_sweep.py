@@ -18,8 +18,9 @@ from stence.config import Config, ConfigError, apply_overrides, load_config
 from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from stence.train.worker import METRICS_FILE, load_state
 from stence.tune import spaces
+from stence.tune.search import default_concurrency
 from stence.tune.spaces import SPACES, build_param_space, is_fixed
-from stence.tune.sweep import TRIAL_MAX_FAILURES, default_concurrency, run_sweep
+from stence.tune.sweep import TRIAL_MAX_FAILURES, run_sweep
 from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
 
@@ -261,11 +262,11 @@ def test_tpe_startup_is_sized_to_the_concurrency_and_concurrent_trials_are_not_a
     once it ends the trials running side by side are TPE's, not random ones."""
     from ray import tune as ray_tune
 
-    from stence.tune.sweep import _searcher, startup_trials
+    from stence.tune.search import make_searcher, startup_trials
 
     n, k = 16, 4
     assert startup_trials(n, 1) == 8 and startup_trials(n, k) == 5 and startup_trials(4, 8) == 1
-    searcher = _searcher(False, [], METRIC, "max", seed=0, n_startup=startup_trials(n, k), max_concurrent=k)
+    searcher = make_searcher(False, [], METRIC, "max", seed=0, n_startup=startup_trials(n, k), max_concurrent=k)
     searcher.set_search_properties(METRIC, "max", {"x": ray_tune.uniform(0.0, 1.0), "y": ray_tune.uniform(0.0, 1.0)})
     sampler = searcher._ot_study.sampler
     random_calls: list[str] = []

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from stence.config import Config
+from stence.pipelines.pretrain import run_pretrain
+from stence.train.features import extract_features
+from stence.train.pretrain_loop import SELECT_METRIC
+from stence.tune.ablation import ablation_report
+from stence.tune.champion import register_best
 from stence.tune.spaces import SearchSpace
+from stence.tune.sweep import run_sweep
 
 
 @dataclass
@@ -25,11 +31,6 @@ def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: i
                    register: bool, register_task: str | None, strict: bool) -> SweepOutcome:
     """Run the whole sweep; an interrupted sweep (`result.complete` False) stops before the report and the
     registration, to be resumed with `resume`."""
-    from stence.pipelines.pretrain import run_pretrain
-    from stence.train.features import extract_features
-    from stence.train.pretrain_loop import SELECT_METRIC
-    from stence.tune.sweep import run_sweep
-
     if not resume:
         extract_features(cfg)  # once, on the driver: trials then only open the cache
     result = run_sweep(run_pretrain, cfg, space=space, num_samples=num_samples, max_concurrent=max_concurrent,
@@ -39,11 +40,7 @@ def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: i
     if not result.complete:
         return outcome
     if space.fixed:  # the ablation: every variant's encoder probed -> table, Fig. 2, paired tests
-        from stence.tune.ablation import ablation_report
-
         outcome.ablation = ablation_report(result, cfg, tasks)
     if register and cfg.tracking.enabled:
-        from stence.tune.champion import register_best
-
         outcome.registration = register_best(result, cfg, task=register_task, strict=strict, sweep_name=name)
     return outcome

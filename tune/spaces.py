@@ -338,6 +338,7 @@ def is_fixed(space: str | os.PathLike | SearchSpace) -> bool:
 
 
 def _distribution(spec: dict[str, Any]) -> Any:
+    # Ray is imported here, not at the top: `stence tune` checks a space file before anything heavy loads
     from ray import tune
 
     kind = spec["type"]

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from stence.tune.spaces import SearchSpace
 
@@ -39,8 +42,6 @@ def best_so_far(history: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 
 def _distributions(space: SearchSpace) -> dict[str, Any]:
-    import optuna
-
     out: dict[str, Any] = {}
     for key, spec in space.data.get("params", {}).items():
         kind = spec["type"]
@@ -59,8 +60,6 @@ def importances(trials: pd.DataFrame, space: SearchSpace, metric: str, mode: str
     fewer than two trials finished with different values."""
     if space.fixed or len(trials) < 2 or trials["objective"].nunique() < 2:
         return {}
-    import optuna
-
     dists = _distributions(space)
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for _, row in trials.iterrows():
@@ -108,9 +107,6 @@ def _fmt(v: Any) -> str:
 
 
 def _plot(curve: pd.DataFrame, metric: str, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(5.5, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

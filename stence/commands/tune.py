@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imports inside run(): `stence --help` imports every command module, and these pull in Ray, Optuna, torch
+    # and MLflow. The space file is checked first, before any of them loads.
     from stence.tune.spaces import SpaceError, load_space
 
     try:  # first, before Ray, MLflow or the features: a bad file costs nothing
