@@ -11,11 +11,12 @@ private with a warning when it is ours, and refused when it is not.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from stence.cluster.users import write_private
+from stence.cluster.private_files import write_private
 
 TOKEN_NAME = "auth_token"
 NODE_AUTH_DIR = Path("~/.stence-auth")  # mounted on every node by cluster.yaml / cluster/onprem.yaml
@@ -59,16 +60,15 @@ def _create_private(path: Path, text: str) -> None:
 
 
 def _new_token() -> str:
-    try:  # the same generator `ray get-auth-token --generate` uses
+    # the same generator `ray get-auth-token --generate` uses; imported here because it is Ray's private
+    # API, which another Ray version may move or drop (then a token from `secrets` does as well)
+    try:
         from ray._private.authentication.authentication_token_generator import (
             generate_new_authentication_token,
         )
-
-        return str(generate_new_authentication_token())
     except ImportError:
-        import secrets
-
         return secrets.token_hex(32)
+    return str(generate_new_authentication_token())
 
 
 def ensure_token(path: Path | None = None, copy_to: Path | None = NODE_AUTH_DIR) -> tuple[Path, list[str]]:

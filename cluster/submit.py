@@ -22,6 +22,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ray.job_submission import JobSubmissionClient
+
+from stence.cluster.ray_token import check_token_file, default_token_path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (the standard library has it from 3.11): `--pip pinned` then refuses
+    tomllib = None  # type: ignore[assignment]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # `ray dashboard cluster.yaml` forwards the head's port here
 
@@ -91,16 +100,13 @@ def parse_env_pairs(pairs: Iterable[str], flag: str = "--env") -> dict[str, str]
 
 def pinned_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
     """The package's own pinned dependency list, for a `pip` runtime environment."""
-    try:
-        import tomllib
-    except ImportError as e:  # Python 3.10
-        raise SubmitError("--pip pinned needs Python >= 3.11 (tomllib); pass a requirements file") from e
-
+    if tomllib is None:
+        raise SubmitError("--pip pinned needs Python >= 3.11 (tomllib); pass a requirements file")
     data = tomllib.loads(pyproject.read_text())
     return list(data["project"]["dependencies"])
 
 
-def read_requirements(path: Path) -> list[str]:
+def read_requirements(path: str | Path) -> list[str]:
     """Non-empty, non-comment lines of a requirements file."""
     lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines()]
     return [line for line in lines if line]
@@ -199,8 +205,6 @@ def auth_problems(environ: Mapping[str, str] | None = None) -> list[str]:
 def token_file_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     """Make the client's token file private if others can read it (warning returned), or refuse one we
     do not own (TokenError); nothing to do when the token comes in RAY_AUTH_TOKEN or there is no file."""
-    from stence.cluster.ray_token import check_token_file, default_token_path
-
     env = os.environ if environ is None else environ
     path = default_token_path(env)
     if env.get("RAY_AUTH_TOKEN") or not path.is_file():
@@ -211,8 +215,6 @@ def token_file_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def make_client(address: str | None = None) -> Any:
     """A `JobSubmissionClient` for the dashboard at `address`, with an actionable error if unreachable."""
-    from ray.job_submission import JobSubmissionClient
-
     url = resolve_address(address)
     try:
         return JobSubmissionClient(url)
@@ -300,8 +302,3 @@ def follow_logs(client: Any, job_id: str, out: TextIO = sys.stdout) -> str:
 
     asyncio.run(_tail())
     return wait(client, job_id, timeout_s=60.0, poll_s=1.0)
-
-
-def format_time(ms: int | None) -> str:
-    """Job timestamps are epoch milliseconds."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"

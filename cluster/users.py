@@ -12,12 +12,22 @@ and written only into a mode-600 MLflow credentials file (what the Ray nodes mou
 from __future__ import annotations
 
 import configparser
+import getpass
 import io
 import os
 import secrets
 import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import read_mlflow_creds
+
+from stence.cluster.private_files import write_private
+from stence.tracking.client import tracking_client
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 MIN_PASSWORD = 12  # MLflow's own minimum
@@ -36,8 +46,9 @@ def tracking_uri(uri: str | None = None) -> str:
 
 
 def _auth_client(uri: str) -> Any:
+    # in here: it imports MLflow's server app (Flask, Starlette: seconds, and a deprecation warning on
+    # stderr), which only the admin calls need, not what imports this module for credentials_text
     from mlflow.server.auth.client import AuthServiceClient
-    from mlflow.utils.credentials import read_mlflow_creds
 
     creds = read_mlflow_creds()
     if not (creds.username and creds.password):
@@ -63,19 +74,6 @@ def read_password_file(path: str | Path) -> str:
     if len(password) < MIN_PASSWORD:
         raise UserAdminError(f"the password in {path} is shorter than {MIN_PASSWORD} characters")
     return password
-
-
-def write_private(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` with mode 600 from the first byte (folder created with mode 700)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
-    return path
 
 
 def credentials_text(username: str, password: str) -> str:
@@ -114,8 +112,6 @@ def grant(uri: str, username: str, permission: str, *, model: str | None = None,
     if model is not None:
         _set_permission(client, username, "registered_model", model, permission)
         return f"{permission} on registered model {model!r}"
-    from stence.tracking.client import tracking_client
-
     exp = tracking_client(uri).get_experiment_by_name(experiment)
     if exp is None:
         raise UserAdminError(f"no experiment named {experiment!r} on {uri}")
@@ -125,8 +121,6 @@ def grant(uri: str, username: str, permission: str, *, model: str | None = None,
 
 def _set_permission(client: Any, username: str, resource_type: str, resource_id: str, permission: str) -> None:
     """Grant, replacing an existing grant (the server has no update call: revoke, then grant again)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.grant_user_permission(username, resource_type, resource_id, permission)
     except MlflowException as e:
@@ -136,5 +130,82 @@ def _set_permission(client: Any, username: str, resource_type: str, resource_id:
         client.grant_user_permission(username, resource_type, resource_id, permission)
 
 
-__all__ = ["PERMISSIONS", "UserAdminError", "add_user", "credentials_text", "env_text", "grant", "new_password",
+def prompt_password(username: str) -> str:
+    """Ask for `username`'s password twice on the terminal (not echoed); no terminal is an error."""
+    if not sys.stdin.isatty():
+        raise UserAdminError("no terminal to prompt on: give --password-file or --credentials-file")
+    first = getpass.getpass(f"password for {username}: ")
+    if first != getpass.getpass("again: "):
+        raise UserAdminError("the passwords differ")
+    return first
+
+
+def choose_password(username: str, *, password_file: str | Path | None = None, generate: bool = False,
+                    prompt: Callable[[str], str] = prompt_password) -> str:
+    """The new user's password: from `password_file`, else generated (`generate`: it goes only into the
+    files written for the user), else asked for with `prompt`."""
+    if password_file:
+        return read_password_file(password_file)
+    if generate:
+        return new_password()
+    return prompt(username)
+
+
+@dataclass(frozen=True)
+class NewUser:
+    """A user `create_user` made on the server at `uri`, and the mode-600 files written for it."""
+
+    username: str
+    uri: str
+    credentials_file: Path | None = None
+    env_file: Path | None = None
+
+
+def create_user(
+    username: str,
+    *,
+    uri: str | None = None,
+    password_file: str | Path | None = None,
+    credentials_file: str | Path | None = None,
+    env_file: str | Path | None = None,
+    prompt: Callable[[str], str] = prompt_password,
+    on_written: Callable[[str, Path], None] | None = None,
+) -> NewUser:
+    """`stence cluster user add`: create `username` on the server (`uri`, default MLFLOW_TRACKING_URI) as
+    the admin, then write its credentials to `credentials_file` (an MLflow credentials file) and/or
+    `env_file` (MLFLOW_TRACKING_USERNAME/PASSWORD lines), both mode 600.
+
+    The password comes from `password_file`, is generated when a file is to be written, or is asked for
+    with `prompt`; it is returned nowhere. `on_written(kind, path)` ("credentials" or "env") is called as
+    each file is written, so a caller can say so even if a later step fails. Errors, the server's
+    included, raise UserAdminError; a file that cannot be read or written raises OSError."""
+    try:
+        server = tracking_uri(uri)
+        password = choose_password(username, password_file=password_file,
+                                   generate=bool(credentials_file or env_file), prompt=prompt)
+        add_user(server, username, password)
+        written: dict[str, Path] = {}
+        for kind, path, text in (("credentials", credentials_file, credentials_text),
+                                 ("env", env_file, env_text)):
+            if path:
+                written[kind] = write_private(path, text(username, password))
+                if on_written is not None:
+                    on_written(kind, written[kind])
+    except MlflowException as e:  # the server refused (user exists, not an admin, ...): its message
+        raise UserAdminError(str(e)) from e
+    return NewUser(username, server, written.get("credentials"), written.get("env"))
+
+
+def grant_permission(username: str, permission: str, *, uri: str | None = None, model: str | None = None,
+                     experiment: str | None = None) -> str:
+    """`stence cluster user grant`: `grant` on the server at `uri` (default MLFLOW_TRACKING_URI) as the
+    admin; returns what was granted. Errors, the server's included, raise UserAdminError."""
+    try:
+        return grant(tracking_uri(uri), username, permission, model=model, experiment=experiment)
+    except MlflowException as e:
+        raise UserAdminError(str(e)) from e
+
+
+__all__ = ["PERMISSIONS", "NewUser", "UserAdminError", "add_user", "choose_password", "create_user",
+           "credentials_text", "env_text", "grant", "grant_permission", "new_password", "prompt_password",
            "read_password_file", "tracking_uri", "write_private"]

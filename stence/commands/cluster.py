@@ -4,13 +4,16 @@ keep the cluster's Ray token private (token), and manage the MLflow server's use
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from stence.commands._common import RAW
+
+if TYPE_CHECKING:  # the module itself is imported when an action runs (it pulls in Ray)
+    from stence.cluster.jobs import Submission
 
 EPILOG = """\
 examples:
@@ -161,14 +164,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=fn)
 
 
-def _client(args: argparse.Namespace) -> Any:
-    """A JobSubmissionClient (imported lazily), after warning about missing token-auth settings and
-    making a token file that others can read private (TokenError, a RuntimeError, if it is not ours)."""
-    from stence.cluster.submit import auth_problems, make_client, token_file_warnings
-
-    for problem in [*token_file_warnings(), *auth_problems()]:
-        print(f"warning: {problem}", file=sys.stderr)
-    return make_client(args.address)
+def _warn(problem: str) -> None:
+    print(f"warning: {problem}", file=sys.stderr)
 
 
 def _fail(e: Exception) -> int:
@@ -176,87 +173,85 @@ def _fail(e: Exception) -> int:
     return 1
 
 
+def _format_time(ms: int | None) -> str:
+    """Job timestamps are epoch milliseconds."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _print_submitted(job: Submission) -> None:
+    """What `submit` says once the job is in (before its logs, with --follow)."""
+    print(f"submitted {job.job_id}")
+    print(f"  env passed to the job: {', '.join(job.env_passed) if job.env_passed else '(none)'}")
+    if job.held_back:
+        print("  not passed (the nodes have their own credentials; only ingest needs the salt): "
+              f"{', '.join(job.held_back)}")
+    print(f"  follow: stence cluster logs {job.job_id} --follow   stop: stence cluster stop {job.job_id}")
+
+
 def run_submit(args: argparse.Namespace) -> int:
     """Submit the command after `--`; with --wait/--follow the exit code says whether it succeeded."""
-    from stence.cluster import submit as sj
+    # imported here, not at the top: it pulls in Ray, and `stence --help` imports every command module
+    from stence.cluster import jobs
 
     command = list(args.job_command)
     if command and command[0] == "--":
         command = command[1:]
     try:
-        sj.build_entrypoint(command)  # nothing to run is an error before any connection is made
-        pip = None
-        if args.pip == "pinned":
-            pip = sj.pinned_requirements()
-        elif args.pip:
-            pip = sj.read_requirements(args.pip)
-        runtime_env = sj.build_runtime_env(
-            extra_env=sj.parse_env_pairs(args.env), pip=pip, py_executable=args.py_executable
+        job = jobs.submit_job(
+            command, address=args.address, env=args.env, pip=args.pip, py_executable=args.py_executable,
+            driver_resources=args.driver_resource, submission_id=args.submission_id, follow=args.follow,
+            wait=args.wait, warn=_warn, on_submitted=_print_submitted, out=sys.stdout,
         )
-        resources = {k: float(v) for k, v in sj.parse_env_pairs(args.driver_resource, "--driver-resource").items()}
-        client = _client(args)
-        job_id = sj.submit(
-            client, command, runtime_env, submission_id=args.submission_id, entrypoint_resources=resources
-        )
-    except (RuntimeError, ValueError, OSError) as e:  # SubmitError, or the job server refused the job
+    except (RuntimeError, ValueError, OSError) as e:  # SubmitError, TokenError, the job server's refusal
         return _fail(e)
-    print(f"submitted {job_id}")
-    passed = sorted(runtime_env["env_vars"])
-    print(f"  env passed to the job: {', '.join(passed) if passed else '(none)'}")
-    held = sj.held_back()
-    if held:
-        print(f"  not passed (the nodes have their own credentials; only ingest needs the salt): {', '.join(held)}")
-    print(f"  follow: stence cluster logs {job_id} --follow   stop: stence cluster stop {job_id}")
-    if args.follow:
-        status = sj.follow_logs(client, job_id)
-    elif args.wait:
-        status = sj.wait(client, job_id)
-    else:
+    if job.status is None:
         return 0
-    print(f"job {job_id}: {status}")
-    return 0 if status == "SUCCEEDED" else 1
+    print(f"job {job.job_id}: {job.status}")
+    return 0 if job.status == "SUCCEEDED" else 1
 
 
 def run_status(args: argparse.Namespace) -> int:
     """Print one job's status (and message)."""
-    from stence.cluster import submit as sj
+    # imported here, not at the top: it pulls in Ray, and `stence --help` imports every command module
+    from stence.cluster import jobs
 
     try:
-        summary = sj.job_summary(_client(args), args.job_id)
-    except (sj.SubmitError, RuntimeError) as e:
+        summary = jobs.job_status(args.job_id, address=args.address, warn=_warn)
+    except RuntimeError as e:  # SubmitError, TokenError, or the job server's
         return _fail(e)
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{summary['submission_id']}: {summary['status']}  {summary['message'] or ''}")
-        print(f"  started {sj.format_time(summary['start_time'])}  ended {sj.format_time(summary['end_time'])}")
+        print(f"  started {_format_time(summary['start_time'])}  ended {_format_time(summary['end_time'])}")
         print(f"  entrypoint: {summary['entrypoint']}")
     return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:
     """Print (or stream) one job's logs."""
-    from stence.cluster import submit as sj
+    # imported here, not at the top: it pulls in Ray, and `stence --help` imports every command module
+    from stence.cluster import jobs
 
     try:
-        client = _client(args)
-        if args.follow:
-            status = sj.follow_logs(client, args.job_id)
-            print(f"job {args.job_id}: {status}", file=sys.stderr)
-        else:
-            sys.stdout.write(client.get_job_logs(args.job_id))
-    except (sj.SubmitError, RuntimeError) as e:
+        logs = jobs.job_logs(args.job_id, address=args.address, follow=args.follow, warn=_warn, out=sys.stdout)
+    except RuntimeError as e:  # SubmitError, TokenError, or the job server's
         return _fail(e)
+    if args.follow:
+        print(f"job {args.job_id}: {logs.status}", file=sys.stderr)
+    else:
+        sys.stdout.write(logs.text)
     return 0
 
 
 def run_stop(args: argparse.Namespace) -> int:
     """Ask the cluster to stop one job."""
-    from stence.cluster import submit as sj
+    # imported here, not at the top: it pulls in Ray, and `stence --help` imports every command module
+    from stence.cluster import jobs
 
     try:
-        stopped = _client(args).stop_job(args.job_id)
-    except (sj.SubmitError, RuntimeError) as e:
+        stopped = jobs.stop_job(args.job_id, address=args.address, warn=_warn)
+    except RuntimeError as e:  # SubmitError, TokenError, or the job server's
         return _fail(e)
     print(f"{args.job_id}: {'stop requested' if stopped else 'was not running'}")
     return 0
@@ -264,11 +259,12 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """List the cluster's jobs, newest first."""
-    from stence.cluster import submit as sj
+    # imported here, not at the top: it pulls in Ray, and `stence --help` imports every command module
+    from stence.cluster import jobs
 
     try:
-        rows = sj.list_summaries(_client(args))
-    except (sj.SubmitError, RuntimeError) as e:
+        rows = jobs.list_jobs(address=args.address, warn=_warn)
+    except RuntimeError as e:  # SubmitError, TokenError, or the job server's
         return _fail(e)
     if args.json:
         print(json.dumps(rows))
@@ -276,7 +272,7 @@ def run_list(args: argparse.Namespace) -> int:
     for r in rows:
         lines = (r["entrypoint"] or "").splitlines() or [""]
         entry = lines[0][:90] + (" ..." if len(lines) > 1 or len(lines[0]) > 90 else "")
-        print(f"{r['submission_id'] or '-':<32} {r['status']:<10} {sj.format_time(r['start_time'])}  {entry}")
+        print(f"{r['submission_id'] or '-':<32} {r['status']:<10} {_format_time(r['start_time'])}  {entry}")
     if not rows:
         print("no jobs")
     return 0
@@ -284,11 +280,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_token(args: argparse.Namespace) -> int:
     """Create or tighten the Ray auth token file and copy it for the nodes; never print the token."""
-    from stence.cluster.ray_token import ensure_token
+    # imported here, not at the top: stence.cluster stays unloaded for `stence --help`, which imports every
+    # command module
+    from stence.cluster import ray_token
 
     try:
-        _, done = ensure_token(args.path, None if args.no_copy else args.copy_to)
-    except (RuntimeError, OSError) as e:
+        _, done = ray_token.ensure_token(args.path, None if args.no_copy else args.copy_to)
+    except (RuntimeError, OSError) as e:  # TokenError, or the file system's
         return _fail(e)
     for line in done:
         print(line)
@@ -296,55 +294,37 @@ def run_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _password(args: argparse.Namespace) -> str:
-    """The new user's password: from --password-file, generated for --credentials-file, else prompted."""
-    from stence.cluster import users
-
-    if args.password_file:
-        return users.read_password_file(args.password_file)
-    if args.credentials_file or args.env_file:
-        return users.new_password()
-    if not sys.stdin.isatty():
-        raise users.UserAdminError("no terminal to prompt on: give --password-file or --credentials-file")
-    first = getpass.getpass(f"password for {args.username}: ")
-    if first != getpass.getpass("again: "):
-        raise users.UserAdminError("the passwords differ")
-    return first
-
-
 def run_user_add(args: argparse.Namespace) -> int:
     """Create an MLflow user (as the admin); with --credentials-file, its credentials go only to that file."""
-    from mlflow.exceptions import MlflowException
-
+    # imported here, not at the top: it pulls in MLflow, and `stence --help` imports every command module
     from stence.cluster import users
 
-    try:
-        uri = users.tracking_uri(args.uri)
-        password = _password(args)
-        users.add_user(uri, args.username, password)
-        if args.credentials_file:
-            path = users.write_private(args.credentials_file, users.credentials_text(args.username, password))
+    def written(kind: str, path: Path) -> None:
+        if kind == "credentials":
             print(f"wrote {path} (mode 600): MLflow reads it as ~/.mlflow/credentials where {args.username} runs")
-        if args.env_file:
-            path = users.write_private(args.env_file, users.env_text(args.username, password))
+        else:
             print(f"wrote {path} (mode 600)")
-    except (users.UserAdminError, MlflowException, OSError) as e:
+
+    try:
+        user = users.create_user(args.username, uri=args.uri, password_file=args.password_file,
+                                 credentials_file=args.credentials_file, env_file=args.env_file,
+                                 on_written=written)
+    except (users.UserAdminError, OSError) as e:  # UserAdminError carries the server's refusals too
         return _fail(e)
-    print(f"created MLflow user {args.username!r} on {uri}; it sees nothing until granted "
-          f"(stence cluster user grant {args.username} --model NAME --permission READ)")
+    print(f"created MLflow user {user.username!r} on {user.uri}; it sees nothing until granted "
+          f"(stence cluster user grant {user.username} --model NAME --permission READ)")
     return 0
 
 
 def run_user_grant(args: argparse.Namespace) -> int:
     """Grant a user a permission on a registered model or an experiment (as the admin)."""
-    from mlflow.exceptions import MlflowException
-
+    # imported here, not at the top: it pulls in MLflow, and `stence --help` imports every command module
     from stence.cluster import users
 
     try:
-        what = users.grant(users.tracking_uri(args.uri), args.username, args.permission, model=args.model,
-                           experiment=args.experiment)
-    except (users.UserAdminError, MlflowException) as e:
+        what = users.grant_permission(args.username, args.permission, uri=args.uri, model=args.model,
+                                      experiment=args.experiment)
+    except users.UserAdminError as e:  # UserAdminError carries the server's refusals too
         return _fail(e)
     print(f"granted {args.username!r} {what}")
     return 0
