@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from stence.config import Config, apply_overrides
+from stence.pipelines.compare import compare_results
+from stence.pipelines.downstream import evaluate_encoder
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.runs import Tracker
 from stence.train.driver import absolute_storage
 
 PAPER_POINT = {"loss.w_sten": 0.3, "model.contract": "paper"}  # the reference row: the paper's W_Sten and input
@@ -42,13 +46,8 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
     """Probe each variant (its exported best encoder, `exports/pretrain-<trial id>/encoder.pt`) on `tasks`, one
     evaluation run per variant under the sweep's parent; write results.json/.md, fig2_auroc_vs_threshold.png
     and delong.json into `out_dir` (default: the sweep folder's `ablation/`) as a comparison run, and log them
-    to the sweep's parent run too. Returns the merged results."""
-    from stence.eval.report import claim_results
-    from stence.pipelines.compare import compare
-    from stence.pipelines.downstream import close_evaluation, evaluate
-    from stence.tracking.client import resolve_tracking_uri
-    from stence.tracking.runs import Tracker
-
+    to the sweep's parent run too. The probes and the table go through the pipelines of `stence probe` and
+    `stence probe --compare` (`evaluate_encoder`, `compare_results`). Returns the merged results."""
     variants = _variants(result.results)
     varied = [k for k in (variants[0][1] if variants else {}) if len({str(v[1].get(k)) for v in variants}) > 1]
     swept = ["loss.w_sten", *(k for k in varied if k != "loss.w_sten")]  # W_Sten named in every row
@@ -67,17 +66,18 @@ def ablation_report(result: Any, cfg: Config, tasks: list[str], out_dir: str | P
             reference = label
         vcfg = apply_overrides(cfg, overrides)
         vcfg = replace(vcfg, train=replace(vcfg.train, name=f"ablation-{trial_id}"))
-        results, evaluation = evaluate(vcfg, label, "probe", str(encoder), tasks, parent_run_id=result.parent_run_id)
-        close_evaluation(vcfg, evaluation, results)
-        merged[label] = results[label]
+        merged[label] = evaluate_encoder(vcfg, label, "probe", str(encoder), tasks,
+                                         parent_run_id=result.parent_run_id).results[label]
     if reference is not None:  # reference first: the paired tests compare the first model with the others
         merged = {reference: merged[reference], **{k: v for k, v in merged.items() if k != reference}}
-    out = claim_results(Path(out_dir) if out_dir else Path(result.path) / "ablation", overwrite=True)
-    done = compare(cfg, merged, out, tasks=tasks, run_name="ablation-comparison", parent_run_id=result.parent_run_id,
-                   heading="Paired DeLong test and patient bootstrap against the paper's setting")
+    done = compare_results(cfg, merged, Path(out_dir) if out_dir else Path(result.path) / "ablation",
+                           overwrite=True, tasks=tasks, run_name="ablation-comparison",
+                           parent_run_id=result.parent_run_id,
+                           heading="Paired DeLong test and patient bootstrap against the paper's setting")
+    out = done.out
     uri = resolve_tracking_uri(cfg)
     if result.parent_run_id and uri:
         t = Tracker(uri, result.parent_run_id)
         for f in ("results.json", "results.md", "fig2_auroc_vs_threshold.png", "delong.json"):
             t.log_artifact(out / f, "ablation")
-    return {"results": merged, "out": str(out), "delong": done["delong"]}
+    return {"results": merged, "out": str(out), "delong": done.delong}

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stence.commands._common import RAW, add_config_args, config_from_args
+
+if TYPE_CHECKING:
+    from stence.models.base import ECGEncoder
 
 EXAMPLE = """examples:
   stence embed --set model.ecg=otis_base model.ecg_checkpoint=otis_base.pth -- ecgs/*.hea --out otis.npz
@@ -37,44 +41,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.data.limits import Limits
-    from stence.serving.embed import embed_records
-    from stence.serving.predict import expand_records
-
-    out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    records = expand_records(args.records)
-    if any(Path(r).resolve() == out.resolve() for r in records):
-        print(f"error: --out {out} is one of the inputs; nothing written")
-        return 1
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it (nothing written)")
-        return 1
     cfg = config_from_args(args)
-    source = None
-    if args.model:
-        from stence.serving.fetch import load_champion
-        from stence.tracking.client import resolve_tracking_uri
+    # the pipeline pulls in torch and MLflow: imported here so `stence --help` stays fast
+    from stence.pipelines.embed import EmbedRefused, embed_pipeline
 
-        try:
-            source = load_champion(args.model, uri=resolve_tracking_uri(cfg))
-        except Exception as e:
-            print(f"error: cannot load model {args.model!r}: {e}")
-            return 1
-        encoder = source.encoder
-    else:
-        from stence.models.registry import build_ecg_encoder
-
-        try:
-            encoder = build_ecg_encoder(cfg)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            print(f"error: cannot build encoder {cfg.model.ecg!r}: {e}")
-            return 1
-    print(f"encoder {encoder.arch.get('name')}, input contract {encoder.contract.describe()}", file=sys.stderr)
-    result = embed_records(encoder, records, limits=Limits.from_config(cfg.ingest), prep_source=source)
+    try:
+        done = embed_pipeline(cfg, args.records, args.out, args.model, args.overwrite, on_encoder=_print_encoder)
+    except EmbedRefused as e:  # nothing embedded, nothing written
+        print(f"error: {e}")
+        return 1
+    result = done.result
     for record, _, error in result.failed:
         print(f"{record}  ERROR {error}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out)
-    print(f"embedded {len(result.records)} of {len(records)} record(s) -> {out} "
+    print(f"embedded {len(result.records)} of {len(done.records)} record(s) -> {done.out} "
           f"({result.embeddings.shape[0]} x {result.embeddings.shape[1]} float32)")
     return 0 if not result.failed else 1
+
+
+def _print_encoder(encoder: ECGEncoder) -> None:
+    print(f"encoder {encoder.arch.get('name')}, input contract {encoder.contract.describe()}", file=sys.stderr)

@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the pipeline (stence.train.features) pulls in pandas and Ray Data: imported here so `stence --help` is fast
     from stence.train.features import extract_features
 
     cfg = config_from_args(args)

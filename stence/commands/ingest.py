@@ -33,16 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.data.export_tables import ExportTableError
-    from stence.data.ingest import DiskFullError, IdentifierLeakError, NothingUsableError, ingest
-    from stence.data.pseudonym import SaltError
-    from stence.outputs import OutputRefused
-
     cfg = config_from_args(args)
+    # the pipeline pulls in pandas and the DICOM/WFDB readers: imported here so `stence --help` stays fast
+    from stence.pipelines.ingest import INGEST_ERRORS, ingest_cohort
+
     try:
-        report = ingest(args.raw, args.out, cfg, processes=args.processes, overwrite=args.overwrite)
-    except (OutputRefused, ExportTableError, NothingUsableError, IdentifierLeakError, DiskFullError, SaltError,
-            FileNotFoundError) as e:
+        report = ingest_cohort(cfg, args.raw, args.out, processes=args.processes, overwrite=args.overwrite)
+    except INGEST_ERRORS as e:  # refused with one line; nothing outside the staging and site folders written
         print(f"stence ingest: {e}", file=sys.stderr)
         return 1
     print(report.summary())

@@ -23,13 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stence.serving.registry import list_models
-    from stence.tracking.client import resolve_tracking_uri
-
     cfg = config_from_args(args)
-    name = args.name or cfg.tracking.registered_model
-    uri = resolve_tracking_uri(cfg)
-    rows = list_models(name, uri=uri)
+    # the pipeline pulls in torch and MLflow: imported here so `stence --help` stays fast
+    from stence.pipelines.register import registered_versions
+
+    found = registered_versions(cfg, args.name)
+    name, uri, rows = found.name, found.uri, found.rows
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -90,30 +90,25 @@ def _load_hint(message: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from stence.data.limits import Limits
-    from stence.serving.fetch import load_champion
-    from stence.serving.predict import expand_records, predict_records
-    from stence.tracking.client import resolve_tracking_uri
-
     cfg = config_from_args(args)
-    ref = args.model or f"models:/{cfg.tracking.registered_model}@champion"
-    uri = resolve_tracking_uri(cfg)
+    # the pipeline pulls in torch and MLflow: imported here so `stence --help` stays fast
+    from stence.pipelines.predict import ModelNotLoaded, score_records
+
     try:
-        model = load_champion(ref, uri=uri)
-    except Exception as e:  # unknown alias, missing run, unreadable file: say which and what to do
-        print(f"error: cannot load model {ref!r} from {uri}: {e}\n{_load_hint(str(e))}")
+        scored = score_records(cfg, args.records, args.model, on_loaded=_report_lineage)
+    except ModelNotLoaded as e:  # unknown alias, missing run, unreadable file: say which and what to do
+        print(f"error: {e}\n{_load_hint(str(e.cause))}")
         return 1
-    _report_lineage(model)
-    # an empty folder stays an argument of its own, so it gets an error row rather than vanishing
-    rows = predict_records(model, expand_records(args.records), limits=Limits.from_config(cfg.ingest))
+    rows = scored.rows
     _warn_if_uniform(rows)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         _print_table(rows)
-    n_ok = sum(r["error"] is None for r in rows)
+    n_ok = scored.n_ok
     if not args.json:
-        lineage = getattr(model, "lineage", None)
+        lineage = getattr(scored.model, "lineage", None)
         version = f"version {lineage.version}, " if lineage is not None and lineage.version else ""
-        print(f"scored {n_ok} of {len(rows)} record(s) with {ref} ({version}task {model.metadata['task']})")
+        print(f"scored {n_ok} of {len(rows)} record(s) with {scored.ref} ({version}task "
+              f"{scored.model.metadata['task']})")
     return 0 if n_ok == len(rows) else 1

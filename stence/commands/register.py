@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stence.commands._common import RAW, add_config_args, config_from_args
+from stence.tracking.tags import (
+    CODE_COMMIT_TAG,
+    COHORT_FINGERPRINT_TAG,
+    CONFIG_HASH_TAG,
+    METRIC_INTERVAL_TAG,
+    METRIC_TAG,
+)
 
 if TYPE_CHECKING:
-    from stence.config import Config
+    from stence.pipelines.register import Registered
 
 EXAMPLE = """examples:
   stence register 3f2c9a...e1                      # a run whose artifacts hold scorer.pt (stence probe)
@@ -38,67 +43,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _run_for_file(cfg: Config, scorer: Path, meta: dict) -> str:
-    """A FINISHED run to own a scorer that came as a file: the scorer's own config, this CLI's tracking."""
-    from dataclasses import replace
-
-    from stence.config import ConfigError, from_dict
-    from stence.tracking.client import resolve_tracking_uri
-    from stence.tracking.runs import Tracker, start_run
-    from stence.tracking.tags import SCORER_PATH_TAG, STAGE_TAG
-
-    try:
-        run_cfg = replace(from_dict(meta["config"]), tracking=cfg.tracking) if meta.get("config") else cfg
-    except (ConfigError, TypeError, ValueError):
-        run_cfg = cfg
-    run_id = start_run(run_cfg, f"register-{scorer.parent.name}",
-                       tags={STAGE_TAG: "register", SCORER_PATH_TAG: str(scorer.resolve())})
-    Tracker(resolve_tracking_uri(cfg), run_id).end("FINISHED")
-    return run_id
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from stence.models.scorer import scorer_metadata
-    from stence.pipelines.register import promote, register_scorer, run_tags
-    from stence.serving.fetch import fetch_scorer
-    from stence.tracking.client import resolve_tracking_uri
-    from stence.tracking.tags import (
-        CODE_COMMIT_TAG,
-        COHORT_FINGERPRINT_TAG,
-        CONFIG_HASH_TAG,
-        METRIC_INTERVAL_TAG,
-        METRIC_TAG,
-        SWEEP_TAG,
-    )
-
     cfg = config_from_args(args)
-    uri = resolve_tracking_uri(cfg)
-    name = args.name or cfg.tracking.registered_model
-    with tempfile.TemporaryDirectory(prefix="stence-register-") as tmp:
-        src = args.source
-        try:
-            scorer = fetch_scorer(src, tmp, uri=uri)
-            meta = scorer_metadata(scorer)
-        except Exception as e:  # unknown run id, no scorer in the run, unreadable file
-            print(f"error: cannot find a scorer in {src!r} (tracking URI {uri}): {e}")
-            return 1
-        if Path(src).expanduser().exists():
-            run_id = _run_for_file(cfg, scorer, meta)
-        else:
-            run_id = src[len("runs:/"):].split("/", 1)[0] if src.startswith("runs:/") else src
-        sweep = run_tags(cfg, run_id).get(SWEEP_TAG)
-        try:
-            done = register_scorer(cfg, scorer, run_id, name, args.metric, {SWEEP_TAG: sweep} if sweep else None)
-        except ValueError as e:
-            print(f"error: {e}")
-            return 1
-    tags = done.tags
-    print(f"registered {name} version {done.version} from run {run_id} ({done.model_uri})")
-    print(f"  {tags[METRIC_TAG]} {tags[METRIC_INTERVAL_TAG]}; cohort {tags[COHORT_FINGERPRINT_TAG]}; "
-          f"config {tags[CONFIG_HASH_TAG]}; commit {tags[CODE_COMMIT_TAG][:12]}")
-    promote(cfg, done, alias=args.alias, strict=args.strict, force=args.force)
+    # the pipeline pulls in torch and MLflow: imported here so `stence --help` stays fast
+    from stence.pipelines.register import RegisterError, register_source
+
+    try:
+        done = register_source(cfg, args.source, args.name, metric=args.metric, alias=args.alias,
+                               strict=args.strict, force=args.force, on_registered=_print_registered)
+    except RegisterError as e:  # no scorer there, or none with the metric: one line, exit 1
+        print(f"error: {e}")
+        return 1
     print(f"  {done.decision}")
     if not done.promoted:
         print(f"  (use --force to make version {done.version} the {args.alias} anyway)")
     return 0
+
+
+def _print_registered(done: Registered) -> None:
+    """What was registered, before the promotion is decided."""
+    tags = done.tags
+    print(f"registered {done.name} version {done.version} from run {done.run_id} ({done.model_uri})")
+    print(f"  {tags[METRIC_TAG]} {tags[METRIC_INTERVAL_TAG]}; cohort {tags[COHORT_FINGERPRINT_TAG]}; "
+          f"config {tags[CONFIG_HASH_TAG]}; commit {tags[CODE_COMMIT_TAG][:12]}")

@@ -8,6 +8,9 @@ import argparse
 from pathlib import Path
 
 from stence.commands._common import RAW, add_config_args, config_from_args
+from stence.pipelines.runs import NoSuchSpool, replay_paths
+from stence.tracking.client import resolve_tracking_uri
+from stence.tracking.replay import ReplayStats
 
 EXAMPLE = """example:
   stence runs replay runs/ray/stence-pretrain/mlflow_spool.jsonl   # what the warning at the end of a run names
@@ -37,47 +40,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _spools(paths: list[str]) -> list[Path]:
-    from stence.tracking.spool import SPOOL_NAME
-
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(p.rglob(SPOOL_NAME))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise SystemExit(f"no such spool file or folder: {p}")
-    return out
+def _print_replay(spool: Path, stats: ReplayStats) -> None:
+    print(f"{spool}: applied {stats.applied} items to runs {', '.join(sorted(stats.runs)) or '-'}; skipped "
+          f"{stats.skipped_steps} metric steps the runs already had; dropped {len(stats.dropped)}"
+          + (f"; {stats.pending} still pending: {stats.error}" if stats.pending else ""))
+    for rid, why in stats.dropped.items():
+        print(f"  dropped {rid}: {why}")
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from stence.tracking.replay import replay
-    from stence.tracking.spool import pending_records
-
-    left = 0
-    for spool in _spools(args.paths):
-        if not pending_records(spool):
-            continue
-        stats = replay(spool)
-        left += stats.pending
-        print(f"{spool}: applied {stats.applied} items to runs {', '.join(sorted(stats.runs)) or '-'}; skipped "
-              f"{stats.skipped_steps} metric steps the runs already had; dropped {len(stats.dropped)}"
-              + (f"; {stats.pending} still pending: {stats.error}" if stats.pending else ""))
-        for rid, why in stats.dropped.items():
-            print(f"  dropped {rid}: {why}")
-    if left:
-        print(f"{left} items still pending: run this again once the tracking store answers")
+    try:
+        done = replay_paths(args.paths, report=_print_replay)
+    except NoSuchSpool as e:
+        raise SystemExit(str(e)) from e
+    if done.pending:
+        print(f"{done.pending} items still pending: run this again once the tracking store answers")
         return 1
     print("nothing pending: every buffered item is in MLflow")
     return 0
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from stence.tracking.client import resolve_tracking_uri
+    cfg = config_from_args(args)
+    # the sweep's repair (stence.tune) pulls in Ray Tune: imported here so `stence --help` stays fast
     from stence.tune.trial_runs import repair_runs
 
-    cfg = config_from_args(args)
     uri, experiment = resolve_tracking_uri(cfg), args.experiment or cfg.tracking.experiment
     ended, kept = repair_runs(uri, experiment, sweep=args.sweep, older_than_min=args.older_than,
                               dry_run=args.dry_run)

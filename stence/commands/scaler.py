@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from stence.commands._common import RAW
 
@@ -33,41 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=run)
 
 
-def _lead_order(value: str | None) -> list[str] | None:
-    from stence.models.base import LEAD_ORDERS
-
-    if not value:
-        return None
-    return list(LEAD_ORDERS[value]) if value in LEAD_ORDERS else [s.strip() for s in value.split(",")]
-
-
 def run(args: argparse.Namespace) -> int:
-    from stence.models.safe_load import CheckpointError, load_scaler, read_scaler_pickle, write_scaler_json
+    # the pipeline pulls in torch: imported here so `stence --help` stays fast
+    from stence.pipelines.scaler import ScalerRefused, convert_scaler
 
-    src, out = Path(args.pickle), Path(args.out)
-    tmp = out.with_name(out.stem + ".tmp.json")
-    if out.suffix.lower() != ".json":
-        print(f"refused: --out {out} must end in .json (the format model.ecg_scaler reads)", file=sys.stderr)
-        return 2
-    if out.resolve() == src.resolve():
-        print(f"refused: --out {out} is the input file", file=sys.stderr)
-        return 2
-    if out.exists() and not args.overwrite:
-        print(f"refused: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    leads = _lead_order(args.lead_order)
     try:
-        attrs = read_scaler_pickle(src)
-        n = len(attrs["mean_"])
-        if leads is not None and len(leads) != n:
-            raise CheckpointError(f"--lead-order names {len(leads)} leads, the scaler has {n} entries")
-        write_scaler_json(tmp, attrs, lead_order=leads)
-        load_scaler(tmp, n_features=n)  # what was written is what model.ecg_scaler accepts
-        tmp.replace(out)
-    except (CheckpointError, FileNotFoundError) as e:
-        tmp.unlink(missing_ok=True)
+        done = convert_scaler(args.pickle, args.out, args.lead_order, args.overwrite)
+    except ScalerRefused as e:  # nothing written: 2 for a refused --out, 1 for a refused pickle
         print(f"refused: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: {n} leads, mean_ and scale_ of a StandardScaler"
-          + (f" (scikit-learn {attrs['sklearn_version']})" if "sklearn_version" in attrs else ""))
+        return e.code
+    print(f"wrote {done.out}: {done.n_leads} leads, mean_ and scale_ of a StandardScaler"
+          + (f" (scikit-learn {done.sklearn_version})" if done.sklearn_version is not None else ""))
     return 0

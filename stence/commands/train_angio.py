@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the pipeline pulls in torch, Ray and MLflow: imported here so `stence --help` stays fast
     from stence.pipelines.angio import run_angio
 
     out = run_angio(config_from_args(args))

@@ -1,19 +1,23 @@
 """What every training pipeline shares: its MLflow run (started here, or a sweep trial's handed in), its export
-folder, and the checkpoint Ray Train selected."""
+folder, the checkpoint Ray Train selected, and the export of a pretrained encoder from it."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stence.config import Config
+from stence.config import Config, to_dict
+from stence.models.checkpoint import save_encoder, save_stence
+from stence.models.registry import build_stence_model
 from stence.outputs import claim_output
 from stence.tracking.client import resolve_tracking_uri, run_spool
+from stence.tracking.lineage import log_cohort_input
 from stence.tracking.runs import Tracker, loop_tracking, start_run
 from stence.tracking.tags import SPOOL_TAG, STAGE_TAG
 from stence.train.driver import absolute_storage, run_name_for
+from stence.train.features import extract_features
 from stence.train.worker import METRICS_FILE, load_state, local_best_checkpoint
 
 
@@ -94,16 +98,30 @@ def best_state(result: Any, metric: str, mode: str = "max") -> tuple[dict, dict]
 
 def features_dir(cfg: Config) -> str:
     """The angiography feature cache of `cfg` (extracted, or found, by `stence features`' pipeline)."""
-    from stence.train.features import extract_features  # Ray Data: imported only by the stages that need it
-
     return str(extract_features(cfg).root)
 
 
 def training_run(cfg: Config, run_id: str | None, stage: str) -> StageRun:
     """The run of a training stage (`<stage>-<train.name>`), with the cohort it trains on (train, selected on
     val) logged as its dataset input."""
-    from stence.tracking.lineage import log_cohort_input
-
     run = stage_run(cfg, run_id, f"{stage}-{cfg.train.name}", stage)
     log_cohort_input(run.uri, run.run_id, cfg.data.cohort, "train+val")  # lineage; never raises
     return run
+
+
+def export_pretrained(cfg: Config, state: dict, out: Path, extra: dict[str, Any] | None = None, *,
+                      whole_model: bool = False) -> dict[str, Path]:
+    """A pretraining state -> `out`/encoder.pt, the self-describing ECG encoder, and with `whole_model` also
+    `out`/stence.pt, the whole StenCE model; `extra` (default: the state's epoch) is stored in both. The model
+    is built without `model.angio_checkpoint` (the state holds every weight). The one export of a pretrained
+    encoder: the sweep's best trial (tune/champion.py) and stage B. Returns {"checkpoint"?, "encoder"}."""
+    model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
+    model.load_state_dict(state["model"])
+    extra = {"epoch": int(state["epoch"])} if extra is None else extra
+    paths: dict[str, Path] = {}
+    if whole_model:
+        paths["checkpoint"] = out / "stence.pt"
+        save_stence(paths["checkpoint"], model, to_dict(cfg), extra=extra)
+    paths["encoder"] = out / "encoder.pt"
+    save_encoder(paths["encoder"], model.ecg_encoder, to_dict(cfg), extra=extra)
+    return paths

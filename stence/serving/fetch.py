@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
+
 from stence.models.scorer import Scorer, load_scorer, scorer_metadata
 from stence.outputs import claim_output
 from stence.serving.registry import SCORER_FILE
@@ -164,8 +166,6 @@ def fetch_scorer(ref: str, dst: str | Path, *, uri: str | None = None) -> Path:
 
 def _fetch(ref: str, dst: str | Path, *, uri: str | None = None) -> tuple[Path, Lineage]:
     """`fetch_scorer`, and the lineage of what was downloaded (an alias pinned to one version first)."""
-    import mlflow.artifacts
-
     local = Path(ref).expanduser()
     if local.exists():
         return _find_scorer(local), Lineage(source=ref)

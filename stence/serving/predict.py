@@ -24,6 +24,8 @@ from stence.data.limits import Limits
 from stence.data.wfdb_io import validate_signal
 from stence.errors import BadInputError
 from stence.models.scorer import Scorer
+from stence.serving.fetch import load_champion
+from stence.serving.pyfunc import score_batch
 
 UNEXPECTED = "unexpected_error"
 NO_RECORDS = "no_records"  # a folder argument with no ECG record (WFDB header or vendor export) under it
@@ -107,11 +109,7 @@ def predict_records(model: Scorer | str, paths: Sequence[str | Path], batch_size
     `probability` None and an `error` saying why (the BadInputError reason code and detail); the others
     are still scored. Multi-label scorers give a list per record.
     """
-    from stence.serving.pyfunc import score_batch
-
     if isinstance(model, str):
-        from stence.serving.fetch import load_champion
-
         model = load_champion(model, uri=uri)
     prep = preprocessing_for(model, limits)
     rows: list[dict[str, Any]] = []

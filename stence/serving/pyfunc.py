@@ -24,6 +24,10 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from stence.models.scorer import load_scorer
 
 SCORER_ARTIFACT = "scorer"  # key of the scorer file in the model's artifacts
 INPUT_NAME = "ecg"  # the one named input of the signature: (N, n_leads, n_samples) float32
@@ -51,9 +55,6 @@ def scorer_signature(spec: dict[str, Any], n_out: int) -> Any:
     """The MLflow signature of a scorer with input contract `spec` and `n_out` tasks, as `predict` behaves:
     input `ecg`, a float32 tensor (-1, n_leads, n_samples) in the lead order `spec["leads"]`; output the
     DataFrame columns of `probability_columns(n_out)` (double, one per task); parameter `output`."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
-
     shape = (-1, len(spec["leads"]), int(spec["n_samples"]))
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), shape, INPUT_NAME)]),
@@ -116,8 +117,6 @@ class ScorerModel(mlflow.pyfunc.PythonModel):
     embedding columns `emb_<k>` with params={"output": "embedding"}, both with "all")."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from stence.models.scorer import load_scorer
-
         self.scorer = load_scorer(context.artifacts[SCORER_ARTIFACT])
         self.input_spec = self.scorer.input_spec
 

@@ -11,6 +11,8 @@ from Ray workers. The version tags are in stence.tracking.tags.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import math
 import subprocess
@@ -19,9 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
+from stence.config import STANDARD_LEADS, ConfigError, config_hash, from_dict
+from stence.data.contract import contract_of_spec
+from stence.data.contract_apply import apply_contract
+from stence.data.synth_ecg import sample_patient, simulate_ecg
 from stence.models.scorer import load_scorer, scorer_metadata
+from stence.serving.pyfunc import ENTRY_CODE, INPUT_NAME, SCORER_ARTIFACT, as_batch, scorer_signature
 from stence.tracking.client import global_tracking_uri, project_dir, tracking_client, uri_or_default
 from stence.tracking.tags import (
     CODE_COMMIT_TAG,
@@ -57,11 +69,6 @@ def example_input(spec: dict[str, Any], n: int = 1, seed: int = 0) -> np.ndarray
     """(n, n_leads, n_samples) float32 model inputs: n synthetic 10 s 12-lead recordings at 500 Hz (the
     dipole-model ECG of stence.data.synth_ecg, in mV, distinct per seed) prepared by the scorer's input
     contract (`apply_contract`), leads in `spec["leads"]` order. The registered model's input example."""
-    from stence.config import STANDARD_LEADS
-    from stence.data.contract import contract_of_spec
-    from stence.data.contract_apply import apply_contract
-    from stence.data.synth_ecg import sample_patient, simulate_ecg
-
     contract = contract_of_spec(spec)
     unknown = [lead for lead in spec["leads"] if lead not in STANDARD_LEADS]
     if unknown:
@@ -89,12 +96,6 @@ def contract_json(meta: dict[str, Any]) -> str:
 
 def model_requirements() -> list[str]:
     """Pinned requirements of the pyfunc model (given explicitly: no inference subprocess at log time)."""
-    import importlib.metadata
-
-    import mlflow
-    import pandas as pd
-    import torch
-
     try:
         version = importlib.metadata.version("stence")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
@@ -116,11 +117,6 @@ def log_scorer(scorer_path: str | Path, run_id: str, uri: str, name: str = "mode
     `metadata`, shown by `get_model_info` and the loaded pyfunc's `metadata.metadata`), the same JSON as the
     `stence.input_contract` tag of the logged model and of its registered versions.
     """
-    import mlflow
-    from mlflow.models import Model
-
-    from stence.serving.pyfunc import ENTRY_CODE, INPUT_NAME, SCORER_ARTIFACT, as_batch, scorer_signature
-
     scorer_path = Path(scorer_path).resolve()
     scorer = load_scorer(scorer_path)
     meta = scorer_metadata(scorer_path)
@@ -175,8 +171,6 @@ def cohort_fingerprint(cfg_dict: dict[str, Any]) -> str:
 
 
 def _config_hash(cfg_dict: dict[str, Any]) -> str:
-    from stence.config import ConfigError, config_hash, from_dict
-
     if not cfg_dict:
         return UNKNOWN
     try:
@@ -228,8 +222,6 @@ def _model_id(model_uri: str) -> str | None:
 def register(model_uri: str, name: str, tags: dict[str, Any] | None = None, *, uri: str | None = None) -> str:
     """Create a new version of registered model `name` (created if missing) from a logged model URI
     (`models:/<model_id>` from `log_scorer`, or `runs:/<run_id>/<path>`); returns the version."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking_client(uri)
     try:
         client.create_registered_model(name, description="StenCE ECG scorers (encoder + stenosis head)")
@@ -282,8 +274,6 @@ def decide_promotion(champion: dict[str, str] | None, champion_version: str | No
 
 def champion_version(name: str, *, uri: str | None = None, alias: str = CHAMPION) -> Any | None:
     """The ModelVersion holding `alias`, or None."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return tracking_client(uri).get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -326,8 +316,6 @@ def set_alias(name: str, version: str, alias: str = CHAMPION, *, uri: str | None
 
 def list_models(name: str, *, uri: str | None = None) -> list[dict[str, Any]]:
     """Versions of `name`, newest first: version, aliases, metric (with interval), created, run id, ..."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking_client(uri)
     try:
         aliases = dict(client.get_registered_model(name).aliases or {})  # alias -> version
