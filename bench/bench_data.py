@@ -21,13 +21,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from stence.config import Config
+from stence.data.augment import augment_ecg
+from stence.data.cohort_io import Cohort
+from stence.data.datasets import EcgDataset
+from stence.data.ingest import ingest, read_site_map, site_dir_for
+from stence.data.preprocess import crop, deterministic_ecg, normalise_crop, random_start
+from stence.data.synth import SynthConfig, write_cohort
+from stence.data.wfdb_io import read_ecg
 
 
 def _pin_one_core() -> None:
-    import torch
-
     torch.set_num_threads(1)
     try:
+        # optional: threadpoolctl comes with scikit-learn; without it BLAS keeps its own thread count
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
@@ -36,8 +45,6 @@ def _pin_one_core() -> None:
 
 
 def bench_cached(cohort, cfg, seconds: float) -> float:
-    from stence.data.datasets import EcgDataset
-
     ds = EcgDataset(cohort, "train", cfg.data, "lt70_ge70", train=True, seed=0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -48,11 +55,6 @@ def bench_cached(cohort, cfg, seconds: float) -> float:
 
 def bench_paper(raw: Path, cohort, cfg, seconds: float) -> float:
     """WFDB read + resample + ALS baseline on every access, then the same crop/normalise/augment."""
-    from stence.data.augment import augment_ecg
-    from stence.data.ingest import read_site_map, site_dir_for
-    from stence.data.preprocess import crop, deterministic_ecg, normalise_crop, random_start
-    from stence.data.wfdb_io import read_ecg
-
     paths = read_site_map(site_dir_for(cfg, cohort.root)).set_index("file")["path"]  # the cohort names no file
     sources = [raw / paths[f] for f in cohort.ecgs["file"]]
     d = cfg.data
@@ -75,11 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench/results/data.json")
     args = p.parse_args(argv)
     os.environ.setdefault("STENCE_SALT", "bench-secret")
-    from stence.config import Config
-    from stence.data.cohort_io import Cohort
-    from stence.data.ingest import ingest
-    from stence.data.synth import SynthConfig, write_cohort
-
     cfg = Config()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw"

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from bench.bench_data import _pin_one_core
+from stence.data.ecg_formats import read_ecg_file
+from stence.data.synth import SynthConfig, write_cohort
 
 FORMATS = ("wfdb", "muse", "hl7", "dicom")
 PHILIPS_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ecg_vendor" / "129DYPRG.XML"
@@ -29,8 +31,6 @@ def _records(folder: Path) -> list[Path]:
 
 
 def _rate(paths: list[Path], seconds: float) -> float:
-    from stence.data.ecg_formats import read_ecg_file
-
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < len(paths):
         read_ecg_file(paths[n % len(paths)])
@@ -39,8 +39,6 @@ def _rate(paths: list[Path], seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from stence.data.synth import SynthConfig, write_cohort
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--records", type=int, default=40, help="records per format (2 per synthetic patient)")
     p.add_argument("--seconds", type=float, default=3.0, help="reading time per format")

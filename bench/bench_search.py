@@ -48,7 +48,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stence.tune.budget import best_so_far, trial_epochs_to_within
+from stence.config import load_config
+from stence.pipelines.pretrain import run_pretrain
+from stence.train.driver import ensure_ray, shutdown_ray
+from stence.train.features import extract_features
+from stence.train.pretrain_loop import KNN_METRIC
+from stence.tune.budget import ResultLog, TrialEpochBudget, best_so_far, trial_epochs_to_within
+from stence.tune.spaces import SPACES, get_space
+from stence.tune.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -145,8 +152,6 @@ def prepare_demo_run(runs: Path, tracking_uri: str) -> Path:
 def bench_config(cohort: Path, runs: Path, work: Path, epochs: int, workers: int, tracking_uri: str) -> Any:
     """configs/demo.yaml with the stage-A exports of `runs`, the cohort copy, and the bench's own storage,
     MLflow store, epochs and workers."""
-    from stence.config import load_config
-
     angio = runs / ANGIO_EXPORT
     return load_config(str(DEMO_CONFIG), [
         f"data.cohort={cohort}", f"train.storage_path={work / 'ray'}", f"train.workers={workers}",
@@ -160,8 +165,6 @@ def bench_config(cohort: Path, runs: Path, work: Path, epochs: int, workers: int
 def bench_space(space: str, paper_point: str) -> str:
     """The name of the space both arms sweep: `space` itself, or (paper_point="drop") a copy of it without
     points_to_evaluate, registered for this process (the trials never look the space up)."""
-    from stence.tune.spaces import SPACES, get_space
-
     if paper_point == "keep":
         return space
     name = f"{space}-nopoints"
@@ -177,11 +180,6 @@ def run_arm(arm: str, cfg: Any, *, space: str, budget: int, epochs: int, trials_
             max_concurrent: int, reduction_factor: float, n_startup: int,
             name: str) -> dict[str, Any]:  # fmt: skip
     """One sweep limited to `budget` trial-epochs; its results in arrival order and a summary."""
-    from stence.pipelines.pretrain import run_pretrain
-    from stence.train.pretrain_loop import KNN_METRIC
-    from stence.tune.budget import ResultLog, TrialEpochBudget
-    from stence.tune.sweep import run_sweep
-
     search, scheduler = ARMS[arm]
     stopper, log = TrialEpochBudget(budget), ResultLog(KNN_METRIC)
     # random: exactly its trials of `epochs` epochs; TPE+ASHA: as many trials as the budget allows
@@ -288,8 +286,6 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = _run(args, work, budget, trials_random)
     finally:
-        from stence.train.driver import shutdown_ray
-
         shutdown_ray()
         if tmp is not None:
             tmp.cleanup()
@@ -308,9 +304,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args: argparse.Namespace, work: Path, budget: int, trials_random: int) -> dict[str, Any]:
-    from stence.train.driver import ensure_ray
-    from stence.train.features import extract_features
-
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     t0 = time.perf_counter()
     if args.runs:

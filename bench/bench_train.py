@@ -1,9 +1,10 @@
 """Pretraining throughput: Ray Train (1 and 2 DDP workers) against a plain single-process PyTorch loop,
 same model (StenCE, demo-size encoders), same data (synthetic cohort, cached features), same run.
 
-Every variant runs the same training step (forward, CLIP + stenosis loss, backward, two AdamW steps) with
-one torch thread per process, and times steady-state steps after a warm-up; samples/s of a DDP run is the
-global batch throughput. Worker-group start-up is reported separately (it is paid once per run).
+Every variant runs the pretraining loop's own step (`stence.train.pretrain_loop.pretrain_step`: forward,
+CLIP + stenosis loss, backward, two AdamW steps and their schedulers) with one torch thread per process, and
+times steady-state steps after a warm-up; samples/s of a DDP run is the global batch throughput. Worker-group
+start-up is reported separately (it is paid once per run).
 The hardware ceiling of two workers on this machine is measured too: two independent plain loops, each
 with half the global batch, run at the same time with no communication (two processes share caches,
 memory bandwidth and turbo headroom, so even that is below 2x).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -22,29 +24,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from stence.config import Config, apply_overrides, from_dict, to_dict, update
+from stence.data.cohort_io import Cohort
+from stence.data.datasets import PairedDataset, collate_paired
+from stence.data.feature_store import FeatureStore
+from stence.data.ingest import ingest
+from stence.data.synth import SynthConfig, write_cohort
+from stence.losses import StenceLoss
+from stence.models.registry import build_stence_model
+from stence.train.common import to_device, train_loader, unwrap, wrap_model
+from stence.train.driver import ensure_ray
+from stence.train.features import extract_features
+from stence.train.pretrain_loop import pretrain_step, tower_optimizers, tower_schedulers
+from stence.train.worker import WorkerInfo, all_reduce_sum, report, worker_info
 
 WARMUP = 3
 
 
 def timed_steps(cfg_dict: dict[str, Any], features_dir: str, steps: int, distributed: bool) -> dict[str, float]:
-    """Build model/data/optimisers from the config and time `steps` training steps after a warm-up."""
-    from stence.config import from_dict
-    from stence.data.cohort_io import Cohort
-    from stence.data.datasets import PairedDataset, collate_paired
-    from stence.data.feature_store import FeatureStore
-    from stence.losses import StenceLoss
-    from stence.models.registry import build_stence_model
-    from stence.train.common import to_device, train_loader, unwrap, wrap_model
-    from stence.train.pretrain_loop import tower_optimizers
-    from stence.train.worker import WorkerInfo, worker_info
-
+    """Build model/data/optimisers from the config as `pretrain_loop` does and time `steps` of its training
+    step after a warm-up."""
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
     info = worker_info() if distributed else WorkerInfo(0, 1, 0, torch.device("cpu"))
     ds = PairedDataset(Cohort.open(cfg.data.cohort), "train", cfg.data, FeatureStore.open(features_dir), train=True)
     loader, sampler = train_loader(ds, cfg.optim.batch_size, info, collate_paired, 0)
     model = wrap_model(build_stence_model(cfg), info) if distributed else build_stence_model(cfg)
-    opts = [o for _, o in tower_optimizers(unwrap(model), cfg)]
+    named = tower_optimizers(unwrap(model), cfg)
+    opts, scheds = [o for _, o in named], tower_schedulers(named, cfg, max(1, len(loader)))
     loss_fn = StenceLoss(cfg.loss.w_sten, gather=cfg.loss.gather)
     done, n, t0, epoch = 0, 0, 0.0, 0
     while done < steps + WARMUP:
@@ -54,12 +64,7 @@ def timed_steps(cfg_dict: dict[str, Any], features_dir: str, steps: int, distrib
             if done == WARMUP:
                 t0, n = time.perf_counter(), 0
             batch = to_device(batch, info.device)
-            loss = loss_fn(model(batch), batch)["loss"]
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
+            pretrain_step(model, loss_fn, batch, opts, scheds, info, cfg.optim.grad_clip)
             n += batch["ecg"].shape[0]
             done += 1
             if done >= steps + WARMUP:
@@ -74,10 +79,6 @@ def _independent(args: tuple[dict[str, Any], str, int]) -> dict[str, float]:
 
 def run_independent(cfg, features_dir: str, steps: int, workers: int) -> float:
     """Samples/s of `workers` plain loops running at once (each 1/workers of the global batch)."""
-    import multiprocessing as mp
-
-    from stence.config import to_dict, update
-
     part = update(cfg, optim=update(cfg.optim, batch_size=cfg.optim.batch_size // workers))
     with mp.get_context("spawn").Pool(workers) as pool:
         runs = pool.map(_independent, [(to_dict(part), features_dir, steps)] * workers)
@@ -85,8 +86,6 @@ def run_independent(cfg, features_dir: str, steps: int, workers: int) -> float:
 
 
 def ray_loop(config: dict[str, Any]) -> None:
-    from stence.train.worker import all_reduce_sum, report
-
     r = timed_steps(config["config"], config["features_dir"], config["steps"], distributed=True)
     total = all_reduce_sum({"samples": r["samples"], "seconds": r["seconds"]})
     # global samples over the mean per-worker step time; metrics persist only with a checkpoint (V2)
@@ -95,11 +94,6 @@ def ray_loop(config: dict[str, Any]) -> None:
 
 
 def run_ray(cfg, features_dir: str, steps: int, workers: int, storage: str) -> tuple[float, float]:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from stence.config import to_dict
-
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         ray_loop,
@@ -123,12 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench/results/train.json")
     args = p.parse_args(argv)
     os.environ.setdefault("STENCE_SALT", "bench-secret")
-    from stence.config import Config, apply_overrides, to_dict
-    from stence.data.ingest import ingest
-    from stence.data.synth import SynthConfig, write_cohort
-    from stence.train.driver import ensure_ray
-    from stence.train.features import extract_features
-
     with tempfile.TemporaryDirectory() as tmp:
         write_cohort(Path(tmp) / "raw", SynthConfig.preset("tiny", patients=40))
         ingest(Path(tmp) / "raw", Path(tmp) / "cohort", Config(), processes=2)

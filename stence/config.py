@@ -84,17 +84,24 @@ class IngestConfig:
 class FeatureConfig:
     frame_encoder: str = "convstem_tiny"  # registry name of the frame encoder (paper: dinov2_vits14)
     frame_checkpoint: str = path_field()  # local DINOv2 weights or a stage-A frame_encoder.pt; empty = seeded random init
-    # stage A trains the frame encoder end to end with the aggregator on the cached key frames and exports it:
-    # "auto" = only without frame_checkpoint (random init gives useless frozen features), "true" / "false"
-    train_frame_encoder: str = "auto"
-    encoder_lr_scale: float = 1.0  # end-to-end stage A: frame-encoder learning rate = optim.lr_angio x this
-    train_rotate_deg: float = 20.0  # end-to-end stage A: training views rotated U(-x, x) deg (+-10 % scale)
     feature_dim: int = 64  # width of cached patch features (paper: 512)
     image_size: int = 64  # encoder input size in pixels (paper: 518)
     variants: int = 2  # augmented variants per training study (validation uses variant 0, unaugmented)
     batch_size: int = 16  # studies per Ray Data batch
     actors: int = 2  # Ray Data actor pool size
     seed: int = 0  # seeds the frame encoder init and the augmentations
+
+
+@dataclass(frozen=True)
+class StageAConfig:
+    """Stage A (`stence train-angio`, the angiography stenosis model): how it trains. None of these change the
+    cached features, so none is part of the feature cache key (stence/train/features.py)."""
+
+    # stage A trains the frame encoder end to end with the aggregator on the cached key frames and exports it:
+    # "auto" = only without feature.frame_checkpoint (random init gives useless frozen features), "true" / "false"
+    train_frame_encoder: str = "auto"
+    encoder_lr_scale: float = 1.0  # end-to-end stage A: frame-encoder learning rate = optim.lr_angio x this
+    train_rotate_deg: float = 20.0  # end-to-end stage A: training views rotated U(-x, x) deg (+-10 % scale)
 
 
 @dataclass(frozen=True)
@@ -195,12 +202,48 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    stage_a: StageAConfig = field(default_factory=StageAConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Keys that moved to another section: old dotted key -> new one. Configs saved before the move (in checkpoints,
+# MLflow runs, registered models), YAML files and `--set` overrides that still name an old key keep working:
+# `from_dict` and `apply_overrides` move it to its new place (`migrate_moved_keys`).
+MOVED_KEYS: dict[str, str] = {
+    "feature.train_frame_encoder": "stage_a.train_frame_encoder",
+    "feature.encoder_lr_scale": "stage_a.encoder_lr_scale",
+    "feature.train_rotate_deg": "stage_a.train_rotate_deg",
+}
+
+
+def _moved_conflict(old: str, new: str, old_value: Any, new_value: Any) -> ConfigError:
+    return ConfigError(f"{old} is the old name of {new}, and the two disagree ({old_value!r} != {new_value!r}); "
+                       f"set only {new}")
+
+
+def migrate_moved_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict with every old key of `MOVED_KEYS` moved to its new place (a copy; the input is
+    left as it is). The same setting under both names with different values is a ConfigError."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        src = out.get(old_section)
+        if not isinstance(src, dict) or old_key not in src:
+            continue
+        value = src.pop(old_key)
+        dst = out.setdefault(new_section, {})
+        if not isinstance(dst, dict):
+            raise ConfigError(f"{new_section}: expected a mapping, got {type(dst).__name__}")
+        if new_key in dst and dst[new_key] != value:
+            raise _moved_conflict(old, new, value, dst[new_key])
+        dst[new_key] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,6 +336,8 @@ def from_dict(d: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
     """Build a (nested) config dataclass from a dict, rejecting unknown keys."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    if cls is Config and not prefix:
+        d = migrate_moved_keys(d)  # a config saved (or written) before a key moved section
     for k in d:
         _refuse_secret(prefix + str(k))
     hints = _field_types(cls)
@@ -333,8 +378,16 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any] | list[str] | None) -
             k, v = item.split("=", 1)
             pairs[k.strip()] = _parse_scalar(v)
         overrides = pairs
-    nested = to_dict(cfg)
+    renamed: dict[str, Any] = {}  # an old key name still works: it sets the new key
+    given_as: dict[str, str] = {}
     for key, value in overrides.items():
+        new = MOVED_KEYS.get(key, key)
+        if new in renamed and given_as[new] != key and renamed[new] != value:
+            old_value, new_value = (value, renamed[new]) if key != new else (renamed[new], value)
+            raise _moved_conflict(key if key != new else given_as[new], new, old_value, new_value)
+        renamed[new], given_as[new] = value, key
+    nested = to_dict(cfg)
+    for key, value in renamed.items():
         _refuse_secret(key)
         parts = key.split(".")
         node: Any = nested
@@ -396,8 +449,17 @@ def absolute_paths(cfg: Config, base: str | Path | None = None) -> Config:
 
 
 def config_hash(cfg: Config) -> str:
-    """Short stable hash of the resolved config (tags, cache keys)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    """Short stable hash of the resolved config (tags, cache keys). A moved key is hashed under its old name
+    (`MOVED_KEYS`): the same settings keep the same hash, so run tags and the downstream run names (resume)
+    built from it do not change when a key moves section."""
+    d = to_dict(cfg)
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        d.setdefault(old_section, {})[old_key] = d[new_section].pop(new_key)
+        if not d[new_section]:
+            del d[new_section]  # a section made of moved keys only did not exist before
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -416,7 +478,9 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "MOVED_KEYS",
     "STANDARD_LEADS",
+    "StageAConfig",
     "THRESHOLD_TASKS",
     "TrackingConfig",
     "TrainConfig",
@@ -426,6 +490,7 @@ __all__ = [
     "flatten",
     "from_dict",
     "load_config",
+    "migrate_moved_keys",
     "path_field",
     "path_keys",
     "save_config",

@@ -105,10 +105,10 @@ def test_train_frame_encoder_auto_follows_the_checkpoint() -> None:
     assert trains_frame_encoder(cfg)  # random init: frozen features would be useless
     assert not trains_frame_encoder(apply_overrides(cfg, {"feature.frame_checkpoint": "/w/dinov2.pth"}))
     assert trains_frame_encoder(apply_overrides(cfg, {"feature.frame_checkpoint": "/w/dinov2.pth",
-                                                      "feature.train_frame_encoder": "true"}))
-    assert not trains_frame_encoder(apply_overrides(cfg, {"feature.train_frame_encoder": False}))
+                                                      "stage_a.train_frame_encoder": "true"}))
+    assert not trains_frame_encoder(apply_overrides(cfg, {"stage_a.train_frame_encoder": False}))
     with pytest.raises(ValueError, match="auto"):
-        trains_frame_encoder(apply_overrides(cfg, {"feature.train_frame_encoder": "sometimes"}))
+        trains_frame_encoder(apply_overrides(cfg, {"stage_a.train_frame_encoder": "sometimes"}))
 
 
 def test_checkpoint_metric_averages_patient_artery_and_segment_levels() -> None:
@@ -133,8 +133,8 @@ def test_feature_cache_key_ignores_stage_a_training_options() -> None:
     cohort = SimpleNamespace(fingerprint="abc", meta={"data_config": {"frame_size": 64}})
     cfg = Config()
     key = feature_key(cohort, cfg)
-    same = apply_overrides(cfg, {"feature.train_frame_encoder": "false", "feature.encoder_lr_scale": 3.0,
-                                 "feature.train_rotate_deg": 0.0})
+    same = apply_overrides(cfg, {"stage_a.train_frame_encoder": "false", "stage_a.encoder_lr_scale": 3.0,
+                                 "stage_a.train_rotate_deg": 0.0})
     assert feature_key(cohort, same) == key
     assert feature_key(cohort, apply_overrides(cfg, {"feature.frame_encoder": "dinov2_tiny"})) != key
 

@@ -20,7 +20,7 @@ from typing import Any
 from ray import tune
 
 from stence.config import Config, apply_overrides, from_dict
-from stence.tracking.client import tracking_client
+from stence.tracking.client import resolve_tracking_uri, tracking_client
 from stence.tracking.repair import Repair, end_orphans, find_orphans, replay_spools
 from stence.tracking.runs import NullTracker, Tracker, find_run_by, run_status, start_run
 from stence.tracking.tags import (
@@ -187,4 +187,16 @@ def repair_runs(uri: str, experiment: str, sweep: str | None = None, older_than_
     return end_orphans(uri, orphans, SweepStatus(uri), dry_run=dry_run), kept
 
 
-__all__ = ["ChildRunCloser", "SweepStatus", "make_trial_fn", "repair_runs", "tune_trial_states"]
+def repair_configured(cfg: Config, experiment: str | None = None, sweep: str | None = None,
+                      older_than_min: float | None = None,
+                      dry_run: bool = False) -> tuple[str, list[Repair], list[tuple[Any, str]]]:
+    """`stence runs repair`: `repair_runs` on the config's tracking store and experiment (or `experiment`);
+    returns (the experiment, what was ended, what was left alone and why)."""
+    experiment = experiment or cfg.tracking.experiment
+    ended, kept = repair_runs(resolve_tracking_uri(cfg), experiment, sweep=sweep, older_than_min=older_than_min,
+                              dry_run=dry_run)
+    return experiment, ended, kept
+
+
+__all__ = ["ChildRunCloser", "SweepStatus", "make_trial_fn", "repair_configured", "repair_runs",
+           "tune_trial_states"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from stence.commands._common import RAW, add_config_args, config_from_args
 from stence.pipelines.runs import NoSuchSpool, replay_paths
-from stence.tracking.client import resolve_tracking_uri
 from stence.tracking.replay import ReplayStats
 
 EXAMPLE = """example:
@@ -63,11 +62,10 @@ def _replay(args: argparse.Namespace) -> int:
 def _repair(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     # the sweep's repair (stence.tune) pulls in Ray Tune: imported here so `stence --help` stays fast
-    from stence.tune.trial_runs import repair_runs
+    from stence.tune.trial_runs import repair_configured
 
-    uri, experiment = resolve_tracking_uri(cfg), args.experiment or cfg.tracking.experiment
-    ended, kept = repair_runs(uri, experiment, sweep=args.sweep, older_than_min=args.older_than,
-                              dry_run=args.dry_run)
+    experiment, ended, kept = repair_configured(cfg, args.experiment, sweep=args.sweep,
+                                                older_than_min=args.older_than, dry_run=args.dry_run)
     verb = "would end" if args.dry_run else "ended"
     for r in ended:
         print(f"{verb} {r.name} ({r.run_id}) {r.status}: {r.reason}")

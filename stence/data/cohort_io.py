@@ -29,6 +29,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stence.data.cohort_meta import COHORT_META_FILE, require_cohort
+
 
 def write_table(path: Path, df: pd.DataFrame) -> None:
     pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), path)
@@ -100,16 +102,11 @@ class Cohort:
 
     @classmethod
     def open(cls, root: str | Path) -> Cohort:
-        root = Path(root)
-        if not (root / "cohort.json").exists():
-            raise FileNotFoundError(
-                f"{root} is not a complete cohort (no cohort.json); run `stence ingest RAW --out {root}`"
-            )
-        return cls(root)
+        return cls(require_cohort(root))
 
     @cached_property
     def meta(self) -> dict:
-        return json.loads((self.root / "cohort.json").read_text())
+        return json.loads((self.root / COHORT_META_FILE).read_text())
 
     @property
     def fingerprint(self) -> str:

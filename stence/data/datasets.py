@@ -19,6 +19,7 @@ from stence.data.contract import InputContract, project_contract
 from stence.data.contract_apply import window_part
 from stence.data.contract_cache import contract_signals
 from stence.data.feature_store import FeatureStore
+from stence.data.frame_augment import augment_frames, random_affine
 from stence.data.labels import TARGET_NAMES, threshold_labels
 from stence.data.preprocess import random_start
 
@@ -187,8 +188,6 @@ class StudyDataset(_EpochSeeded):
         k = rng.integers(cache.shape[1], size=len(vrows))
         frames = np.stack([np.asarray(cache[r, j], np.float32) for r, j in zip(vrows, k, strict=True)])
         if self.augment_frames:
-            from stence.data.frame_augment import augment_frames, random_affine
-
             if self.rotate_deg > 0:
                 frames = np.stack([random_affine(f, rng, self.rotate_deg) for f in frames])
             frames = np.stack([augment_frames(f[None], rng)[0] for f in frames])

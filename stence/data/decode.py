@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 
 from stence.data.contract import InputContract
+from stence.data.contract_apply import record_part
+from stence.data.dicom_io import read_xa, resize_frames, select_key_frames
+from stence.data.ecg_formats import read_ecg_file
 from stence.data.limits import Limits
+from stence.data.wfdb_io import validate_signal
 from stence.errors import BadInputError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # not a file's fault: raised, never quarantined
@@ -58,10 +62,6 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     """ECG record (WFDB or a vendor export) -> cached (12, T) float32 at the model rate, baseline removed,
     and the decoded source (12, T_src) float32 mV at the file's rate, from which the caches of other input
     contracts are made."""
-    from stence.data.contract_apply import record_part
-    from stence.data.ecg_formats import read_ecg_file
-    from stence.data.wfdb_io import validate_signal
-
     rel, s = args
     path = Path(s.raw) / rel
     out: dict[str, Any] = {"kind": "ecg", "rel": rel}
@@ -110,8 +110,6 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
 
 def decode_xa(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     """DICOM XA view -> key frames resized to frame_size, float16 in [0, 1], plus header metadata."""
-    from stence.data.dicom_io import read_xa, resize_frames, select_key_frames
-
     rel, s = args
     path = Path(s.raw) / rel
     out: dict[str, Any] = {"kind": "xa", "rel": rel}

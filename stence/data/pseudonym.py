@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +185,6 @@ def _streams(path: Path, overlap: int) -> Iterator[bytes]:
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             for col in pq.read_table(path).columns:
                 if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
                     continue  # measurements and counts the platform computed (an offset of 120000 is no time)

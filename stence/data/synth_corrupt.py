@@ -16,21 +16,19 @@ import numpy as np
 
 from stence import errors
 from stence.data.labels import SEGMENTS
-from stence.data.synth import (
+from stence.data.synth_angio import View
+from stence.data.synth_dicom import make_uid, write_ct, write_xa_undecodable, write_xa_without_pixels
+from stence.data.synth_plan import (
     NAN_DIGITAL,
-    EcgRecord,
-    Patient,
     SynthConfig,
     make_record,
     plan_patients,
     rng_for,
-    write_record,
     write_study,
     xa_meta,
 )
-from stence.data.synth_angio import View
-from stence.data.synth_dicom import make_uid, write_ct, write_xa_undecodable, write_xa_without_pixels
-from stence.data.synth_vendor import person_for, record_format, write_ecg
+from stence.data.synth_records import EcgRecord, Patient
+from stence.data.synth_vendor import person_for, record_format, write_ecg, write_record
 
 ECG_KINDS = (
     errors.ECG_TRUNCATED,

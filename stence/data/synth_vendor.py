@@ -23,7 +23,6 @@ import xml.etree.ElementTree as ET
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import wfdb
@@ -31,9 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from stence.data.synth_dicom import make_uid
-
-if TYPE_CHECKING:  # synth imports this module at load time
-    from stence.data.synth import EcgRecord, Patient
+from stence.data.synth_records import FIRST_NAMES_F, FIRST_NAMES_M, LAST_NAMES, EcgRecord, Patient
 
 ECG_GAIN = 1000.0  # digital units per mV (format 16: +/- 32.7 mV), i.e. 1 uV per unit
 RECORD_FORMATS = ("wfdb", "muse", "hl7", "dicom")  # what one record is written as
@@ -75,8 +72,6 @@ class Person:
 def person_for(p: Patient) -> Person:
     """p's identifiers, with a physician, site and technician drawn deterministically from p.index (the staff
     never share a name part with the patient, so a test can tell whose name survived de-identification)."""
-    from stence.data.synth import _FIRST_F, _FIRST_M, _LAST  # synth imports this module at load time
-
     last, first = p.name.split("^")
     i = p.index
 
@@ -85,8 +80,8 @@ def person_for(p: Patient) -> Person:
 
     return Person(
         first=first, last=last, patient_id=p.patient_id, birth=p.birth, sex=p.sex,
-        physician_first=pick(_FIRST_F + _FIRST_M, 7 * i + 3, first), physician_last=pick(_LAST, 5 * i + 11, last),
-        site=SITES[i % len(SITES)], location=LOCATIONS[i % len(LOCATIONS)], tech_last=pick(_LAST, 3 * i + 1, last),
+        physician_first=pick(FIRST_NAMES_F + FIRST_NAMES_M, 7 * i + 3, first), physician_last=pick(LAST_NAMES, 5 * i + 11, last),
+        site=SITES[i % len(SITES)], location=LOCATIONS[i % len(LOCATIONS)], tech_last=pick(LAST_NAMES, 3 * i + 1, last),
     )  # fmt: skip
 
 

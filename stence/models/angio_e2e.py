@@ -9,31 +9,31 @@ trained on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from stence.models.frame_encoder import FrameEncoder, prepare_frames
-
-if TYPE_CHECKING:
-    from stence.config import Config
-    from stence.models.aggregator import SegmentMILAggregator
+from stence.config import Config
+from stence.models.aggregator import SegmentMILAggregator
+from stence.models.checkpoint import load_aggregator
+from stence.models.frame_encoder import FrameEncoder, load_dinov2_checkpoint, prepare_frames
+from stence.models.registry import build_aggregator, build_frame_encoder, create_frame_encoder
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def trains_frame_encoder(cfg: Config) -> bool:
-    """Resolve `feature.train_frame_encoder`: "auto" trains end to end unless `feature.frame_checkpoint` is
+    """Resolve `stage_a.train_frame_encoder`: "auto" trains end to end unless `feature.frame_checkpoint` is
     set (pretrained or stage-A weights are then used frozen through the feature cache, as in the paper)."""
-    value = str(cfg.feature.train_frame_encoder).strip().lower()
+    value = str(cfg.stage_a.train_frame_encoder).strip().lower()
     if value == "auto":
         return not cfg.feature.frame_checkpoint
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"feature.train_frame_encoder must be auto, true or false, got {value!r}")
+    raise ValueError(f"stage_a.train_frame_encoder must be auto, true or false, got {value!r}")
 
 
 class AngioEndToEnd(nn.Module):
@@ -62,18 +62,12 @@ class AngioEndToEnd(nn.Module):
 
 def build_angio_end_to_end(cfg: Config) -> AngioEndToEnd:
     """Frame encoder of `cfg.feature` (seeded init or its checkpoint) + aggregator of `cfg.model`."""
-    from stence.models.registry import build_aggregator, build_frame_encoder
-
     return AngioEndToEnd(build_frame_encoder(cfg), build_aggregator(cfg))
 
 
 def load_stage_a_export(export_dir: str | Path, frame_encoder: str) -> AngioEndToEnd:
     """The pair `stence train-angio` exports (frame_encoder.pt + aggregator.pt), in eval mode; `frame_encoder`
     is the registry name it was trained with (`feature.frame_encoder`)."""
-    from stence.models.checkpoint import load_aggregator
-    from stence.models.frame_encoder import load_dinov2_checkpoint
-    from stence.models.registry import create_frame_encoder
-
     export = Path(export_dir)
     enc = load_dinov2_checkpoint(create_frame_encoder(frame_encoder), str(export / "frame_encoder.pt"))
     return AngioEndToEnd(enc, load_aggregator(export / "aggregator.pt")).eval()

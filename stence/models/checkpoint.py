@@ -13,7 +13,7 @@ import torch
 
 from stence.models.aggregator import SegmentMILAggregator
 from stence.models.base import ECGEncoder
-from stence.models.registry import create_ecg_encoder
+from stence.models.catalog import create_ecg_encoder
 from stence.models.safe_load import safe_torch_load
 from stence.models.stence import StenceModel
 

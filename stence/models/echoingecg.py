@@ -25,7 +25,7 @@ from torch import nn
 
 from stence.config import STANDARD_LEADS
 from stence.models.base import LEAD_ORDERS, ECGEncoder, load_matching
-from stence.models.registry import register_ecg_encoder
+from stence.models.catalog import create_ecg_encoder, register_ecg_encoder
 from stence.models.safe_load import CheckpointError, load_scaler, safe_torch_load
 
 RESNET101_LAYERS = (3, 4, 23, 3)
@@ -275,8 +275,6 @@ def load_echoingecg_checkpoint(
     if isinstance(model_or_name, EchoingECGEncoder):
         base, arch = {**model_or_name.init_kwargs, **overrides}, dict(model_or_name.arch)
     elif isinstance(model_or_name, str):
-        from stence.models.registry import create_ecg_encoder
-
         probe = create_ecg_encoder(model_or_name, **{**overrides, **derived})
         base, arch = dict(probe.init_kwargs), dict(probe.arch)
     else:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stence.models.base import DropPath, load_matching
+from stence.models.catalog import register_frame_encoder
 from stence.models.otis import Mlp  # same fc1 -> GELU -> fc2 module and keys as DINOv2
-from stence.models.registry import register_frame_encoder
 from stence.models.safe_load import CheckpointError, safe_torch_load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

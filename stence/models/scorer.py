@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from stence.models.base import ECGEncoder
+from stence.models.catalog import create_ecg_encoder
 from stence.models.heads import ClassifierHead
-from stence.models.registry import create_ecg_encoder
 from stence.models.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1

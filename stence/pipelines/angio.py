@@ -6,22 +6,21 @@ from dataclasses import replace
 from typing import Any
 
 from stence.config import Config, to_dict
+from stence.models.angio_e2e import build_angio_end_to_end, save_frame_encoder, trains_frame_encoder
+from stence.models.checkpoint import save_aggregator
+from stence.models.registry import build_aggregator
 from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, training_run
+from stence.train.angio_loop import ANGIO_METRIC, angio_loop
 from stence.train.driver import fit
 
 
 def run_angio(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     """Stage A: train the aggregator on the 11 stenosis targets; export the best as aggregator.pt.
 
-    Trained end to end (`feature.train_frame_encoder`, by default whenever no `feature.frame_checkpoint` is
+    Trained end to end (`stage_a.train_frame_encoder`, by default whenever no `feature.frame_checkpoint` is
     given), the frame encoder learns with it from the cached key frames and is exported too, as
     frame_encoder.pt; stage B then caches its features with `feature.frame_checkpoint=<frame_encoder.pt>`.
     """
-    from stence.models.angio_e2e import build_angio_end_to_end, save_frame_encoder, trains_frame_encoder
-    from stence.models.checkpoint import save_aggregator
-    from stence.models.registry import build_aggregator
-    from stence.train.angio_loop import ANGIO_METRIC, angio_loop
-
     name = cfg.train.name
     run = training_run(cfg, run_id, "angio")
     ok = False

@@ -7,18 +7,17 @@ from dataclasses import replace
 from typing import Any
 
 from stence.config import Config, to_dict
+from stence.models.checkpoint import save_encoder, save_stence
+from stence.models.registry import build_stence_model
 from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, training_run
 from stence.tracking.tags import ENCODER_PATH_TAG
 from stence.train.driver import fit, tune_trial_id
+from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
 
 
 def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
     """Stage B: StenCE pretraining; exports the checkpoint with the best smoothed kNN AUROC (stence.pt) and
     its ECG encoder (encoder.pt), both self-describing."""
-    from stence.models.checkpoint import save_encoder, save_stence
-    from stence.models.registry import build_stence_model
-    from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
-
     name = cfg.train.name
     run = training_run(cfg, run_id, "pretrain")
     ok = False

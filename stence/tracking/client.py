@@ -91,7 +91,7 @@ def tracking_client(uri: str | None = None) -> Any:
     uri = uri_or_default(uri)
     with _CLIENTS_LOCK:
         if uri not in _CLIENTS:
-            import mlflow
+            import mlflow  # mlflow (~1.5 s to import): only when a store is used
 
             _CLIENTS[uri] = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         return _CLIENTS[uri]
@@ -102,6 +102,7 @@ def global_tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking URI at `uri` for the block, then restore it (and the
     MLFLOW_TRACKING_URI variable, which `mlflow.set_tracking_uri` also writes). Only for MLflow calls
     that take no client (`Model.log`) or resolve `models:/` URIs globally."""
+    # mlflow (~1.5 s to import): only for the MLflow calls that need the global URI
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stence.config import Config
+from stence.data.cohort_meta import read_cohort_meta
 from stence.tracking.client import resolve_tracking_uri
 from stence.tracking.lineage import log_cohort_input
 from stence.tracking.runs import Tracker, start_run
@@ -56,9 +57,7 @@ def describe_encoder(encoder: str) -> str:
 
 def _cohort_fingerprint(cfg: Config) -> str:
     try:
-        from stence.data.cohort_io import Cohort
-
-        return Cohort.open(cfg.data.cohort).fingerprint
+        return read_cohort_meta(cfg.data.cohort)["fingerprint"]
     except (FileNotFoundError, KeyError, ValueError, OSError):
         return ""
 

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from stence.data.cohort_meta import read_cohort_meta
 from stence.tracking.client import tracking_client
 from stence.tracking.replay import bounded_http
 from stence.tracking.tags import DATASET_CONTEXT_TAG
@@ -37,11 +38,9 @@ CONTEXTS = ("train", "val", "test", "train+val")  # the usual ones; any other no
 def cohort_dataset(cohort_root: str | Path, context: str) -> Any:
     """The `mlflow.entities.Dataset` of an ingested cohort as read in `context` (see the module docstring).
     Reads only `cohort.json`; FileNotFoundError when the folder is not a complete cohort."""
-    from mlflow.entities import Dataset
+    from mlflow.entities import Dataset  # mlflow (~1.5 s to import): only when a run is tracked
 
-    from stence.data.cohort_io import Cohort
-
-    meta = Cohort.open(cohort_root).meta
+    meta = read_cohort_meta(cohort_root)
     fp = str(meta["fingerprint"])
     splits = [s for s in context.split("+") if s]
     pairs, patients = meta.get("pairs_by_split") or {}, meta.get("splits") or {}
@@ -64,7 +63,7 @@ def log_cohort_input(uri: str | None, run_id: str | None, cohort_root: str | Pat
         raise ValueError(f"context must be a non-empty split name such as {CONTEXTS}, got {context!r}")
     if not (uri and run_id):
         return False
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import DatasetInput, InputTag  # mlflow (~1.5 s): only when a run is tracked
 
     try:
         dataset = cohort_dataset(cohort_root, context)

@@ -8,6 +8,7 @@ near chance, held-out patient AUROC several points below that of the trained mod
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,6 @@ def target_aurocs(targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     levels (`val/auroc_mean`, the checkpoint metric); undefined targets are left out of means."""
     out = {}
     with np.errstate(all="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per = {n: auroc(targets[:, i], scores[:, i]) for i, n in enumerate(TARGET_NAMES)}
@@ -65,11 +64,11 @@ def _inputs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _optimizer(core: nn.Module, cfg: Any, end_to_end: bool) -> torch.optim.Optimizer:
-    """AdamW at optim.lr_angio; the frame encoder (end to end) at lr_angio x feature.encoder_lr_scale."""
+    """AdamW at optim.lr_angio; the frame encoder (end to end) at lr_angio x stage_a.encoder_lr_scale."""
     lr, wd = cfg.optim.lr_angio, cfg.optim.weight_decay
     if not end_to_end:
         return torch.optim.AdamW(param_groups(core, lr, wd), lr=lr)
-    enc_lr = lr * cfg.feature.encoder_lr_scale
+    enc_lr = lr * cfg.stage_a.encoder_lr_scale
     groups = param_groups(core.aggregator, lr, wd) + param_groups(core.frame_encoder, enc_lr, wd)
     return torch.optim.AdamW(groups, lr=lr)
 
@@ -81,7 +80,7 @@ def angio_loop(loop_config: dict[str, Any]) -> None:
     end_to_end = bool(loop_config.get("end_to_end", False))
     store = None if end_to_end else FeatureStore.open(loop_config["features_dir"])
     train_ds = StudyDataset(cohort, "train", cfg.data, store, train=True, seed=cfg.train.seed,
-                            rotate_deg=cfg.feature.train_rotate_deg)
+                            rotate_deg=cfg.stage_a.train_rotate_deg)
     val_ds = StudyDataset(cohort, "val", cfg.data, store, train=False)
     loader, sampler = train_loader(train_ds, cfg.optim.batch_size, info, collate_paired, cfg.train.seed,
                                    cfg.data.num_workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,7 @@ def wrap_model(model: nn.Module, info: WorkerInfo, find_unused: bool = False) ->
     """DDP-wrap when distributed (Ray picks gloo on CPU, nccl on GPU). Parameters that sit out a step
     (e.g. the stenosis head with w_sten=0) need find_unused=True."""
     if info.world_size > 1:
-        import ray.train.torch
+        import ray.train.torch  # ray.train.torch (~3 s to import): only for a distributed run
 
         # gradient_as_bucket_view: gradients live in the all-reduce buckets (one copy less per step)
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
@@ -83,8 +84,6 @@ def wrap_model(model: nn.Module, info: WorkerInfo, find_unused: bool = False) ->
 def ddp_diagnostics(model: nn.Module) -> dict[str, float]:
     """Proof that data parallelism is real: world size, distinct worker processes, and the spread of
     parameter checksums across ranks (0 when every replica holds the same weights)."""
-    import os
-
     checksum = sum(float(p.detach().double().sum()) for p in unwrap(model).parameters())
     rows = all_gather_arrays(np.array([[checksum, os.getpid()]], dtype=np.float64))  # (world, 2)
     return {"ddp/world_size": float(len(rows)), "ddp/distinct_pids": float(len(set(rows[:, 1]))),

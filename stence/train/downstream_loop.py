@@ -7,6 +7,7 @@ selected on validation AUROC only; the test split is scored once, with the selec
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,12 @@ from stence.config import Config
 from stence.data.cohort_io import Cohort
 from stence.data.contract import InputContract
 from stence.data.datasets import EcgDataset
+from stence.data.echonext import EchoNextDataset
 from stence.eval.metrics import auroc
 from stence.models.base import ECGEncoder
+from stence.models.checkpoint import load_encoder
 from stence.models.registry import build_downstream_model, build_ecg_encoder
+from stence.models.scorer import load_scorer
 from stence.train.common import (
     autocast,
     gather_outputs,
@@ -41,13 +45,7 @@ def load_downstream_encoder(cfg: Config) -> ECGEncoder:
     """The encoder to probe: a StenCE / encoder checkpoint if given, else the configured baseline."""
     path = cfg.downstream.encoder_checkpoint
     if path:
-        import torch
-
-        from stence.models.checkpoint import load_encoder
-
         if torch.load(path, map_location="cpu", weights_only=True).get("kind") == "scorer":
-            from stence.models.scorer import load_scorer
-
             return load_scorer(path).encoder  # a registered model: its encoder, without the old head
         return load_encoder(path)
     return build_ecg_encoder(cfg)
@@ -57,8 +55,6 @@ def build_datasets(cfg: Config, contract: InputContract | None = None) -> dict[s
     """Train/val/test sets of the downstream task, under the encoder's input `contract`."""
     d = cfg.downstream
     if d.task == "echonext":
-        from stence.data.echonext import EchoNextDataset
-
         if not d.echonext_root:
             raise ValueError("task 'echonext' needs downstream.echonext_root")
         return {s: EchoNextDataset(d.echonext_root, s, cfg.data, train=(s == "train"), seed=cfg.train.seed,
@@ -85,8 +81,6 @@ def smoothed_bce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> tor
 
 def mean_auroc(y: np.ndarray, p: np.ndarray) -> float:
     """Mean over label columns of the per-column AUROC (each column scored against its own labels)."""
-    import warnings
-
     vals = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,6 +17,7 @@ from typing import Any
 
 from stence.config import Config, ConfigError, to_dict
 from stence.tracking.client import project_dir
+from stence.train.local_mode import select_local_best
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     trial driver fit on a 2-core machine. The dashboard stays on: without it the placement group of
     a trial stopped early by ASHA is never freed and the next trial waits forever.
     """
-    import ray
+    import ray  # ray (~0.5 s to import): light commands import this module for its helpers
 
     global _OWN_ADDRESS
     if ray.is_initialized():
@@ -63,7 +64,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
 
 def shutdown_ray() -> None:
     """ray.shutdown(), forgetting the address ensure_ray exported for its own local instance."""
-    import ray
+    import ray  # ray (~0.5 s to import): light commands import this module for its helpers
 
     global _OWN_ADDRESS
     ray.shutdown()
@@ -80,11 +81,12 @@ def _free_port() -> int:
 
 def tune_trial_id() -> str | None:
     """The id of the Tune trial this process runs, or None outside Ray Tune."""
+    # ray.tune (~1 s to import): light commands import this module for its helpers
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
     if not _in_tune_session():
         return None
-    import ray.tune
+    import ray.tune  # ray.tune (~1 s to import): only inside a trial
 
     return ray.tune.get_context().get_trial_id()
 
@@ -130,7 +132,7 @@ def parse_worker_resources(entries: tuple[str, ...] | list[str]) -> dict[str, fl
 
 def _warn_unoffered(resources: dict[str, float]) -> None:
     """Warn about custom resources no node of the connected cluster offers (yet: an autoscaler may add one)."""
-    import ray
+    import ray  # ray (~0.5 s to import): light commands import this module for its helpers
 
     if not ray.is_initialized():
         return
@@ -152,6 +154,7 @@ def build_trainer(
     run_name: str | None = None,
 ) -> Any:
     """A TorchTrainer for `loop_fn` wired from cfg.train (see `fit`)."""
+    # ray.train.torch (~3 s to import): only when a run starts; light commands import this module
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -175,7 +178,7 @@ def build_trainer(
     )
     callbacks = []
     if in_tune:
-        from ray.tune.integration.ray_train import TuneReportCallback
+        from ray.tune.integration.ray_train import TuneReportCallback  # ray.tune: only inside a trial
 
         callbacks.append(TuneReportCallback())
     run_config = RunConfig(
@@ -224,8 +227,6 @@ def fit(
     if cfg.train.workers > 0 or tune_trial_id() is not None:
         ensure_ray()
     else:
-        from stence.train.worker import select_local_best
-
         select_local_best(metric, mode)
     trainer = build_trainer(
         loop_fn, cfg, stage=stage, loop_config=loop_config, metric=metric, mode=mode, run_name=run_name

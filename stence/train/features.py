@@ -16,13 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from stence.config import Config, to_dict
+from stence.config import Config, from_dict, to_dict
 from stence.data.cohort_io import Cohort
 from stence.data.feature_store import FeatureStore
 from stence.data.frame_augment import augment_frames
+from stence.models.frame_encoder import load_dinov2_checkpoint, prepare_frames
+from stence.models.registry import create_frame_encoder
 from stence.outputs import claim_output
+from stence.train.driver import ensure_ray
 
 
 def _weights_id(path: str) -> str:
@@ -45,9 +49,7 @@ def feature_key(cohort: Cohort, cfg: Config) -> str:
     }
     ingredients["feature"].pop("batch_size", None)  # execution details do not change the features
     ingredients["feature"].pop("actors", None)
-    ingredients["feature"].pop("train_frame_encoder", None)  # stage-A training options, not the features'
-    ingredients["feature"].pop("encoder_lr_scale", None)
-    ingredients["feature"].pop("train_rotate_deg", None)
+    # stage A's training options (cfg.stage_a) are not in `feature`: the features do not depend on them
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -62,19 +64,11 @@ class FrameEncoderActor:
     """Ray Data actor: holds one frame encoder, encodes batches of (view row, variant)."""
 
     def __init__(self, cohort_root: str, cfg_dict: dict[str, Any]):
-        import torch
-
-        from stence.config import from_dict
-        from stence.models.frame_encoder import prepare_frames
-        from stence.models.registry import create_frame_encoder
-
         self.cfg = from_dict(cfg_dict)
         f = self.cfg.feature
         torch.manual_seed(f.seed)
         self.encoder = create_frame_encoder(f.frame_encoder, feature_dim=f.feature_dim, img_size=f.image_size)
         if f.frame_checkpoint:
-            from stence.models.frame_encoder import load_dinov2_checkpoint
-
             load_dinov2_checkpoint(self.encoder, f.frame_checkpoint)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder.eval().to(self.device)
@@ -82,8 +76,6 @@ class FrameEncoderActor:
         self.cohort = Cohort.open(cohort_root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         rows, variants = batch["row"], batch["variant"]
         frames = np.stack([np.asarray(self.cohort.frame_cache[r, 0], np.float32) for r in rows])  # (N, S, S)
         for j, (r, v) in enumerate(zip(rows, variants, strict=True)):
@@ -98,9 +90,7 @@ class FrameEncoderActor:
 
 def extract_features(cfg: Config, cohort_root: str | Path | None = None, progress: bool = True) -> FeatureStore:
     """Encode every view of the cohort (all variants) into the feature cache; resume a partial one."""
-    import ray
-
-    from stence.train.driver import ensure_ray
+    import ray  # ray (~0.5 s to import): only to extract; feature_key and features_dir do not need it
 
     cohort = Cohort.open(cohort_root or cfg.data.cohort)
     out = features_dir(cohort, cfg)

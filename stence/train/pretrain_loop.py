@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
+from stence.config import Config
 from stence.data.cohort_io import Cohort
 from stence.data.datasets import EcgDataset, PairedDataset, collate_paired
 from stence.data.feature_store import FeatureStore
@@ -35,7 +37,7 @@ from stence.train.common import (
     wrap_model,
 )
 from stence.train.schedule import param_groups, warmup_cosine
-from stence.train.worker import all_reduce_mean, load_latest_state, print0, report
+from stence.train.worker import WorkerInfo, all_reduce_mean, load_latest_state, print0, report
 
 KNN_METRIC = "val/knn_auroc"  # the latest kNN probe AUROC
 SELECT_METRIC = "val/knn_auroc_smooth"  # mean of the last train.knn_smooth of them: ranks checkpoints and trials
@@ -47,7 +49,7 @@ def smoothed(history: list[float], n: int) -> float:
     return float(np.mean(recent)) if recent else 0.0
 
 
-def tower_optimizers(core: nn.Module, cfg) -> list[tuple[str, torch.optim.Optimizer]]:
+def tower_optimizers(core: nn.Module, cfg: Config) -> list[tuple[str, torch.optim.Optimizer]]:
     """One AdamW per tower; norms, biases, embeddings and the temperature get no weight decay."""
     ecg_ids = {id(p) for m in (core.ecg_encoder, core.ecg_proj) for p in m.parameters()}
     if isinstance(core.logit_scale, nn.Parameter):
@@ -61,6 +63,34 @@ def tower_optimizers(core: nn.Module, cfg) -> list[tuple[str, torch.optim.Optimi
         if groups:  # the frozen-aggregator ablation can leave a tower with only its head
             out.append((name, torch.optim.AdamW(groups, lr=lr)))
     return out
+
+
+def tower_schedulers(optimizers: list[tuple[str, torch.optim.Optimizer]], cfg: Config,
+                     steps_per_epoch: int) -> list[LambdaLR]:
+    """Per-step warm-up then cosine, one scheduler per tower optimiser (same order)."""
+    return [warmup_cosine(o, cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.epochs * steps_per_epoch,
+                          cfg.optim.warmup_start, cfg.optim.min_lr) for _, o in optimizers]
+
+
+def pretrain_step(model: nn.Module, loss_fn: StenceLoss, batch: dict[str, torch.Tensor],
+                  optimizers: list[torch.optim.Optimizer], schedulers: list[LambdaLR] | None, info: WorkerInfo,
+                  grad_clip: float = 0.0) -> dict[str, torch.Tensor]:
+    """One training step on a batch already on `info.device`: forward and loss terms (bf16 autocast on GPU),
+    zero the gradients, backward of `loss`, clip the gradient norm (`grad_clip` > 0), then each optimiser
+    steps, followed by its scheduler (`schedulers` in the same order; None = no schedulers). Returns the loss
+    terms (`loss` is the one backpropagated). Used by `pretrain_loop` and bench/bench_train.py."""
+    with autocast(info):
+        terms = loss_fn(model(batch), batch)
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for o, s in zip(optimizers, schedulers if schedulers is not None else [None] * len(optimizers), strict=True):
+        o.step()
+        if s is not None:
+            s.step()
+    return terms
 
 
 def retrieval_metrics(ecg: np.ndarray, angio: np.ndarray, scale: float) -> dict[str, float]:
@@ -103,9 +133,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                                    cfg.data.num_workers)
     loss_fn = StenceLoss(cfg.loss.w_sten, gather=cfg.loss.gather)
     optimizers = tower_optimizers(core, cfg)
-    steps = max(1, len(loader))
-    schedulers = [warmup_cosine(o, cfg.optim.warmup_epochs * steps, cfg.optim.epochs * steps,
-                                cfg.optim.warmup_start, cfg.optim.min_lr) for _, o in optimizers]
+    schedulers = tower_schedulers(optimizers, cfg, max(1, len(loader)))
+    tower_opts = [o for _, o in optimizers]
     start, knn_history = 0, []  # one kNN AUROC per kNN probe so far
     state = load_latest_state(map_location=info.device)
     if state is not None:  # resuming: same run name, or a restarted worker group
@@ -124,16 +153,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         n = 0
         for batch in loader:
             batch = to_device(batch, info.device)
-            with autocast(info):
-                terms = loss_fn(model(batch), batch)
-            for _, o in optimizers:
-                o.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            for (_, o), s in zip(optimizers, schedulers, strict=True):
-                o.step()
-                s.step()
+            terms = pretrain_step(model, loss_fn, batch, tower_opts, schedulers, info, cfg.optim.grad_clip)
             b = batch["ecg"].shape[0]
             n += b
             for k, v in terms.items():

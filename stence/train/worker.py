@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stence.train.local_mode import keep_local, local_best_checkpoint, select_local_best
+
 STATE_FILE = "state.pt"  # torch.save'd dict inside every checkpoint directory
 METRICS_FILE = "metrics.json"  # the metrics reported with the checkpoint, for humans and tools
-_LOCAL_LAST: dict[str, Any] = {}  # local mode: the run's context, its last and best checkpoint dirs
-_LOCAL_SELECT: dict[str, str] = {}  # local mode: the metric (and mode) that picks the best checkpoint
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class WorkerInfo:
 def _train_context() -> Any | None:
     """The Ray Train context, or None outside a Ray Train loop (plain process or Tune driver)."""
     try:
-        import ray.train
+        import ray.train  # ray.train (~1 s to import): only when asked for a Ray Train context
 
         return ray.train.get_context()
     except (RuntimeError, DeprecationWarning, ImportError):
@@ -51,7 +50,7 @@ def _train_context() -> Any | None:
 
 def _is_local_mode() -> bool:
     """True in Ray Train local mode: Ray does not persist checkpoints there."""
-    from ray.train.v2.api.context import LocalTrainContext
+    from ray.train.v2.api.context import LocalTrainContext  # ray.train (~1 s to import): only on a report
 
     return isinstance(_train_context(), LocalTrainContext)
 
@@ -66,7 +65,7 @@ def worker_info() -> WorkerInfo:
     if ctx is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         return WorkerInfo(0, 1, 0, device or torch.device("cpu"))
-    import ray.train.torch
+    import ray.train.torch  # ray.train.torch (~3 s to import): only inside a Ray Train run
 
     return WorkerInfo(
         rank=ctx.get_world_rank(),
@@ -148,40 +147,6 @@ def _write_checkpoint_dir(path: Path, metrics: dict[str, Any], state: dict[str, 
     (path / METRICS_FILE).write_text(json.dumps(metrics, default=float, indent=1))
 
 
-def select_local_best(metric: str, mode: str = "max") -> None:
-    """Local mode runs in the driver's process: the driver names the metric that picks the best
-    checkpoint, as CheckpointConfig does for Ray-managed runs."""
-    _LOCAL_SELECT.update(metric=metric, mode=mode)
-
-
-def _better(value: Any, best: Any, mode: str) -> bool:
-    if not isinstance(value, (int, float)) or value != value:  # missing or NaN never wins
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
-
-
-def _keep_local(path: Path, metrics: dict[str, Any]) -> None:
-    """Local mode keeps only the last checkpoint object of a run and not its files: keep this run's
-    last directory and its best one (by the selected metric), remove any other."""
-    ctx = _train_context()  # one context object per run (held here, so it is never a new run's)
-    if _LOCAL_LAST.get("ctx") is not ctx:
-        _LOCAL_LAST.clear()
-        _LOCAL_LAST.update(ctx=ctx, path=None, best=None, best_value=None)
-    value = metrics.get(_LOCAL_SELECT.get("metric", ""))
-    old_last, old_best = _LOCAL_LAST["path"], _LOCAL_LAST["best"]
-    if _better(value, _LOCAL_LAST["best_value"], _LOCAL_SELECT.get("mode", "max")) or old_best is None:
-        _LOCAL_LAST.update(best=path, best_value=value if isinstance(value, (int, float)) else None)
-    _LOCAL_LAST["path"] = path
-    for old in {old_last, old_best} - {None, _LOCAL_LAST["path"], _LOCAL_LAST["best"]}:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def local_best_checkpoint() -> Path | None:
-    """The best checkpoint directory of the latest local-mode run (None if there was none)."""
-    best = _LOCAL_LAST.get("best")
-    return Path(best) if best is not None and Path(best).exists() else None
-
-
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
     """Report metrics (and a checkpoint) to Ray Train. Every rank must call it: it is a barrier.
 
@@ -192,7 +157,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
     In local mode Ray keeps only the last checkpoint object and not its files: the directory is then
     a kept temporary one, and the run's previous one is removed.
     """
-    import ray.train
+    import ray.train  # ray.train (~1 s to import): the rest of this module works without Ray
 
     info = worker_info()
     if state is None or info.rank != 0:
@@ -202,7 +167,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
         path = Path(tempfile.mkdtemp(prefix="stence-local-ckpt-"))
         _write_checkpoint_dir(path, metrics, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-        _keep_local(path, metrics)
+        keep_local(path, metrics, _train_context())
         return
     with tempfile.TemporaryDirectory(prefix="stence-ckpt-") as tmp:
         _write_checkpoint_dir(Path(tmp), metrics, state)
@@ -225,7 +190,7 @@ def load_state(checkpoint: Any, map_location: str | torch.device = "cpu", weight
 def load_latest_state(map_location: str | torch.device = "cpu", weights_only: bool = True) -> dict | None:
     """State of the latest reported checkpoint when the run is resuming (same run name, or a worker
     group restarted after a failure); None on a fresh run and in local mode."""
-    import ray.train
+    import ray.train  # ray.train (~1 s to import): the rest of this module works without Ray
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -242,8 +207,10 @@ __all__ = [
     "all_reduce_sum",
     "load_latest_state",
     "load_state",
+    "local_best_checkpoint",
     "print0",
     "report",
     "seed_everything",
+    "select_local_best",
     "worker_info",
 ]
