@@ -21,7 +21,7 @@ from stence.models.checkpoint import (
     save_stence,
 )
 from stence.models.echoingecg import load_echoingecg_checkpoint
-from stence.models.otis_checkpoint import load_otis_checkpoint
+from stence.models.otis import load_otis_checkpoint
 from stence.models.registry import build_stence_model, create_ecg_encoder
 from tests.ref_ops import DT, gelu, heads_attention, lin, ln, r, softmax
 

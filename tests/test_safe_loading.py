@@ -25,7 +25,7 @@ from stence.data.contract_apply import window_part
 from stence.models.base import MIMIC_LEADS
 from stence.models.echoingecg import load_echoingecg_checkpoint
 from stence.models.frame_encoder import load_dinov2_checkpoint
-from stence.models.otis_checkpoint import load_otis_checkpoint
+from stence.models.otis import load_otis_checkpoint
 from stence.models.registry import build_ecg_encoder, create_frame_encoder
 from stence.models.safe_load import (
     SAFE_GLOBALS,

@@ -3,13 +3,17 @@ calls the very same function per trial."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from stence.config import Config, to_dict
-from stence.models.checkpoint import save_encoder, save_stence
-from stence.models.registry import build_stence_model
-from stence.pipelines.stage_runs import best_state, features_dir, finish, output_dir, training_run
+from stence.config import Config
+from stence.pipelines.stage_runs import (
+    best_state,
+    export_pretrained,
+    features_dir,
+    finish,
+    output_dir,
+    training_run,
+)
 from stence.tracking.tags import ENCODER_PATH_TAG
 from stence.train.driver import fit, tune_trial_id
 from stence.train.pretrain_loop import SELECT_METRIC, pretrain_loop
@@ -26,18 +30,15 @@ def run_pretrain(cfg: Config, run_id: str | None = None) -> dict[str, Any]:
         result = fit(pretrain_loop, cfg, stage="pretrain", metric=SELECT_METRIC,
                      loop_config={"features_dir": feats, **run.loop_tracking()})
         state, best = best_state(result, SELECT_METRIC)
-        model = build_stence_model(replace(cfg, model=replace(cfg.model, angio_checkpoint="")))
-        model.load_state_dict(state["model"])
         out = output_dir(cfg, "pretrain", tune_trial_id() or name)  # one export per sweep trial
-        extra = {"metrics": best, "epoch": int(state["epoch"])}
-        save_stence(out / "stence.pt", model, to_dict(cfg), extra=extra)
-        save_encoder(out / "encoder.pt", model.ecg_encoder, to_dict(cfg), extra=extra)
+        paths = export_pretrained(cfg, state, out, {"metrics": best, "epoch": int(state["epoch"])},
+                                  whole_model=True)
         if run.run_id:
             t = run.tracker()
             t.log_metrics({f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float))}, step=0)
-            t.set_tags({ENCODER_PATH_TAG: str(out / "encoder.pt")})
+            t.set_tags({ENCODER_PATH_TAG: str(paths["encoder"])})
         ok = True
-        return {"checkpoint": str(out / "stence.pt"), "encoder": str(out / "encoder.pt"), "metrics": best,
+        return {"checkpoint": str(paths["checkpoint"]), "encoder": str(paths["encoder"]), "metrics": best,
                 "run_id": run.run_id}
     finally:
         finish(run, ok)
