@@ -26,6 +26,7 @@ import pytest
 
 from stence.cli import main
 from stence.config import Config, apply_overrides, load_config
+from stence.pipelines import pretrain as pretrain_pipeline
 from stence.pipelines.pretrain import run_pretrain
 from stence.tracking.owner import driver_identity
 from stence.tracking.runs import start_run
@@ -143,7 +144,7 @@ def pretrain_through(cfg: Config, gate: Path, actions: dict[int, Callable[[], No
     if cfg.train.workers == 0:
         monkeypatch.setattr(pretrain_module, "report", gated_report(pretrain_module.report, gate))
     else:
-        monkeypatch.setattr(pretrain_module, "pretrain_loop", gated_loop(gate))
+        monkeypatch.setattr(pretrain_pipeline, "pretrain_loop", gated_loop(gate))  # what run_pretrain hands Ray
     conductor = Conductor(gate, actions)
     conductor.start()
     try:
