@@ -57,7 +57,8 @@ def test_sweep_runs_are_nested_finished_and_complete(sweep: dict) -> None:
     arts = {a.path for a in client.list_artifacts(pid, "summary")}
     assert {"summary/best_so_far.png", "summary/best_so_far.csv", "summary/trials.md",
             "summary/importances.json"} <= arts
-    sweep_dir = next((sweep["root"] / "ray").glob("real-sweep*"))
+    sweep_dir = sweep["root"] / "ray" / "real-sweep"  # the sweep folder itself (its champion probe is "real-sweep-…")
+    assert (sweep_dir / "stence_sweep.json").is_file()
     curve = np.loadtxt(sweep_dir / "summary" / "best_so_far.csv", delimiter=",", skiprows=1, usecols=(0, 1))
     assert (np.diff(curve[:, 1]) >= 0).all() and curve[-1, 0] == len(curve)  # a running best per trial-epoch
     rows = [line.split("|") for line in (sweep_dir / "summary" / "trials.md").read_text().splitlines()[2:]
