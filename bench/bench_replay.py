@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", default=DEFAULT_TABLE)
     p.add_argument("--space", default="default", help="the space the table was recorded on")
-    p.add_argument("--objective", default="val/knn_auroc_smooth", help="the table column the sweep maximises")
+    p.add_argument("--objective", default="val/knn_auroc_smooth",
+                   help="the table column the sweep maximises; a leading '-' minimises it (-val/clip_loss)")
     p.add_argument("--seeds", type=int, default=50, help="sampler seeds per arm")
     p.add_argument("--budget", type=int, default=None, help="trial-epochs per run (default: 8 full trials)")
     p.add_argument("--concurrency", type=int, default=2, help="trials at once, as on the 2-core machine")
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     df = pd.read_csv(args.table)
     space = load_space(args.space)
-    table = CurveTable.from_frame(df, space, args.objective)
+    column = args.objective.lstrip("-")
+    objective = df.assign(objective=-df[column] if args.objective.startswith("-") else df[column])
+    table = CurveTable.from_frame(objective, space, "objective")
     budget = args.budget or 8 * table.epochs
     n_startup = args.n_startup or startup_trials(budget // table.epochs, args.concurrency)
     noise = noise_report(df, list(space.data["params"]))

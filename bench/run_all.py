@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ("bench.bench_data", "bench.bench_train", "bench.bench_encoder", "bench.bench_search",
-              "bench.bench_formats")
+              "bench.bench_formats", "bench.bench_replay")
 
 
 def main() -> int:
