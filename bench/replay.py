@@ -109,11 +109,14 @@ class ReplayRun:
 
 def replay(table: CurveTable, space: SearchSpace, arm: str, seed: int, budget: int, *, concurrency: int = 2,
            n_startup: int = 3, reduction_factor: float = 4, metric: str = "objective",
-           mode: str = "max") -> ReplayRun:
-    """One arm of a sweep replayed on `table` with sampler seed `seed` (see the module docstring)."""
+           mode: str = "max", points: list[dict[str, Any]] | None = None) -> ReplayRun:
+    """One arm of a sweep replayed on `table` with sampler seed `seed` (see the module docstring).
+
+    `points` (complete configurations, as `build_param_space(space, cfg)[1]` gives them) are proposed first,
+    as a live sweep evaluates its space's points_to_evaluate; by default none are."""
     sampler, sched_name = ARMS[arm]
     param_space, _ = build_param_space(space)
-    searcher = make_searcher(False, [], metric, mode, seed, n_startup, concurrency, sampler)
+    searcher = make_searcher(False, list(points or []), metric, mode, seed, n_startup, concurrency, sampler)
     searcher.set_search_properties(metric, mode, param_space)
     scheduler = make_scheduler(sched_name, metric, mode, table.epochs, reduction_factor)
     np.random.seed(seed)  # ASHA picks a bracket with numpy's global stream (one bracket here: no draw matters)

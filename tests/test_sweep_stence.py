@@ -19,7 +19,7 @@ from stence.models.checkpoint import load_encoder
 from stence.serving import registry as reg
 from stence.serving.fetch import load_champion
 from stence.tracking.tags import SWEEP_TAG, TRIAL_TAG
-from stence.train.pretrain_loop import KNN_METRIC
+from stence.train.pretrain_loop import KNN_METRIC, SELECT_METRIC
 from stence.train.worker import load_state
 from stence.tune import spaces
 from stence.tune.champion import export_best_encoder
@@ -61,10 +61,15 @@ def test_sweep_runs_are_nested_finished_and_complete(sweep: dict) -> None:
     assert (sweep_dir / "stence_sweep.json").is_file()
     curve = np.loadtxt(sweep_dir / "summary" / "best_so_far.csv", delimiter=",", skiprows=1, usecols=(0, 1))
     assert (np.diff(curve[:, 1]) >= 0).all() and curve[-1, 0] == len(curve)  # a running best per trial-epoch
-    rows = [line.split("|") for line in (sweep_dir / "summary" / "trials.md").read_text().splitlines()[2:]
-            if line.startswith("| ")]
-    best = [float(r[-3]) for r in rows]
+    lines = [line for line in (sweep_dir / "summary" / "trials.md").read_text().splitlines() if line.startswith("| ")]
+    header, rows = [c.strip() for c in lines[0].split("|")], [[c.strip() for c in r.split("|")] for r in lines[1:]]
+    best = [float(r[header.index(f"best {SELECT_METRIC}")]) for r in rows]
     assert len(best) == 3 and best == sorted(best, reverse=True)
+    # each trial's kNN AUROC at its best epoch, inside its DeLong 95 % interval
+    for r in rows:
+        value, _, interval = r[header.index(f"{KNN_METRIC} (95 % CI) there")].partition(" ")
+        lo, hi = (float(x) for x in interval.strip("[]").split(","))
+        assert 0.0 <= lo <= float(value) <= hi <= 1.0
     imp = json.loads((sweep_dir / "summary" / "importances.json").read_text())
     assert set(imp) <= {"loss.w_sten", "loss.temperature", "optim.lr_ecg", "optim.lr_angio"}
     for c in children:

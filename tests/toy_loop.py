@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from stence.config import Config, from_dict
 from stence.tracking.client import resolve_tracking_uri
 from stence.tracking.runs import loop_tracking, tracker_for_loop
-from stence.train.driver import fit
+from stence.train.driver import fit, tune_trial_id
 from stence.train.schedule import param_groups, warmup_cosine
 from stence.train.worker import (
     all_gather_arrays,
@@ -39,6 +39,7 @@ from stence.train.worker import (
     load_latest_state,
     print0,
     report,
+    report_restored,
     seed_everything,
     worker_info,
 )
@@ -117,13 +118,18 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
         min_lr=cfg.optim.min_lr,
     )
 
-    start_epoch = 0
+    start_epoch, reported = 0, []
     state = load_latest_state()
     if state is not None:
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
+        tracker.refill(state.get("tracked"))
+        reported = list(state.get("reported", []))
+        report_restored(reported, start_epoch)  # as the real loops do: Tune sees the restored epochs again
+        if config.get("ack_dir"):  # lockstep: go on only once the driver took the restored epochs
+            _wait_for_ack(Path(config["ack_dir"]) / f"{config['trial_id']}-{start_epoch}", float(config.get("hold_max_s", 60.0)))
         print0(f"resuming after epoch {state['epoch']}")
     _append(
         log_dir and log_dir / "events.log", f"begin rank={info.rank} pid={os.getpid()} start={start_epoch}"
@@ -138,7 +144,10 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
             loader.sampler.set_epoch(epoch)
         model.train()
         seen, loss_sum = 0, 0.0
-        for xb, yb in loader:
+        for step, (xb, yb) in enumerate(loader):
+            if step == 1 and epoch >= 1 and config.get("hold_mid_file"):  # mid-epoch, for a kill there
+                _append(log_dir and log_dir / "events.log", f"mid epoch={epoch} rank={info.rank} pid={os.getpid()}")
+                _hold(config.get("hold_mid_file"), float(config.get("hold_max_s", 60.0)))
             pred = model(xb)
             penalty = inner.encoder.weight.pow(2).sum()
             loss = nn.functional.mse_loss(pred, yb) + cfg.loss.w_sten * 0.1 * penalty
@@ -182,7 +191,7 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
                 **metrics,
             }
             _append(log_dir / f"facts_rank{info.rank}.jsonl", json.dumps(facts))
-        tracker.log_metrics(metrics, step=epoch)
+        reported.append({k: float(v) for k, v in metrics.items()})
         report(
             metrics,
             state={
@@ -191,18 +200,32 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
                 "config": config["config"],
+                "tracked": tracker.stamp(metrics, step=epoch),
+                "reported": reported,
             },
+            iteration=epoch + 1,
         )
+        tracker.log_metrics(metrics, step=epoch)  # after the checkpoint, as the real loops do
         _append(log_dir and log_dir / "events.log", f"end epoch={epoch} rank={info.rank} pid={os.getpid()}")
         _hold(config.get("hold_file"), float(config.get("hold_max_s", 60.0)))
+        if config.get("ack_dir"):  # lockstep with the sweep driver: wait until it has taken this epoch
+            _wait_for_ack(Path(config["ack_dir"]) / f"{config['trial_id']}-{epoch + 1}", float(config.get("hold_max_s", 60.0)))
     return metrics
 
 
 def _hold(path: str | None, max_s: float) -> None:
-    """Wait after a report while `path` exists: a test kills a worker or interrupts a sweep meanwhile."""
+    """Wait (after a report, or mid-epoch) while `path` exists: a test kills a worker or interrupts a sweep
+    meanwhile."""
     t0 = time.monotonic()
     while path and os.path.exists(path) and time.monotonic() - t0 < max_s:
         time.sleep(0.1)
+
+
+def _wait_for_ack(path: Path, max_s: float) -> None:
+    """Wait until `path` exists (the sweep driver took the epoch and let the trial go on)."""
+    t0 = time.monotonic()
+    while not path.exists() and time.monotonic() - t0 < max_s:
+        time.sleep(0.05)
 
 
 def collectives_probe(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -227,9 +250,12 @@ def collectives_probe(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def toy_train_fn(
-    cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None
+    cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None,
+    hold_mid_file: str | None = None, ack_dir: str | None = None,
 ) -> Any:
-    """The driver a sweep calls per trial (and a single run calls once): fit the toy loop."""
+    """The driver a sweep calls per trial (and a single run calls once): fit the toy loop. With `ack_dir`
+    every epoch waits, after its report, for the sweep driver's `<trial id>-<epoch>` file there."""
     uri = resolve_tracking_uri(cfg) if run_id else None
-    loop_config = {"log_dir": log_dir, "hold_file": hold_file, **loop_tracking(uri, run_id)}
+    loop_config = {"log_dir": log_dir, "hold_file": hold_file, "hold_mid_file": hold_mid_file,
+                   "ack_dir": ack_dir, "trial_id": tune_trial_id(), **loop_tracking(uri, run_id)}
     return fit(toy_loop, cfg, stage="toy", loop_config=loop_config, metric=METRIC, mode="max")

@@ -18,6 +18,8 @@ from typing import Any
 from ray import tune
 from ray.tune.result import DONE, RESULT_DUPLICATE, TRAINING_ITERATION
 
+from stence.train.worker import RESTORED_KEY
+
 
 class TrialEpochBudget(tune.Stopper):
     """Ends the experiment once `budget` results (trial-epochs) were reported, counted over all trials.
@@ -25,7 +27,8 @@ class TrialEpochBudget(tune.Stopper):
     Ray 2.60 calls `__call__(trial_id, result)` for every processed result (before the scheduler), and
     `stop_all()` after each step of the experiment loop. When a trial's function returns, Tune hands the
     stopper that trial's last result once more, now with done=True (and without the RESULT_DUPLICATE
-    marker it had internally; callbacks never see it): that is not a new epoch and is not counted. The
+    marker it had internally; callbacks never see it): that is not a new epoch and is not counted, nor is
+    a restored checkpoint's epoch reported again after a restart (`stence/restored`). The
     result that spends the budget also stops its trial; a result of another running trial that arrives
     in the same step is counted (it was paid for) and stops that trial too.
     """
@@ -38,7 +41,7 @@ class TrialEpochBudget(tune.Stopper):
         self._last_iteration: dict[str, Any] = {}  # trial id -> training_iteration of its last counted result
 
     def _is_repeat(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if RESULT_DUPLICATE in result:
+        if RESULT_DUPLICATE in result or result.get(RESTORED_KEY):  # a restored epoch reported again: no training
             return True
         last = self._last_iteration.get(trial_id)
         return bool(result.get(DONE)) and last is not None and result.get(TRAINING_ITERATION) == last
@@ -68,6 +71,8 @@ class ResultLog(tune.Callback):
         self._t0 = time.perf_counter()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(RESTORED_KEY):  # a restored checkpoint's epoch reported again: not a new trial-epoch
+            return
         value = result.get(self.metric)
         self.records.append(
             {

@@ -4,17 +4,21 @@ registration of the best encoder."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from stence.config import Config
 from stence.pipelines.pretrain import run_pretrain
 from stence.train.features import extract_features
-from stence.train.pretrain_loop import SELECT_METRIC
+from stence.train.pretrain_loop import KNN_HI, KNN_LO, KNN_METRIC, SELECT_METRIC
 from stence.tune.ablation import ablation_report
+from stence.tune.budget import TrialEpochBudget
 from stence.tune.champion import register_best
 from stence.tune.spaces import SearchSpace
 from stence.tune.sweep import run_sweep
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,14 +32,27 @@ class SweepOutcome:
 
 def sweep_pipeline(cfg: Config, space: SearchSpace, *, name: str, num_samples: int, max_concurrent: int | None,
                    scheduler: str, search: str, seed: int, resume: str | None, tasks: list[str],
-                   register: bool, register_task: str | None, strict: bool) -> SweepOutcome:
+                   register: bool, register_task: str | None, strict: bool,
+                   budget: int | None = None) -> SweepOutcome:
     """Run the whole sweep; an interrupted sweep (`result.complete` False) stops before the report and the
-    registration, to be resumed with `resume`."""
+    registration, to be resumed with `resume`.
+
+    `budget` (trial-epochs, >= 1; a ValueError otherwise) ends the sweep once that many results were
+    reported over all trials (`stence.tune.budget.TrialEpochBudget`): a sweep so ended is complete. The
+    budget and what is spent of it are kept with the sweep: on `resume` the sweep goes on with its own, and a
+    `budget` given then is ignored (with a warning)."""
+    stop = None
+    if budget is not None:
+        if resume:
+            logger.warning("--budget %d ignored on resume: the sweep keeps the budget it was started with", budget)
+        else:
+            stop = TrialEpochBudget(budget)  # refuses budget < 1 before the features or Ray start
     if not resume:
         extract_features(cfg)  # once, on the driver: trials then only open the cache
     result = run_sweep(run_pretrain, cfg, space=space, num_samples=num_samples, max_concurrent=max_concurrent,
                        scheduler=scheduler, metric=SELECT_METRIC, mode="max", resume=resume, seed=seed, name=name,
-                       search=search, max_t=cfg.optim.epochs)
+                       search=search, max_t=cfg.optim.epochs, stop=stop,
+                       interval=(KNN_METRIC, KNN_LO, KNN_HI))
     outcome = SweepOutcome(result)
     if not result.complete:
         return outcome

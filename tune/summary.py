@@ -14,20 +14,24 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from stence.train.worker import RESTORED_KEY
 from stence.tune.spaces import SearchSpace
 
 logger = logging.getLogger(__name__)
 SUMMARY_DIR = "summary"
 
 
-def _histories(grid: Any, metric: str) -> pd.DataFrame:
-    """Every reported epoch of every trial: trial_id, training_iteration, timestamp, metric."""
+def _histories(grid: Any, metric: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Every reported epoch of every trial: trial_id, training_iteration, timestamp, metric (and the `extra`
+    columns a trial has). Epochs a restored trial reported again (`stence/restored`) are not new epochs."""
     frames = []
     for r in grid:
         df = r.metrics_dataframe
         if df is None or df.empty or metric not in df:
             continue
-        keep = [c for c in ("trial_id", "training_iteration", "timestamp", "time_total_s") if c in df]
+        if RESTORED_KEY in df:
+            df = df[df[RESTORED_KEY].fillna(0) == 0]
+        keep = [c for c in ("trial_id", "training_iteration", "timestamp", "time_total_s", *extra) if c in df]
         frames.append(df[keep + [metric]].assign(trial_id=str(r.metrics.get("trial_id", ""))))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["trial_id", metric])
 
@@ -74,26 +78,42 @@ def importances(trials: pd.DataFrame, space: SearchSpace, metric: str, mode: str
         return {}
 
 
+def _at_best(history: pd.DataFrame, metric: str, mode: str, interval: tuple[str, str, str] | None) -> pd.DataFrame:
+    """Per trial: its best `metric` ("objective"), the epochs it reported, and (with `interval` = (value,
+    low, high) columns) that value and interval at the epoch of its best."""
+    ordered = history.dropna(subset=[metric]).sort_values(metric, ascending=mode != "max", kind="stable")
+    best = ordered.groupby("trial_id", sort=False).head(1).set_index("trial_id")
+    out = best[[metric]].rename(columns={metric: "objective"})
+    out["epochs"] = history.groupby("trial_id").size()
+    if interval and set(interval) <= set(best.columns):
+        out[["at_best", "at_best_lo", "at_best_hi"]] = best[list(interval)].to_numpy(dtype=float)
+    return out
+
+
 def write_summary(grid: Any, results: pd.DataFrame, space: SearchSpace, metric: str, mode: str,
-                  out: Path) -> dict[str, Any]:
-    """Write best_so_far.csv/.png, trials.md and importances.json into `out`; returns what they hold."""
+                  out: Path, interval: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    """Write best_so_far.csv/.png, trials.md and importances.json into `out`; returns what they hold.
+
+    `interval` names a (value, low, high) triple of result columns (the kNN AUROC and its 95 % interval);
+    the table shows them at each trial's best epoch."""
     out.mkdir(parents=True, exist_ok=True)
-    history = _histories(grid, metric)
+    history = _histories(grid, metric, interval or ())
     curve = best_so_far(history, metric, mode)
     curve.to_csv(out / "best_so_far.csv", index=False)
     _plot(curve, metric, out / "best_so_far.png")
-    best = history.groupby("trial_id")[metric].agg("max" if mode == "max" else "min").rename("objective")
-    epochs = history.groupby("trial_id").size().rename("epochs")
     cols = ["trial_id"] + [c for c in results if c.startswith("config/")]
-    trials = results[cols].merge(best, left_on="trial_id", right_index=True).merge(
-        epochs, left_on="trial_id", right_index=True)
+    trials = results[cols].merge(_at_best(history, metric, mode, interval), left_on="trial_id", right_index=True)
     trials = trials.sort_values("objective", ascending=mode != "max").reset_index(drop=True)
     imp = importances(trials, space, metric, mode)
     (out / "importances.json").write_text(json.dumps(imp, indent=1) + "\n")
+    shown = "at_best" in trials
     header = ["trial", *[c.removeprefix("config/") for c in cols[1:]], f"best {metric}", "epochs"]
+    header += [f"{interval[0]} (95 % CI) there"] if shown and interval else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in trials.iterrows():
         vals = [str(r["trial_id"]), *(_fmt(r[c]) for c in cols[1:]), f"{r['objective']:.4f}", str(int(r["epochs"]))]
+        if shown:
+            vals.append(f"{r['at_best']:.3f} [{r['at_best_lo']:.3f}, {r['at_best_hi']:.3f}]")
         lines.append("| " + " | ".join(vals) + " |")
     if imp:
         lines += ["", "Parameter importances (Optuna fANOVA): "

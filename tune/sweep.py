@@ -60,7 +60,8 @@ from stence.tune.search import (
 )
 from stence.tune.spaces import SearchSpace, build_param_space, load_space, space_name
 from stence.tune.summary import SUMMARY_DIR, write_summary
-from stence.tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs
+from stence.tune.sweep_state import SweepState
+from stence.tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs, tune_trial_states
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ def _resumed_sweep(resume: str, given: dict[str, Any]) -> tuple[Path, Config, di
     return path, base, state
 
 
+SNAPSHOT_EVERY_S = 1  # Tune's experiment snapshot period in a sweep (TUNE_GLOBAL_CHECKPOINT_S overrides)
+
+
 def _new_tuner(
     trainable: Any,
     path: Path,
@@ -195,17 +199,19 @@ def _new_tuner(
     fixed = space.fixed
     k = max_concurrent or default_concurrency(base)
     n_startup = n_startup_trials if n_startup_trials is not None else startup_trials(num_samples, k)
-    run_callbacks = list(callbacks or [])
+    scheduler = make_scheduler(state["scheduler"], metric, mode, max_t, reduction_factor)
+    run_callbacks = [SweepState(scheduler, stop), *(callbacks or [])]  # rungs and budget survive a --resume
     if state["parent_run_id"]:
         run_callbacks.insert(0, ChildRunCloser(base.tracking.uri, base.tracking.experiment, state["name"],
-                                               spool=path / SPOOL_NAME, parent_run_id=state["parent_run_id"]))
+                                               spool=path / SPOOL_NAME, parent_run_id=state["parent_run_id"],
+                                               storage_path=absolute_storage(base.train.storage_path)))
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(fixed, points, metric, mode, state["seed"], n_startup, k,
                                  state.get("search", "tpe")),
-            scheduler=make_scheduler(state["scheduler"], metric, mode, max_t, reduction_factor),
+            scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=None if fixed else k,
         ),
@@ -235,6 +241,7 @@ def run_sweep(
     callbacks: list[Any] | None = None,
     search: str = "tpe",
     stop: Any = None,
+    interval: tuple[str, str, str] | None = None,
 ) -> SweepResult:
     """Run (or, with `resume=<experiment dir>`, resume) a sweep of `train_fn_for_trial` over `space` (a
     built-in name, a `.yaml`/`.yml` file or a loaded `SearchSpace`; a bad one fails before Ray starts).
@@ -249,7 +256,9 @@ def run_sweep(
     `search` picks the Optuna sampler: "tpe" (TPESampler) or "random" (RandomSampler, same seed, same
     OptunaSearch and points_to_evaluate); it is stored with the sweep, so a resume keeps it. `stop` goes
     to `tune.RunConfig(stop=...)` (a dict, a function or a `tune.Stopper`); a sweep ended by a Stopper
-    whose `stop_all()` is true counts as complete, not interrupted.
+    whose `stop_all()` is true counts as complete, not interrupted. ASHA's rungs and a TrialEpochBudget's
+    count are saved with Tune's experiment snapshots and come back on resume (tune/sweep_state.py).
+    `interval` names (value, low, high) result columns the summary's trials table shows at each trial's best.
     """
     if scheduler not in ("asha", "none"):
         raise ValueError(f"scheduler must be 'asha' or 'none', got {scheduler!r}")
@@ -258,6 +267,10 @@ def run_sweep(
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     space = space if resume else load_space(space)  # a resumed sweep keeps its own (restored by Tune)
+    # Tune snapshots the experiment (trials, Optuna, ASHA's rungs) at most every 10 s by default: a driver
+    # killed in between loses the results since. Every second costs little and leaves at most each trial's
+    # last epoch to the restored trials' re-report (stence.train.worker.report_restored). The user's wins.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_EVERY_S))
     ensure_ray()
     if resume:
         path, base, state = _resumed_sweep(
@@ -274,6 +287,7 @@ def run_sweep(
     try:
         if resume:
             tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True)
+            stop = restored_stop(tuner)  # the sweep's own stopper (its count comes back with SweepState)
         else:
             tuner = _new_tuner(
                 trainable,
@@ -292,15 +306,16 @@ def run_sweep(
     except BaseException:
         parent.end("FAILED")
         raise
-    return _finish(grid, base, state, path, parent, stopped=_stopped_all(stop))
+    return _finish(grid, base, state, path, parent, stopped=_stopped_all(stop), interval=interval)
 
 
 def _summary(grid: Any, df: pd.DataFrame, path: Path, metric: str, mode: str,
-             parent: Tracker | NullTracker) -> dict[str, Any] | None:
+             parent: Tracker | NullTracker, interval: tuple[str, str, str] | None = None) -> dict[str, Any] | None:
     """The sweep's summary (tune/summary.py) in `<sweep folder>/summary/`, logged to the parent run; None (with
     a warning) when it cannot be made: the sweep's result stands without it."""
     try:
-        summary = write_summary(grid, df, load_space(path / SPACE_FILE), metric, mode, path / SUMMARY_DIR)
+        summary = write_summary(grid, df, load_space(path / SPACE_FILE), metric, mode, path / SUMMARY_DIR,
+                                interval=interval)
     except Exception as e:  # noqa: BLE001 - a summary is a view of the result, never a reason to fail it
         logger.warning("no sweep summary (%s: %s)", type(e).__name__, e)
         return None
@@ -309,19 +324,29 @@ def _summary(grid: Any, df: pd.DataFrame, path: Path, metric: str, mode: str,
     return summary
 
 
+def restored_stop(tuner: tune.Tuner) -> Any:
+    """The `stop` a restored sweep was started with (unpickled from its tuner.pkl)."""
+    return tuner._local_tuner.get_run_config().stop  # Tuner keeps no public accessor for it
+
+
 def _stopped_all(stop: Any) -> bool:
     """True when `stop` is a Tune Stopper that ended the whole experiment (e.g. a spent budget)."""
     return isinstance(stop, tune.Stopper) and bool(stop.stop_all())
 
 
 def _finish(
-    grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker, stopped: bool = False
+    grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker, stopped: bool = False,
+    interval: tuple[str, str, str] | None = None,
 ) -> SweepResult:
     """Close orphaned runs, summarise, end the parent run (or mark it interrupted)."""
     metric, mode, sweep_name = state["metric"], state["mode"], state["name"]
-    # A trial is over when it errored or its last result says done (finished or stopped by ASHA); an
-    # interrupted sweep leaves trials that are neither, or fewer trials than num_samples.
-    over = [r.error is not None or bool(r.metrics.get("done")) for r in grid]
+    # A trial is over when it errored, its last result says done (finished or stopped by ASHA), or Tune's
+    # final snapshot has it TERMINATED (a trial that finished before a resume: the snapshot keeps its last
+    # result from before Tune marked it done); an interrupted sweep leaves trials that are none of these, or
+    # fewer trials than num_samples.
+    statuses = tune_trial_states(path)
+    over = [r.error is not None or bool(r.metrics.get("done"))
+            or statuses.get(str(r.metrics.get("trial_id"))) in ("TERMINATED", "ERROR") for r in grid]
     # A Stopper that ended the experiment (a spent budget) stopped it on purpose: complete, not interrupted.
     complete = stopped or (len(grid) >= state["num_samples"] and all(over))
     children: dict[str, str] = {}
@@ -382,7 +407,7 @@ def _finish(
     )
     if math.isfinite(best_metric):
         parent.log_metrics({f"best/{metric}": best_metric}, step=0)
-    result.summary = _summary(grid, df, path, metric, mode, parent)
+    result.summary = _summary(grid, df, path, metric, mode, parent, interval)
     if not complete:
         logger.warning("sweep %s interrupted; resume with resume=%r", sweep_name, str(path))
         parent.end("KILLED")

@@ -34,9 +34,11 @@ from stence.tracking.tags import (
     TRIAL_TAG,
 )
 from stence.train.driver import tune_trial_id
+from stence.train.worker import latest_tracked_stamp
 
 logger = logging.getLogger(__name__)
 
+LAST_EPOCH_GRACE_S = 10.0  # how long a stopped trial's worker may still take to log its last epoch
 HEARTBEAT_EVERY_S = 60.0  # the sweep driver refreshes its parent run's heartbeat at most this often
 
 
@@ -81,17 +83,41 @@ def make_trial_fn(
 
 class ChildRunCloser(tune.Callback):
     """Ends the child runs the trial function could not end: ASHA-stopped trials are killed while in
-    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED. Also refreshes the parent
-    run's heartbeat. A tracking store that is down is only logged: `stence runs repair` catches up."""
+    fit() (FINISHED, tagged stopped early); crashed trial processes end FAILED. Before that, the trial's last
+    checkpointed epoch is logged if its worker was killed before logging it (a worker logs an epoch after its
+    report, and the report is what lets ASHA stop the trial). Also refreshes the parent run's heartbeat. A
+    tracking store that is down is only logged: `stence runs repair` catches up."""
 
     def __init__(self, uri: str, experiment: str, sweep_name: str, spool: str | Path | None = None,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, storage_path: str | Path | None = None):
         self.uri = uri
         self.experiment = experiment
         self.sweep_name = sweep_name
         self.spool = spool
         self.parent_run_id = parent_run_id
+        self.storage_path = str(storage_path) if storage_path else None  # where the trials' Train runs are
         self._beat = 0.0
+
+    def _log_last_epoch(self, tracker: Tracker, trial_id: str) -> None:
+        """Log the metrics of the trial's newest checkpoint unless its run has them. The trial's own worker may
+        still be writing them: wait for that first (at most LAST_EPOCH_GRACE_S); the log skips every step the
+        run has by then."""
+        storage = getattr(self, "storage_path", None)  # absent in callbacks pickled by older versions
+        if not storage:
+            return
+        stamp = None
+        for run_dir in Path(storage).glob(f"*-{trial_id}"):
+            stamp = latest_tracked_stamp(run_dir) or stamp
+        if not stamp or stamp.get("run_id") != tracker.run_id or not stamp.get("metrics"):
+            return
+        key, step = next(iter(stamp["metrics"])), int(stamp["step"])
+        client = tracking_client(self.uri)
+        deadline = time.monotonic() + LAST_EPOCH_GRACE_S
+        while time.monotonic() < deadline:
+            if step in {m.step for m in client.get_metric_history(tracker.run_id, key)}:
+                return
+            time.sleep(0.2)
+        tracker.refill(stamp)
 
     def _running_child(self, trial: Any) -> str | None:
         try:
@@ -112,13 +138,22 @@ class ChildRunCloser(tune.Callback):
         run_id = self._running_child(trial)
         if run_id:
             t = Tracker(self.uri, run_id, spool=self.spool)
+            self._last_epoch_logged(t, trial.trial_id)
             t.set_tags({STOPPED_TAG: "true"})
             t.end("FINISHED", if_running=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._running_child(trial)
         if run_id:
-            Tracker(self.uri, run_id, spool=self.spool).end("FAILED", if_running=True)
+            t = Tracker(self.uri, run_id, spool=self.spool)
+            self._last_epoch_logged(t, trial.trial_id)
+            t.end("FAILED", if_running=True)
+
+    def _last_epoch_logged(self, tracker: Tracker, trial_id: str) -> None:
+        try:
+            self._log_last_epoch(tracker, trial_id)
+        except Exception as e:  # noqa: BLE001 - the store is down: the run is ended (and repaired) anyway
+            logger.warning("tracking degraded: cannot check the last epoch of trial %s (%s)", trial_id, e)
 
 
 # ---------------------------------------------------------------------------------------------------

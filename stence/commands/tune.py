@@ -12,6 +12,7 @@ from stence.config import THRESHOLD_TASKS
 
 EXAMPLE = """example:
   stence tune --config my.yaml --space default --num-samples 40 --max-concurrent 4
+  stence tune --config my.yaml --num-samples 64 --budget 64      # stop after 64 trial-epochs in all
   stence tune --config my.yaml --space ablation                 # the paper's W_Sten / frozen-no-CLS table
   stence tune --resume runs/ray/sweeps/<name>                   # continue an interrupted sweep
   stence tune --config my.yaml --search random --scheduler none # random search, every trial to the end
@@ -28,6 +29,17 @@ optim.lr_angio), ablation, smoke. A space file (.yaml/.yml) has their schema:
 A bad file is refused before anything starts: one line naming the key, exit code 2."""
 
 
+def trial_epochs(text: str) -> int:
+    """--budget: a whole number of trial-epochs, at least 1 (argparse turns the error into exit code 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of trial-epochs: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 trial-epoch, got {n}")
+    return n
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="sweep W_Sten, temperature and learning rates (Tune + Optuna)",
                        description=__doc__, epilog=EXAMPLE, formatter_class=RAW)
@@ -38,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="early stopping on the kNN AUROC")
     p.add_argument("--search", choices=("tpe", "random"), default="tpe",
                    help="Optuna sampler: TPE or random (kept on --resume)")
+    p.add_argument("--budget", type=trial_epochs, default=None, metavar="TRIAL_EPOCHS",
+                   help="end the sweep once this many epochs were reported over all trials (early-stopped "
+                   "trials cost only the epochs they ran); default: no budget, --num-samples trials. "
+                   "Kept with the sweep: --resume goes on with the budget and what is left of it")
     p.add_argument("--resume", default=None, metavar="PATH", help="Tune experiment folder of an interrupted sweep")
     p.add_argument("--sweep-name", default=None, help="sweep name (default: train.name-space)")
     p.add_argument("--register-task", default=None, help="threshold task of the registered stenosis head "
@@ -71,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     out = sweep_pipeline(cfg, space, name=name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                          scheduler=args.scheduler, search=args.search, seed=args.seed, resume=args.resume,
                          tasks=args.tasks, register=not args.no_register, register_task=args.register_task,
-                         strict=args.strict)
+                         strict=args.strict, budget=args.budget)
     result = out.result
     if result.summary is not None:  # trials sorted by the objective, importances (also in the parent run)
         print((Path(result.path) / "summary" / "trials.md").read_text())

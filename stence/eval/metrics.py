@@ -384,6 +384,25 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _knn_probe(
+    train_emb: np.ndarray, train_y: np.ndarray, val_emb: np.ndarray, val_y: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(validation labels, P(class 1) = neighbour vote share) of a k-NN probe; None (with a warning) when
+    the training or validation labels hold one class only."""
+    ty = np.asarray(train_y).ravel().astype(np.int64)
+    vy = np.asarray(val_y).ravel().astype(np.int64)
+    reason = _one_class_reason(ty)
+    if reason:
+        _undefined(f"kNN AUROC undefined: training labels: {reason}")
+        return None
+    if _one_class_reason(vy):
+        _undefined(f"kNN AUROC undefined: validation labels: {_one_class_reason(vy)}")
+        return None
+    clf = KNeighborsClassifier(n_neighbors=min(k, ty.size), metric="cosine", algorithm="brute")
+    clf.fit(_l2(train_emb), ty)  # (N_train, D)
+    return vy, clf.predict_proba(_l2(val_emb))[:, list(clf.classes_).index(1)]  # (N_val,)
+
+
 def knn_auroc(
     train_emb: np.ndarray, train_y: np.ndarray, val_emb: np.ndarray, val_y: np.ndarray, k: int = 5
 ) -> float:
@@ -392,14 +411,18 @@ def knn_auroc(
     A cheap representation-quality signal during pretraining. NaN (with a warning) when the training
     or validation labels hold one class only.
     """
-    ty = np.asarray(train_y).ravel().astype(np.int64)
-    vy = np.asarray(val_y).ravel().astype(np.int64)
-    reason = _one_class_reason(ty)
-    if reason:
-        return _undefined(f"kNN AUROC undefined: training labels: {reason}")
-    if _one_class_reason(vy):
-        return _undefined(f"kNN AUROC undefined: validation labels: {_one_class_reason(vy)}")
-    clf = KNeighborsClassifier(n_neighbors=min(k, ty.size), metric="cosine", algorithm="brute")
-    clf.fit(_l2(train_emb), ty)  # (N_train, D)
-    proba = clf.predict_proba(_l2(val_emb))[:, list(clf.classes_).index(1)]  # (N_val,)
-    return float(roc_auc_score(vy, proba))
+    probe = _knn_probe(train_emb, train_y, val_emb, val_y, k)
+    return float("nan") if probe is None else float(roc_auc_score(*probe))
+
+
+def knn_auroc_ci(
+    train_emb: np.ndarray, train_y: np.ndarray, val_emb: np.ndarray, val_y: np.ndarray, k: int = 5,
+    alpha: float = 0.05,
+) -> dict[str, float]:
+    """`knn_auroc` (the same value) with its DeLong (1 - alpha) interval: {"auroc", "auroc_lo", "auroc_hi"},
+    all NaN when undefined."""
+    probe = _knn_probe(train_emb, train_y, val_emb, val_y, k)
+    if probe is None:
+        return {"auroc": float("nan"), "auroc_lo": float("nan"), "auroc_hi": float("nan")}
+    ci = delong_ci(*probe, alpha=alpha)
+    return {"auroc": float(roc_auc_score(*probe)), "auroc_lo": ci["auroc_lo"], "auroc_hi": ci["auroc_hi"]}

@@ -21,7 +21,7 @@ from stence.config import Config
 from stence.data.cohort_io import Cohort
 from stence.data.datasets import EcgDataset, PairedDataset, collate_paired
 from stence.data.feature_store import FeatureStore
-from stence.eval.metrics import knn_auroc
+from stence.eval.metrics import knn_auroc_ci
 from stence.losses import StenceLoss, clip_loss
 from stence.models.registry import build_stence_model
 from stence.train.common import (
@@ -37,9 +37,17 @@ from stence.train.common import (
     wrap_model,
 )
 from stence.train.schedule import param_groups, warmup_cosine
-from stence.train.worker import WorkerInfo, all_reduce_mean, load_latest_state, print0, report
+from stence.train.worker import (
+    WorkerInfo,
+    all_reduce_mean,
+    load_latest_state,
+    print0,
+    report,
+    report_restored,
+)
 
 KNN_METRIC = "val/knn_auroc"  # the latest kNN probe AUROC
+KNN_LO, KNN_HI = "val/knn_auroc_lo", "val/knn_auroc_hi"  # its DeLong 95 % interval
 SELECT_METRIC = "val/knn_auroc_smooth"  # mean of the last train.knn_smooth of them: ranks checkpoints and trials
 
 
@@ -135,7 +143,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     optimizers = tower_optimizers(core, cfg)
     schedulers = tower_schedulers(optimizers, cfg, max(1, len(loader)))
     tower_opts = [o for _, o in optimizers]
-    start, knn_history = 0, []  # one kNN AUROC per kNN probe so far
+    start, knn_history, reported = 0, [], []  # one kNN AUROC per kNN probe so far; each epoch's metrics
+    knn_ci = {KNN_LO: math.nan, KNN_HI: math.nan}  # the latest probe's interval
     state = load_latest_state(map_location=info.device)
     if state is not None:  # resuming: same run name, or a restarted worker group
         core.load_state_dict(state["model"])
@@ -144,6 +153,9 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
             s.load_state_dict(state["sched"][name])
         start, knn_history = int(state["epoch"]), list(state.get("knn_history", []))
         tracker.refill(state.get("tracked"))  # its metrics, had the restart come before they were logged
+        reported = list(state.get("reported", []))
+        knn_ci = {k: reported[-1].get(k, math.nan) for k in knn_ci} if reported else knn_ci
+        report_restored(reported, start)  # and to Tune, had the sweep driver died before it processed them
         print0(f"resuming from epoch {start}")
 
     for epoch in range(start, cfg.optim.epochs):
@@ -176,21 +188,26 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
         metrics.update(ddp_diagnostics(model))
         if (epoch + 1) % cfg.train.knn_every == 0 or epoch + 1 == cfg.optim.epochs:
             tr, va = (embed_ecgs(core, ds, info, cfg.optim.batch_size) for ds in knn_sets)
-            knn = knn_auroc(tr["z"], knn_sets[0].labels[tr["index"]], va["z"], knn_sets[1].labels[va["index"]],
-                            k=cfg.train.knn_k)
+            probe = knn_auroc_ci(tr["z"], knn_sets[0].labels[tr["index"]], va["z"],
+                                 knn_sets[1].labels[va["index"]], k=cfg.train.knn_k)
+            knn = probe["auroc"]
             # an undefined AUROC (a class missing) counts as 0: such a run ranks last
             knn_history.append(knn if math.isfinite(knn) else 0.0)
+            knn_ci = {KNN_LO: probe["auroc_lo"], KNN_HI: probe["auroc_hi"]}
         metrics[KNN_METRIC] = knn_history[-1] if knn_history else 0.0  # the latest probe's, between probes
+        metrics.update(knn_ci)  # its DeLong 95 % interval (NaN while none or undefined)
         metrics[SELECT_METRIC] = smoothed(knn_history, cfg.train.knn_smooth)
         metrics["epoch"] = epoch + 1
         print0(f"epoch {epoch + 1}/{cfg.optim.epochs} " + " ".join(
             f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("val/") or k == "train/loss"))
+        reported.append({k: float(v) for k, v in metrics.items()})  # replayed to Tune after a restore
         ckpt = None
         if info.rank == 0:
             ckpt = {"model": core.state_dict(), "optim": {k: o.state_dict() for k, o in optimizers},
                     "sched": {k: s.state_dict() for (k, _), s in zip(optimizers, schedulers, strict=True)},
-                    "epoch": epoch + 1, "knn_history": knn_history, "config": loop_config["config"],
+                    "epoch": epoch + 1, "knn_history": knn_history, "reported": reported,
+                    "config": loop_config["config"],
                     "tracked": tracker.stamp(metrics, step=epoch + 1)}
-        report(metrics, ckpt)  # the checkpoint first: a tracking store that is down never costs an epoch
+        report(metrics, ckpt, iteration=epoch + 1)  # the checkpoint first: a tracking store that is down never costs an epoch
         tracker.log_metrics(metrics, step=epoch + 1)
     tracker.close()

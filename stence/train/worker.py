@@ -28,6 +28,9 @@ from stence.train.local_mode import keep_local, local_best_checkpoint, select_lo
 
 STATE_FILE = "state.pt"  # torch.save'd dict inside every checkpoint directory
 METRICS_FILE = "metrics.json"  # the metrics reported with the checkpoint, for humans and tools
+ITERATION_KEY = "training_iteration"  # Tune's epoch counter; a reported value wins over Tune's own count
+TRACKED_FILE = "tracked.json"  # the epoch's tracking stamp (Tracker.stamp), beside the state
+RESTORED_KEY = "stence/restored"  # on a result that repeats a restored checkpoint's epoch (`report_restored`)
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,28 @@ def all_gather_arrays(x: np.ndarray) -> np.ndarray:
 def _write_checkpoint_dir(path: Path, metrics: dict[str, Any], state: dict[str, Any]) -> None:
     torch.save(state, path / STATE_FILE)
     (path / METRICS_FILE).write_text(json.dumps(metrics, default=float, indent=1))
+    if state.get("tracked"):  # readable without loading the state: see `latest_tracked_stamp`
+        (path / TRACKED_FILE).write_text(json.dumps(state["tracked"], default=float))
 
 
-def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+def latest_tracked_stamp(run_dir: str | Path) -> dict[str, Any] | None:
+    """The tracking stamp (run id, step, metrics) of the newest checkpoint of a Train run folder; None when it
+    has none. The sweep driver logs it for a trial stopped before its worker logged that epoch."""
+    stamps = sorted(Path(run_dir).glob(f"checkpoint_*/{TRACKED_FILE}"))  # checkpoint_<timestamp>: in time order
+    for path in reversed(stamps):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # being written, or removed by checkpoint rotation meanwhile
+            continue
+    return None
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, iteration: int | None = None) -> None:
     """Report metrics (and a checkpoint) to Ray Train. Every rank must call it: it is a barrier.
+
+    `iteration` (the number of epochs done) goes out as `training_iteration`: Tune keeps a reported one, so
+    ASHA's rungs and the trial-epoch budget count epochs even when a trial restarts from its checkpoint
+    (Tune's own count restarts at 1 when a resumed sweep starts the trial function again).
 
     Rank 0 saves `state` (state_dicts, epoch, resolved config ...) with torch.save and attaches it as a
     checkpoint; other ranks report without one. Only rank 0's metrics are kept, so pass metrics that
@@ -160,6 +181,8 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
     import ray.train  # ray.train (~1 s to import): the rest of this module works without Ray
 
     info = worker_info()
+    if iteration is not None:
+        metrics = {**metrics, ITERATION_KEY: int(iteration)}
     if state is None or info.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
@@ -187,6 +210,24 @@ def load_state(checkpoint: Any, map_location: str | torch.device = "cpu", weight
         return torch.load(Path(d) / STATE_FILE, map_location=map_location, weights_only=weights_only)
 
 
+def report_restored(reported: list[dict[str, float]] | None, iteration: int) -> None:
+    """After a restore: report again, marked `RESTORED_KEY`, the metrics of every epoch up to the restored
+    checkpoint (`reported[i]` is epoch i + 1's; a checkpoint without them: its own metrics as epoch
+    `iteration`). A resumed sweep's snapshot may predate some of those reports (the sweep driver died after
+    they were made); these give ASHA and Optuna the epochs they would otherwise never see, in their order.
+    Epochs they saw already repeat a `training_iteration` a rung holds: ASHA, the budget and the summary
+    pass over them. Every rank must call it (a barrier), and only when resuming from a checkpoint."""
+    import ray.train  # ray.train (~1 s to import): the rest of this module works without Ray
+
+    epochs = list(enumerate(reported or [], start=1))
+    if not epochs:
+        with ray.train.get_checkpoint().as_directory() as d:
+            path = Path(d) / METRICS_FILE
+            epochs = [(iteration, json.loads(path.read_text()) if path.exists() else {})]
+    for epoch, metrics in epochs:
+        report({**metrics, RESTORED_KEY: 1.0}, None, iteration=epoch)
+
+
 def load_latest_state(map_location: str | torch.device = "cpu", weights_only: bool = True) -> dict | None:
     """State of the latest reported checkpoint when the run is resuming (same run name, or a worker
     group restarted after a failure); None on a fresh run and in local mode."""
@@ -206,10 +247,12 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "load_latest_state",
+    "latest_tracked_stamp",
     "load_state",
     "local_best_checkpoint",
     "print0",
     "report",
+    "report_restored",
     "seed_everything",
     "select_local_best",
     "worker_info",
