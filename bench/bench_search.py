@@ -132,6 +132,18 @@ def _stence(*args: str, env: dict[str, str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
 
+def work_cohort(runs_arg: str | None, work: Path, tracking_uri: str) -> tuple[Path, Path]:
+    """(demo run folder, cohort) for a benchmark working in `work`: the cohort of `runs_arg` copied into
+    `work` (the given folder stays untouched), or, without one, a demo run prepared in `work/demo`."""
+    if runs_arg:
+        runs = Path(runs_arg).resolve()
+        if not (work / "cohort").exists():
+            shutil.copytree(runs / "cohort", work / "cohort")
+        return runs, work / "cohort"
+    runs = prepare_demo_run(work / "demo", tracking_uri)
+    return runs, runs / "cohort"
+
+
 def prepare_demo_run(runs: Path, tracking_uri: str) -> Path:
     """A demo run folder made as scripts/demo.sh steps 1-3 make it (step 4, the features, is done by the
     caller): synthetic demo cohort with 5 % corrupt files, ingest, stage-A training. Reused if complete."""
@@ -306,14 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace, work: Path, budget: int, trials_random: int) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     t0 = time.perf_counter()
-    if args.runs:
-        runs = Path(args.runs).resolve()
-        cohort = work / "cohort"
-        if not cohort.exists():
-            shutil.copytree(runs / "cohort", cohort)  # the given folder stays untouched
-    else:
-        runs = prepare_demo_run(work / "demo", tracking_uri)
-        cohort = runs / "cohort"
+    runs, cohort = work_cohort(args.runs, work, tracking_uri)
     cfg = bench_config(cohort, runs, work, args.epochs, args.workers, tracking_uri)
     ensure_ray()
     feats = extract_features(cfg, progress=False)  # scripts/demo.sh step 4; reused when already cached

@@ -57,7 +57,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,7 +68,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.bench_search import ROOT, bench_config, prepare_demo_run
+from bench.bench_search import ROOT, bench_config, work_cohort
 from bench.replay import CurveTable, ReplayRun, replay
 from stence.config import save_config
 from stence.train.pretrain_loop import SELECT_METRIC
@@ -310,14 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    if args.runs:
-        runs = Path(args.runs).resolve()
-        if not (work / "cohort").exists():
-            shutil.copytree(runs / "cohort", work / "cohort")  # the given folder stays untouched
-        cohort = work / "cohort"
-    else:
-        runs = prepare_demo_run(work / "demo", uri)
-        cohort = runs / "cohort"
+    runs, cohort = work_cohort(args.runs, work, uri)
     cfg = bench_config(cohort, runs, work, EPOCHS, 0, uri)  # as the table was recorded (record_curves.py)
     config = work / "live_confirm.yaml"
     save_config(cfg, config)

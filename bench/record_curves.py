@@ -22,7 +22,6 @@ import itertools
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 import yaml
 from ray import tune
 
-from bench.bench_search import bench_config, prepare_demo_run
+from bench.bench_search import bench_config, work_cohort
 from stence.pipelines.pretrain import run_pretrain
 from stence.train.driver import ensure_ray, shutdown_ray
 from stence.train.features import extract_features
@@ -115,14 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     try:
         uri = f"sqlite:///{work / 'mlflow.db'}"
-        if args.runs:
-            runs = Path(args.runs).resolve()
-            if not (work / "cohort").exists():
-                shutil.copytree(runs / "cohort", work / "cohort")  # the given folder stays untouched
-            cohort = work / "cohort"
-        else:
-            runs = prepare_demo_run(work / "demo", uri)
-            cohort = runs / "cohort"
+        runs, cohort = work_cohort(args.runs, work, uri)
         cfg = bench_config(cohort, runs, work, args.epochs, args.workers, uri)
         points = build_param_space(space, cfg)[1]
         variants = grid_variants(space, args.levels, args.noise_configs, args.noise_seeds, args.seed,

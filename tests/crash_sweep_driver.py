@@ -25,17 +25,14 @@ from stence.config import load_config
 from stence.train.worker import RESTORED_KEY
 from stence.tune import spaces
 from stence.tune.sweep import run_sweep
-from tests.toy_loop import METRIC, toy_train_fn
+from tests.toy_loop import METRIC, TOY_PARAMS, toy_train_fn
 
 SPACE = "toy-crash"
 EPOCHS = 4
 NUM_SAMPLES = 5
 CRASH_SPACE = {
     "kind": "search",
-    "params": {
-        "loss.w_sten": {"type": "uniform", "low": 0.0, "high": 1.0},
-        "optim.lr_ecg": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
-    },
+    "params": TOY_PARAMS,
     # two good points, then a bad one: ASHA (reduction factor 2) stops it at the first rung, after the kill,
     # only if the rung records of the first two came back with the resume
     "points_to_evaluate": [

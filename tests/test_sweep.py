@@ -22,7 +22,7 @@ from stence.tune.search import default_concurrency
 from stence.tune.spaces import SPACES, build_param_space, is_fixed
 from stence.tune.sweep import TRIAL_MAX_FAILURES, run_sweep
 from tests.ray_fixture import shared_mlflow_db
-from tests.toy_loop import METRIC, toy_train_fn
+from tests.toy_loop import METRIC, TOY_PARAMS, toy_train_fn
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,7 @@ def test_unknown_or_bad_spaces_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> N
 
 TOY_SPACE = {
     "kind": "search",
-    "params": {
-        "loss.w_sten": {"type": "uniform", "low": 0.0, "high": 1.0},
-        "optim.lr_ecg": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
-    },
+    "params": TOY_PARAMS,
     # a good point, then a bad one that ASHA (reduction factor 2) stops at the first rung
     "points_to_evaluate": [
         {"loss.w_sten": 0.3, "optim.lr_ecg": 3e-2},

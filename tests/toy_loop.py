@@ -45,6 +45,10 @@ from stence.train.worker import (
 )
 
 METRIC = "val/score"
+TOY_PARAMS = {  # what the toy sweeps search: the toy's score depends on both
+    "loss.w_sten": {"type": "uniform", "low": 0.0, "high": 1.0},
+    "optim.lr_ecg": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
+}
 N_TRAIN, N_VAL, DIM = 256, 61, 8  # 61 validation rows: ranks get unequal shards
 
 
