@@ -13,8 +13,9 @@ Steps, in order; each refuses early with one line rather than touching anything:
 The site-side map (file pseudonym -> original path) goes to `ingest.site_dir`, default
 `COHORT.site-identifiers/` beside the cohort: it holds identifiers and never enters the cohort.
 
-Decoding is a local process pool: decoding and the baseline fit are CPU-bound and independent per file,
-and ingest runs on the machine that holds the export (feature extraction, which needs GPUs, uses Ray Data).
+Decoding and the baseline fit are CPU-bound and independent per file: a local process pool by default,
+or Ray Data over a Ray cluster's nodes (`engine="ray"`, ray_decode.py) when the export and the cohort
+folder are on storage every node mounts. Everything after decoding runs in this process.
 """
 
 from __future__ import annotations
@@ -133,8 +134,13 @@ def _check_outputs(raw: Path, out: Path, site: Path, overwrite: bool) -> Path:
 
 
 def ingest(raw: str | Path, out: str | Path, cfg: Config, processes: int | None = None,
-           overwrite: bool = False) -> IngestReport:
+           overwrite: bool = False, engine: str | None = None) -> IngestReport:
     """Build a cohort from a raw export (see the module docstring).
+
+    `engine` runs the decode jobs: "local" (the default, None too) in a process pool of `processes`
+    workers on this machine, or "ray" with Ray Data over the connected Ray cluster (ray_decode.py; the
+    export and `out` must then be on storage every node mounts). Both give the same cohort and fingerprint.
+    Which one RAY_ADDRESS or `stence ingest --ray` asks for is decided by stence.pipelines.ingest.
 
     Raises OutputRefused, ExportTableError, SaltError, NothingUsableError, IdentifierLeakError or
     DiskFullError, each with a one-line message; nothing outside the staging and site folders is written
@@ -158,7 +164,7 @@ def ingest(raw: str | Path, out: str | Path, cfg: Config, processes: int | None 
     _account_tables(inv, ann, index, ledger)
     try:
         return _build(raw, out, staging, site, cfg, inv, ann, index, ledger, processes, overwrite,
-                      {"synthetic_export": synthetic, "public_demo_secret": public_secret})
+                      {"synthetic_export": synthetic, "public_demo_secret": public_secret}, engine)
     except OSError as e:
         if e.errno in _DISK_FULL:
             raise DiskFullError(f"disk full while writing {staging} ({os.strerror(e.errno)}); free space and "
@@ -192,7 +198,10 @@ def _account_tables(inv: Inventory, ann, index, ledger: Ledger) -> None:
                               "the row names a record that is not in the export", label=label, record=rec)
 
 
-def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes: int | None):
+def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes: int | None,
+                engine: str | None = None):
+    """Decode every ECG and XA file with `engine` ("local": the process pool, default; "ray": Ray Data over
+    the connected cluster); results in inventory order either way, so everything after is the same."""
     for sub in ("records", "views"):
         (staging / sub).mkdir(parents=True, exist_ok=True)
     d = cfg.data
@@ -201,21 +210,55 @@ def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes
         min_valid_fraction=cfg.ingest.min_valid_fraction,
         frame_size=d.frame_size, key_frames=d.key_frames, limits=Limits.from_config(cfg.ingest),
     )
-    n_proc = processes if processes is not None else (cfg.ingest.processes or os.cpu_count() or 1)
+    ecg_jobs = [(h, settings) for h in inv.headers + inv.vendor]
+    xa_jobs = [(p, settings) for p in inv.dicoms]
 
     def died(kind: str):
         return lambda job: {"kind": kind, "rel": job[0], "ok": False, "reason": E.DECODE_WORKER_DIED,
                             "detail": "the decoding process died (killed, or out of memory); the rest went on"}
 
-    ecg = run_jobs(decode_ecg, [(h, settings) for h in inv.headers + inv.vendor], n_proc, "decode ECG", died("ecg"))
-    xa = run_jobs(decode_xa, [(p, settings) for p in inv.dicoms], n_proc, "decode XA", died("xa"))
+    engine = engine or "local"
+    if engine == "ray":
+        return _decode_on_ray(staging, raw, inv, ecg_jobs, xa_jobs, died)
+    if engine != "local":
+        raise ValueError(f"unknown decode engine {engine!r}: 'local' or 'ray'")
+    n_proc = processes if processes is not None else (cfg.ingest.processes or os.cpu_count() or 1)
+    print(f"decode: local process pool, {n_proc} process(es)")
+    ecg = run_jobs(decode_ecg, ecg_jobs, n_proc, "decode ECG", died("ecg"))
+    xa = run_jobs(decode_xa, xa_jobs, n_proc, "decode XA", died("xa"))
+    return ecg, xa
+
+
+def _decode_on_ray(staging: Path, raw: Path, inv: Inventory, ecg_jobs: list, xa_jobs: list, died):
+    """The decode jobs on the Ray cluster; every node must see the export and the staging folder at these
+    paths (checked by each task against a token file written here, see ray_decode.py)."""
+    import uuid
+
+    # imports Ray when it runs, not before
+    from stence.data.ray_decode import RayRunInfo, connect, run_jobs_ray
+
+    nodes, cpus = connect()
+    print(f"decode: Ray Data on a cluster of {nodes} node(s), {cpus:g} CPU(s)")
+    probe = staging / "records" / ".shared-storage-probe"
+    token = uuid.uuid4().hex
+    probe.write_text(token, encoding="utf-8")
+    must_see = {str(probe): token, str(raw / inv.annotations): None}
+    info = RayRunInfo()
+    try:
+        ecg = run_jobs_ray(decode_ecg, ecg_jobs, "decode ECG", died("ecg"), must_see=must_see, info=info)
+        xa = run_jobs_ray(decode_xa, xa_jobs, "decode XA", died("xa"), must_see=must_see, info=info)
+    finally:
+        probe.unlink(missing_ok=True)
+    print(f"decode: jobs ran on {len(info.jobs_by_node)} of {info.cluster_nodes} node(s)"
+          + (f"; {info.isolated} re-run alone after their worker died, {info.died} quarantined"
+             if info.isolated else ""))
     return ecg, xa
 
 
 def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, processes, overwrite,
-           provenance: dict) -> IngestReport:
+           provenance: dict, engine: str | None = None) -> IngestReport:
     mark_output(staging, STAGING_KIND)
-    ecg_res, xa_res = _decode_all(staging, raw, cfg, inv, processes)
+    ecg_res, xa_res = _decode_all(staging, raw, cfg, inv, processes, engine)
     for r in ecg_res + xa_res:
         for k, v in (r.get("identifiers") or {}).items():  # repeated elements come as tag_X, tag_X_2, ...
             ledger.identifier(f"{r['kind']}:{re.sub(r'_[0-9]+$', '', k)}", v)

@@ -28,6 +28,12 @@ CONTROLLER_FAILURE_LIMIT = 2
 _OWN_ADDRESS: str | None = None  # address of the local instance ensure_ray started (set at call time)
 
 
+def own_ray_address() -> str | None:
+    """The address of the local Ray instance `ensure_ray` started in this process (it exports it as
+    RAY_ADDRESS for Ray's State API); None when it started none."""
+    return _OWN_ADDRESS
+
+
 def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
     """Initialise Ray once per process.
 
