@@ -84,10 +84,10 @@ def gated_report(real_report: Callable, gate: Path) -> Callable:
     """`report` that, on rank 0, records the checkpointed epoch in gate/epochs.log and then waits for the test
     to write gate/go-<epoch> (the epoch's metrics are logged after report returns)."""
 
-    def report(metrics: dict, state: dict | None = None) -> None:
+    def report(metrics: dict, state: dict | None = None, iteration: int | None = None) -> None:
         from stence.train.worker import worker_info
 
-        real_report(metrics, state)
+        real_report(metrics, state, iteration=iteration)
         if worker_info().rank != 0:
             return
         epoch = int(metrics["epoch"])
