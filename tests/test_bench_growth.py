@@ -1,4 +1,4 @@
-"""bench/bench_growth.py: the report's arithmetic on made-up figures, and its structure on a real tiny run (40 ECGs,
+"""bench/bench_growth.py (and bench/growth_report.py): the report's arithmetic on made-up figures, and its structure on a real tiny run (40 ECGs,
 every stage in its own process, Ray included). Speed is never asserted."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import bench_growth as bg
+from bench import growth_report as gr
 
 MiB = 1 << 20
 
@@ -24,14 +25,14 @@ def _raw(records: int, seconds: float, cores: int, rss_mib: float, anon_mib: flo
 
 def _size(n: int, ingest_s: float, floor_s: float, rss_mib: float, anon_mib: float) -> dict:
     stages = {
-        "floor": bg.stage_figures(_raw(n, floor_s, 1, 100, 50, cpu_s=floor_s), n, 0, "nothing"),
-        "ingest": bg.stage_figures(_raw(n, ingest_s, 2, rss_mib, anon_mib, cpu_s=2 * ingest_s), n, 1000 * n, "cohort"),
+        "floor": gr.stage_figures(_raw(n, floor_s, 1, 100, 50, cpu_s=floor_s), n, 0, "nothing"),
+        "ingest": gr.stage_figures(_raw(n, ingest_s, 2, rss_mib, anon_mib, cpu_s=2 * ingest_s), n, 1000 * n, "cohort"),
     }
     return {"n_ecgs": n, "stages": stages}
 
 
 def test_stage_figures_divide_by_the_cores_used_and_take_the_largest_peak() -> None:
-    f = bg.stage_figures(_raw(1000, 10.0, 2, 300, 200, cpu_s=16.0, self_mib=250, children_mib=420), 1000, 5_000_000, "x")
+    f = gr.stage_figures(_raw(1000, 10.0, 2, 300, 200, cpu_s=16.0, self_mib=250, children_mib=420), 1000, 5_000_000, "x")
     assert f["records_per_s"] == pytest.approx(100.0)
     assert f["records_per_s_per_core"] == pytest.approx(50.0)  # 1000 records / 10 s / 2 cores
     assert f["records_per_cpu_s"] == pytest.approx(1000 / 16.0)  # rusage (16) beats the sampled CPU (8)
@@ -43,16 +44,16 @@ def test_stage_figures_divide_by_the_cores_used_and_take_the_largest_peak() -> N
 def test_floor_fraction_growth_targets_and_projection() -> None:
     small = _size(1000, ingest_s=10.0, floor_s=4.0, rss_mib=400, anon_mib=250)  # ingest 50/s/core, floor 250/s
     big = _size(10000, ingest_s=125.0, floor_s=40.0, rss_mib=600, anon_mib=260)  # ingest 40/s/core, floor 250/s
-    assert bg.floor_fraction(small) == pytest.approx(0.2)
-    assert bg.floor_fraction(big) == pytest.approx(0.16)
-    grow = bg.growth([big, small])  # order does not matter: smallest vs largest
+    assert gr.floor_fraction(small) == pytest.approx(0.2)
+    assert gr.floor_fraction(big) == pytest.approx(0.16)
+    grow = gr.growth([big, small])  # order does not matter: smallest vs largest
     g = grow["ingest"]
     assert (g["from_n"], g["to_n"]) == (1000, 10000)
     assert g["throughput_per_core"] == pytest.approx(0.8)
     assert g["peak_rss"] == pytest.approx(1.5)
     assert g["peak_anon"] == pytest.approx(1.04)
     assert grow["floor"]["throughput_per_core"] == pytest.approx(1.0)
-    rows = {t["target"]: t for t in bg.targets([small, big], grow)}
+    rows = {t["target"]: t for t in gr.targets([small, big], grow)}
     assert not rows["ingest / floor, records/s per core, N=1000"]["pass"]
     assert rows["ingest / floor, records per CPU-second, N=1000"]["value"] == pytest.approx(0.2)  # same CPU use
     assert rows["ingest, N=10000 / N=1000: records per CPU-second"]["value"] == pytest.approx(0.8)
@@ -60,12 +61,12 @@ def test_floor_fraction_growth_targets_and_projection() -> None:
     assert not rows["ingest, N=10000 / N=1000: peak RSS per process"]["pass"]
     assert rows["ingest, N=10000 / N=1000: peak anonymous RSS per process"]["pass"]
     assert not any(t["target"].startswith("floor,") for t in rows.values())  # the floor is a reference only
-    assert bg.growth([small]) == {}
-    proj = bg.project([small, big], 100_000)
+    assert gr.growth([small]) == {}
+    proj = gr.project([small, big], 100_000)
     assert proj["ingest"]["seconds"] == pytest.approx(1250.0)
     assert proj["ingest"]["disk_bytes"] == pytest.approx(1000 * 100_000)
     assert proj["ingest"]["peak_rss_per_process_bytes"] == pytest.approx((600 + 200 / 9000 * 90000) * MiB)
-    table = bg.markdown({"sizes": [small, big], "targets": bg.targets([small, big], grow), "growth": grow,
+    table = gr.markdown({"sizes": [small, big], "targets": gr.targets([small, big], grow), "growth": grow,
                          "projection": proj, "projection_n": 100_000})
     assert "| 10000 | ingest | 125.0 | 10000 | 80.0 | 2 | 40.0 |" in table and "FAIL" in table and "PASS" in table
 
@@ -81,7 +82,7 @@ def test_tiny_run_reports_every_stage(tmp_path: Path) -> None:
     result = bg.run([40], tmp_path / "work", processes=1, command="test", verbose=False)  # ingest in-process: faster
     (size,) = result["sizes"]
     assert size["n_ecgs"] == 40 and size["views"] == 10  # 4 ECGs and one view per patient
-    assert list(size["stages"]) == list(bg.STAGES)
+    assert list(size["stages"]) == list(gr.STAGES)
     for name, st in size["stages"].items():
         assert st["seconds"] > 0 and st["records"] > 0 and st["cores"] >= 1, name
         assert st["records_per_s_per_core"] == pytest.approx(st["records"] / st["seconds"] / st["cores"], rel=1e-3), name
@@ -107,6 +108,6 @@ def test_tiny_run_reports_every_stage(tmp_path: Path) -> None:
     saved = tmp_path / "growth.json"
     saved.write_text(json.dumps(result))  # the report is plain JSON, and re-renders the same
     assert bg.main(["--from-json", str(saved)])["targets"] == result["targets"]
-    table = bg.markdown(result)
-    assert all(f"| 40 | {name} |" in table for name in bg.STAGES) and "ingest / floor" in table
-    assert all(math.isfinite(p["seconds"]) for k, p in result["projection"].items() if k in bg.STAGES)
+    table = gr.markdown(result)
+    assert all(f"| 40 | {name} |" in table for name in gr.STAGES) and "ingest / floor" in table
+    assert all(math.isfinite(p["seconds"]) for k, p in result["projection"].items() if k in gr.STAGES)

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py: the peak table, the FLOP and MFU arithmetic on modules whose FLOPs are known by hand, the
+"""bench/gpu_check.py (with bench/gpu_math.py and bench/gpu_parts.py): the peak table, the FLOP and MFU arithmetic on modules whose FLOPs are known by hand, the
 refusal without a GPU, the data and feature parts without Ray, and (ray, slow) the whole --cpu-smoke run."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import gpu_check as gc
+from bench import gpu_math as gm
+from bench import gpu_parts as gp
 from stence.config import to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
     ("Tesla T4", None, "unknown"),
 ])
 def test_peak_table(name: str, peak: float | None, label: str) -> None:
-    assert gc.peak_bf16_tflops(name) == (peak, label)
+    assert gm.peak_bf16_tflops(name) == (peak, label)
 
 
 def test_linear_flops_forward_and_backward(one_thread) -> None:
@@ -41,27 +43,27 @@ def test_linear_flops_forward_and_backward(one_thread) -> None:
     lin = nn.Linear(n_in, n_out, bias=False)
     x = torch.randn(B, n_in)
     fwd = 2 * B * n_in * n_out  # one multiply-add = 2 FLOPs
-    assert gc.count_flops(lambda: lin(x)) == fwd
+    assert gm.count_flops(lambda: lin(x)) == fwd
     # backward: weight gradient only (x needs none), then also the input gradient
-    assert gc.count_flops(lambda: lin(x).sum().backward()) == 2 * fwd
+    assert gm.count_flops(lambda: lin(x).sum().backward()) == 2 * fwd
     x.requires_grad_(True)
-    assert gc.count_flops(lambda: lin(x).sum().backward()) == 3 * fwd
+    assert gm.count_flops(lambda: lin(x).sum().backward()) == 3 * fwd
 
 
 def test_attention_is_counted_on_cpu(one_thread) -> None:
     """The CPU flash kernel is invisible to FlopCounterMode; count_flops forces the math backend."""
     B, H, N, d = 2, 3, 16, 8
     q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
-    assert gc.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * B * H * N * N * d)
+    assert gm.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * (2 * B * H * N * N * d)
 
 
 def test_throughput_arithmetic() -> None:
-    fig = gc.throughput_figures(flops_per_sample=50e9, samples_per_s=2000.0, peak_tflops=989.0)
+    fig = gm.throughput_figures(flops_per_sample=50e9, samples_per_s=2000.0, peak_tflops=989.0)
     assert fig["achieved_tflops"] == pytest.approx(100.0)  # 50e9 * 2000 / 1e12
     assert fig["mfu"] == pytest.approx(100.0 / 989.0)
-    assert gc.throughput_figures(1e9, 10.0, None) == {"achieved_tflops": pytest.approx(0.01), "mfu": None}
-    assert gc.cores_needed(3000.0, 250.0) == pytest.approx(12.0)
-    assert gc.cores_needed(None, 250.0) is None and gc.cores_needed(3000.0, 0.0) is None
+    assert gm.throughput_figures(1e9, 10.0, None) == {"achieved_tflops": pytest.approx(0.01), "mfu": None}
+    assert gm.cores_needed(3000.0, 250.0) == pytest.approx(12.0)
+    assert gm.cores_needed(None, 250.0) is None and gm.cores_needed(3000.0, 0.0) is None
 
 
 def test_refuses_without_a_gpu(tmp_path: Path) -> None:
@@ -89,11 +91,11 @@ def test_arguments_and_configs(tmp_path: Path) -> None:
     assert (smoke.encoder, smoke.batch, smoke.loader_workers) == ("otis_tiny", 8, 1)
     with pytest.raises(SystemExit):
         gc.parse_args(["--parts", "pretrain,nope"])
-    cfg = gc.check_config(gpu, str(tmp_path))  # configs/paper.yaml, no weight files, one GPU worker
+    cfg = gp.check_config(gpu, str(tmp_path))  # configs/paper.yaml, no weight files, one GPU worker
     assert (cfg.model.ecg, cfg.train.workers, cfg.train.gpus, cfg.train.max_failures) == ("otis_base", 1, 1, 0)
     assert cfg.feature.frame_checkpoint == "" and cfg.model.ecg_checkpoint == "" and not cfg.tracking.enabled
     assert (cfg.feature.frame_encoder, cfg.feature.feature_dim, cfg.optim.batch_size) == ("dinov2_vits14", 512, 128)
-    scfg = gc.check_config(smoke, str(tmp_path))
+    scfg = gp.check_config(smoke, str(tmp_path))
     assert (scfg.model.ecg, scfg.train.gpus, scfg.train.workers) == ("otis_tiny", 0, 1)
 
 
@@ -105,7 +107,7 @@ def test_pretrain_step_flops_scale_with_the_batch(one_thread) -> None:
     from stence.train.pretrain_loop import pretrain_step, tower_optimizers
     from stence.train.worker import WorkerInfo
 
-    cfg = gc.check_config(gc.parse_args(["--cpu-smoke"]), "/tmp/unused")
+    cfg = gp.check_config(gc.parse_args(["--cpu-smoke"]), "/tmp/unused")
     info = WorkerInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
     model = build_stence_model(cfg).train()
@@ -113,9 +115,9 @@ def test_pretrain_step_flops_scale_with_the_batch(one_thread) -> None:
     loss_fn = StenceLoss(cfg.loss.w_sten, gather=False)
     counts = {}
     for B in (2, 4):
-        batch = gc.synthetic_batch(cfg, B, views=2, patches=gc.frame_patches(cfg), device="cpu")
+        batch = gp.synthetic_batch(cfg, B, views=2, patches=gp.frame_patches(cfg), device="cpu")
         assert batch["ecg"].shape == (B, 12, 1500) and batch["angio_feats"].shape == (B, 2, 64, 64)
-        counts[B] = gc.count_flops(lambda b=batch: pretrain_step(model, loss_fn, b, opts, None, info))
+        counts[B] = gm.count_flops(lambda b=batch: pretrain_step(model, loss_fn, b, opts, None, info))
     assert counts[2] > 0
     assert counts[4] / counts[2] == pytest.approx(2.0, rel=0.02)
 
@@ -123,19 +125,19 @@ def test_pretrain_step_flops_scale_with_the_batch(one_thread) -> None:
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory) -> Path:
     """8 synthetic patients ingested in-process with the smoke config (a few seconds)."""
-    cfg = gc.check_config(gc.parse_args(["--cpu-smoke"]), "/tmp/unused")
-    return gc.make_cohort(cfg, tmp_path_factory.mktemp("gpu-check"), patients=8, views=2, processes=1)
+    cfg = gp.check_config(gc.parse_args(["--cpu-smoke"]), "/tmp/unused")
+    return gp.make_cohort(cfg, tmp_path_factory.mktemp("gpu-check"), patients=8, views=2, processes=1)
 
 
 def test_data_path_and_feature_probe_without_ray(small_cohort: Path, tmp_path: Path, one_thread) -> None:
-    cfg = gc.check_config(gc.parse_args(["--cpu-smoke"]), str(tmp_path / "ray"))
-    store = gc.write_feature_store(small_cohort, tmp_path / "features", cfg.feature.variants, 64, 64)
+    cfg = gp.check_config(gc.parse_args(["--cpu-smoke"]), str(tmp_path / "ray"))
+    store = gp.write_feature_store(small_cohort, tmp_path / "features", cfg.feature.variants, 64, 64)
     assert not (small_cohort / "features").exists()  # the cohort is only read
-    d = gc.run_data_path(cfg, small_cohort, store, workers=0, batch=4, seconds=0.2, warmup_batches=1,
+    d = gp.run_data_path(cfg, small_cohort, store, workers=0, batch=4, seconds=0.2, warmup_batches=1,
                          min_batches=2)
     assert d["samples"] >= 8 and d["samples_per_s_per_core"] == pytest.approx(d["samples_per_s"])
     assert d["angio_feats_mb_per_sample"] == pytest.approx(2 * 64 * 64 * 4 / 1e6)  # (V, P, F) float32
-    probe = gc.FeatureProbe(str(small_cohort), to_dict(cfg))
+    probe = gp.FeatureProbe(str(small_cohort), to_dict(cfg))
     assert probe.device_name() == "cpu"
     a = probe.actor_path(batch_size=4, seconds=0.1, warmup=1, min_batches=2)
     assert a["frames"] >= 8 and a["augmented_share"] == pytest.approx(0.5)  # variants 0 and 1
