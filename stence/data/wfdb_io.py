@@ -21,6 +21,7 @@ import numpy as np
 import wfdb
 
 from stence.config import STANDARD_LEADS
+from stence.data import wfdb_speed
 from stence.data.limits import Limits
 from stence.data.wfdb_header import (
     check_extent,
@@ -41,6 +42,8 @@ from stence.errors import (
     ECG_TRUNCATED,
     BadInputError,
 )
+
+wfdb_speed.install()  # wfdb's header parsing without per-field pandas lookups (same results)
 
 # Physical units -> factor to millivolts. WFDB's default when a header gives no units is mV.
 _UNIT_TO_MV: dict[str, float] = {
