@@ -60,7 +60,7 @@ def test_not_positive_definite_lead_falls_back_to_lapack() -> None:
     from stence.data.preprocess import _gram_lower
 
     x = np.cumsum(np.random.default_rng(4).standard_normal((2, 500)), axis=1) * 0.01
-    raw, ok = np.zeros_like(x), np.ones(2, dtype=bool)
-    als_leads(x, *_gram_lower(500), 1e16, 0.3, 2, raw, ok)
+    raw, ok = np.zeros((500, 2)), np.ones(2, dtype=bool)
+    als_leads(np.ascontiguousarray(x.T), *_gram_lower(500), 1e16, 0.3, 2, raw, ok)
     assert not ok.any()  # the kernel itself gave up on both leads
     np.testing.assert_array_equal(als_baselines(x, 1e16, 0.3, 2), _lapack(x, 1e16, 0.3, 2))

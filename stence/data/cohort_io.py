@@ -45,8 +45,15 @@ def _open_cache(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
     return mm
 
 
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
 def _concat_cache(path: Path, arrays: pd.Series, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate per-record (L, n) float32 arrays along time into one memmap at `path`; returns the offsets.
+    """Concatenate per-record (L, n) float32 arrays along time into one .npy at `path`; returns the offsets.
 
     Each staged array is removed once copied (the last row naming it), and the cache's disk blocks are
     reserved record by record just before they are written: the disk holds about one copy of the ECGs
@@ -56,20 +63,23 @@ def _concat_cache(path: Path, arrays: pd.Series, lengths: np.ndarray) -> np.ndar
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
     n_leads = int(np.load(arrays.iloc[0], mmap_mode="r").shape[0]) if len(arrays) else 12
     total = int(lengths.sum())
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_leads, total))  # sparse
-    item = mm.dtype.itemsize
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_leads, total))  # header; sparse
+    start, item = mm.offset, mm.dtype.itemsize
+    del mm  # written with pwrite below: no mapped pages accumulate in this process's resident memory
     last = {p: i for i, p in enumerate(arrays)}
     with open(path, "r+b") as fh:
         fd = fh.fileno()
         for i, (p, off, n) in enumerate(zip(arrays, offsets, lengths, strict=True)):
-            for lead in range(n_leads):  # lead-major layout: the record's samples lie in n_leads ranges
-                if n:
-                    os.posix_fallocate(fd, mm.offset + (lead * total + int(off)) * item, int(n) * item)
-            mm[:, off : off + n] = np.load(p)
+            a = np.load(p)  # (L, n)
+            if a.shape != (n_leads, n):
+                raise ValueError(f"staged array {Path(p).name} has shape {a.shape}, expected {(n_leads, int(n))}")
+            for lead in range(n_leads if n else 0):  # lead-major layout: the record lies in n_leads ranges
+                pos = start + (lead * total + int(off)) * item
+                os.posix_fallocate(fd, pos, int(n) * item)
+                _pwrite_all(fd, np.ascontiguousarray(a[lead], dtype=np.float32).tobytes(), pos)
             if last[p] == i:
                 Path(p).unlink()
-    mm.flush()
-    del mm
+        os.fsync(fd)
     return offsets
 
 

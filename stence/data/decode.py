@@ -150,3 +150,9 @@ def decode_xa(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     except Exception as e:
         out.update(ok=False, reason="unexpected_error", detail=f"{type(e).__name__}: {e}")
     return out
+
+
+def decode_file(job: tuple[str, tuple[str, DecodeSettings]]) -> dict[str, Any]:
+    """("ecg" | "xa", decode job) -> `decode_ecg` or `decode_xa` of it: one worker pool serves both kinds."""
+    kind, args = job
+    return decode_ecg(args) if kind == "ecg" else decode_xa(args)

@@ -36,7 +36,7 @@ from stence import errors as E
 from stence.config import Config, to_dict
 from stence.data import cohort_io
 from stence.data.contract import project_contract
-from stence.data.decode import DecodeSettings, decode_ecg, decode_xa
+from stence.data.decode import DecodeSettings, decode_ecg, decode_file, decode_xa
 from stence.data.export_tables import ExportTableError, read_annotations, read_ecg_index
 from stence.data.inventory import Inventory, take_inventory
 from stence.data.labels import TARGET_NAMES
@@ -224,9 +224,9 @@ def _decode_all(staging: Path, raw: Path, cfg: Config, inv: Inventory, processes
         raise ValueError(f"unknown decode engine {engine!r}: 'local' or 'ray'")
     n_proc = processes if processes is not None else (cfg.ingest.processes or os.cpu_count() or 1)
     print(f"decode: local process pool, {n_proc} process(es)")
-    ecg = run_jobs(decode_ecg, ecg_jobs, n_proc, "decode ECG", died("ecg"))
-    xa = run_jobs(decode_xa, xa_jobs, n_proc, "decode XA", died("xa"))
-    return ecg, xa
+    jobs = [("ecg", j) for j in ecg_jobs] + [("xa", j) for j in xa_jobs]  # one pool: its workers start once
+    out = run_jobs(decode_file, jobs, n_proc, "decode ECG + XA", lambda job: died(job[0])(job[1]))
+    return out[: len(ecg_jobs)], out[len(ecg_jobs) :]
 
 
 def _decode_on_ray(staging: Path, raw: Path, inv: Inventory, ecg_jobs: list, xa_jobs: list, died):

@@ -107,7 +107,9 @@ def als_baselines(sig: np.ndarray, lam: float = 1e7, p: float = 0.3, n_iter: int
     if n_iter > 0:
         from stence.data.als_kernel import als_leads  # numba: imported (and compiled) where ingest needs it
 
-        als_leads(np.ascontiguousarray(x), *_gram_lower(n), float(lam), float(p), int(n_iter), base, ok_lead)
+        base_t = np.empty((n, x.shape[0]))  # (T, L): the kernel interleaves the leads
+        als_leads(np.ascontiguousarray(x.T), *_gram_lower(n), float(lam), float(p), int(n_iter), base_t, ok_lead)
+        base = np.ascontiguousarray(base_t.T)
     for lead in np.flatnonzero(finite < 3):
         base[lead] = 0.0
     for lead in np.flatnonzero(~ok_lead & (finite >= 3)):  # numerically not positive definite
