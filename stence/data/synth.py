@@ -14,10 +14,11 @@ import csv
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -89,11 +90,35 @@ def _prepare(out: Path, overwrite: bool) -> None:
     (out / "angio").mkdir(parents=True, exist_ok=True)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+def _csv_writer(fh: IO[str], header: list[str]) -> Any:
+    """A csv writer on `fh` (Unix line ends) that has written `header`."""
+    w = csv.writer(fh, lineterminator="\n")
+    w.writerow(header)
+    return w
+
+
+def _truth_item(patient: dict[str, Any], first: bool) -> str:
+    """One entry of the answer key's "patients" list, as json.dumps(truth, indent=1, sort_keys=True) writes
+    it at depth 2 (JSON strings hold no raw newline, so indenting every line break is exact)."""
+    return ("" if first else ",") + "\n  " + json.dumps(patient, indent=1, sort_keys=True).replace("\n", "\n  ")
+
+
+def _write_truth(path: Path, truth: dict[str, Any], patients: IO[str]) -> None:
+    """Write `truth` with its "patients" list read from `patients` (the `_truth_item`s): the same bytes as
+    json.dumps({**truth, "patients": [...]}, indent=1, sort_keys=True) + newline, the list never in memory."""
+    head = json.dumps({**truth, "patients": []}, indent=1, sort_keys=True)
+    empty = '"patients": []\n}'
+    if not head.endswith(empty):  # "patients" sorts last among the answer key's keys
+        raise RuntimeError("answer key layout changed: patients is not its last key")
+    with open(path, "w") as fh:
+        fh.write(head[: -len(empty)] + '"patients": [')
+        first = patients.read(1)
+        if first:
+            fh.write(first)
+            shutil.copyfileobj(patients, fh)
+            fh.write("\n ]\n}\n")
+        else:
+            fh.write("]\n}\n")
 
 
 def write_cohort(
@@ -107,39 +132,48 @@ def write_cohort(
     out = Path(out)
     _prepare(out, overwrite)
     patients = plan_patients(cfg, cfg.patients)
-    index_rows: list[list[Any]] = []
-    annotation_rows: list[list[Any]] = []
-    truth_patients: list[dict[str, Any]] = []
     n_record = 0
-    for p in tqdm(patients, desc="synth cohort", unit="patient", disable=not progress):
-        ecgs = []
-        for j in range(cfg.ecgs_per_patient):
-            rec = make_record(cfg, p, f"E{n_record:06d}", j)
-            fmt = record_format(cfg.ecg_format, cfg.seed, n_record)  # its own stream: the rest is unchanged
-            n_record += 1
-            rel = "ecg/" + write_ecg(out / "ecg", rec, fmt, person_for(p))  # WFDB without extension
-            index_rows.append([rel, p.patient_id, rec.when.date().isoformat()])
-            ecgs.append({"record": rel, "format": fmt, "date": rec.when.date().isoformat(), "fs": rec.fs,
-                         "leads_shuffled": rec.leads != STANDARD_LEADS})  # fmt: skip
-        views = write_study(out, cfg, p)
-        annotation_rows += [[p.study_uid, s, p.segments[s]] for s in SEGMENTS]
-        truth_patients.append(_truth_patient(p, views, ecgs))
+    # the index, annotation and answer-key rows go to disk patient by patient (nothing per record is kept:
+    # a bench-size cohort's rows and the answer key's JSON text would otherwise grow with the cohort)
+    with (
+        open(out / "ecg_index.csv", "w", newline="") as index_fh,
+        open(out / "annotations.csv", "w", newline="") as annotation_fh,
+        tempfile.TemporaryFile("w+", dir=out) as truth_fh,  # unlinked: leaves nothing behind
+    ):
+        index_csv = _csv_writer(index_fh, ["record", "patient_id", "acquisition_date"])
+        annotation_csv = _csv_writer(annotation_fh, ["study_uid", "segment", "stenosis"])
+        for k, p in enumerate(tqdm(patients, desc="synth cohort", unit="patient", disable=not progress)):
+            ecgs = []
+            for j in range(cfg.ecgs_per_patient):
+                rec = make_record(cfg, p, f"E{n_record:06d}", j)
+                fmt = record_format(cfg.ecg_format, cfg.seed, n_record)  # its own stream: the rest is unchanged
+                n_record += 1
+                rel = "ecg/" + write_ecg(out / "ecg", rec, fmt, person_for(p))  # WFDB without extension
+                index_csv.writerow([rel, p.patient_id, rec.when.date().isoformat()])
+                ecgs.append({"record": rel, "format": fmt, "date": rec.when.date().isoformat(), "fs": rec.fs,
+                             "leads_shuffled": rec.leads != STANDARD_LEADS})  # fmt: skip
+            views = write_study(out, cfg, p)
+            annotation_csv.writerows([[p.study_uid, s, p.segments[s]] for s in SEGMENTS])
+            truth_fh.write(_truth_item(_truth_patient(p, views, ecgs), first=k == 0))
 
-    corrupt = (
-        plant_corrupt(out, cfg, patients, n_record, index_rows, annotation_rows)
-        if cfg.corrupt_fraction
-        else []
-    )
-    _write_csv(out / "ecg_index.csv", ["record", "patient_id", "acquisition_date"], index_rows)
-    _write_csv(out / "annotations.csv", ["study_uid", "segment", "stenosis"], annotation_rows)
-    echonext = write_echonext(out / "echonext", cfg.echonext, cfg.seed, cfg.noise) if cfg.echonext else {}
-    truth = {
-        "params": {**dataclasses.asdict(cfg), "fs": list(cfg.fs), "generator": "stence.data.synth"},
-        "patients": truth_patients,
-        "corrupt": corrupt,
-        "echonext": echonext,
-    }
-    (out / TRUTH_FILE).write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
+        # the corrupt files' rows come after the good ones, as before
+        corrupt_index: list[list[Any]] = []
+        corrupt_annotations: list[list[Any]] = []
+        corrupt = (
+            plant_corrupt(out, cfg, patients, n_record, corrupt_index, corrupt_annotations)
+            if cfg.corrupt_fraction
+            else []
+        )
+        index_csv.writerows(corrupt_index)
+        annotation_csv.writerows(corrupt_annotations)
+        echonext = write_echonext(out / "echonext", cfg.echonext, cfg.seed, cfg.noise) if cfg.echonext else {}
+        truth = {
+            "params": {**dataclasses.asdict(cfg), "fs": list(cfg.fs), "generator": "stence.data.synth"},
+            "corrupt": corrupt,
+            "echonext": echonext,
+        }
+        truth_fh.seek(0)
+        _write_truth(out / TRUTH_FILE, truth, truth_fh)
     kinds: dict[str, int] = {}
     for c in corrupt:
         kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1

@@ -22,7 +22,7 @@ from stence.data.cohort_io import Cohort
 from stence.data.datasets import EcgDataset, PairedDataset, collate_paired
 from stence.data.feature_store import FeatureStore
 from stence.eval.metrics import knn_auroc_ci
-from stence.losses import StenceLoss, clip_loss
+from stence.losses import StenceLoss
 from stence.models.registry import build_stence_model
 from stence.train.common import (
     autocast,
@@ -101,15 +101,53 @@ def pretrain_step(model: nn.Module, loss_fn: StenceLoss, batch: dict[str, torch.
     return terms
 
 
+_BLOCK_ROWS = 1024  # rows of the (N, N) validation similarity matrix held at a time ...
+_BLOCK_ELEMS = 1 << 23  # ... and at most this many entries (32 MB of float32), whatever N
+
+
+def _row_blocks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering n rows, each of at most min(_BLOCK_ROWS, _BLOCK_ELEMS // n) rows."""
+    step = max(1, min(_BLOCK_ROWS, _BLOCK_ELEMS // max(n, 1)))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def retrieval_metrics(ecg: np.ndarray, angio: np.ndarray, scale: float) -> dict[str, float]:
-    """Validation CLIP loss and recall@1/5 in both directions on the whole (gathered) validation set."""
-    e, a = torch.from_numpy(ecg), torch.from_numpy(angio)
-    loss = float(clip_loss(e, a, torch.tensor(scale), gather=False))
-    sim = e @ a.T  # (N, N)
-    target = torch.arange(len(e))
-    out = {"val/clip_loss": loss}
-    for name, s in (("e2a", sim), ("a2e", sim.T)):
-        rank = (s > s[target, target][:, None]).sum(1)  # (N,) how many beat the true partner
+    """Validation CLIP loss and recall@1/5 in both directions on the whole (gathered) validation set.
+
+    The (N, N) similarity matrix `ecg @ angio.T` is never held whole: it is made a block of rows at a time
+    (see `_row_blocks`; memory bounded whatever N), twice. The first pass takes each row's rank (how many
+    similarities strictly beat the true partner's), the diagonal, and the row and running column
+    logsumexps of the logits (`clip_loss` on the full matrix, to float tolerance); the second counts, per
+    column, the similarities above that column's diagonal entry (the angiography -> ECG rank)."""
+    e, a = torch.from_numpy(ecg), torch.from_numpy(angio)  # (N, D) each
+    n = len(e)
+    logit_scale = torch.tensor(scale)  # float32, as clip_loss gets it
+    blocks = _row_blocks(n)
+    dtype = torch.result_type(e, a)
+    diag = torch.empty(n, dtype=dtype)  # (N,) similarity of each true pair
+    rank_e2a = torch.empty(n, dtype=torch.long)  # (N,) how many angiograms beat each ECG's partner
+    row_lse = torch.empty(n, dtype=torch.float64)  # (N,) logsumexp over each row of the logits
+    col_lse = torch.full((n,), -math.inf, dtype=torch.float64)  # (N,) running logsumexp over each column
+    for i0, i1 in blocks:
+        s = e[i0:i1] @ a.T  # (b, N) rows i0..i1 of the similarity matrix
+        r = torch.arange(i1 - i0)
+        d = s[r, i0 + r]  # (b,) their diagonal entries
+        diag[i0:i1] = d
+        rank_e2a[i0:i1] = (s > d[:, None]).sum(1)
+        logits = s * logit_scale  # (b, N)
+        row_lse[i0:i1] = torch.logsumexp(logits, 1).double()
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, 0).double())
+        del s, logits
+    rank_a2e = torch.zeros(n, dtype=torch.long)  # (N,) how many ECGs beat each angiogram's partner
+    for i0, i1 in blocks:
+        s = e[i0:i1] @ a.T  # (b, N), the same block as in the first pass
+        rank_a2e += (s > diag[None, :]).sum(0)
+        del s
+    diag_logits = (diag * logit_scale).double()  # (N,)
+    ce_e2a = (row_lse - diag_logits).mean()  # cross-entropy of each row against its diagonal
+    ce_a2e = (col_lse - diag_logits).mean()  # and of each column
+    out = {"val/clip_loss": float((ce_e2a + ce_a2e) / 2)}
+    for name, rank in (("e2a", rank_e2a), ("a2e", rank_a2e)):
         out[f"val/r1_{name}"] = float((rank < 1).float().mean())
         out[f"val/r5_{name}"] = float((rank < 5).float().mean())
     return out
