@@ -299,42 +299,78 @@ def _claim_size_dir(size_dir: Path) -> None:
     (size_dir / MARK).write_text("made by bench/bench_growth.py; removed by its next run\n")
 
 
-def run_size(n: int, work: Path, processes: int = 2, keep: bool = False, floor_max: int = 20_000,
-             ecgs_per_patient: int = ECGS_PER_PATIENT, verbose: bool = True) -> dict:
-    """All stages at one size under work/n<N>; the per-stage figures."""
-    size_dir = work / f"n{n}"
+def _resumable(size_dir: Path, resume: bool) -> bool:
+    """With --resume, a size folder this benchmark made is kept (its saved stages and raw export reused)."""
+    if resume and (size_dir / MARK).exists():
+        return True
     _claim_size_dir(size_dir)
+    return False
+
+
+def _export_counts(raw: Path) -> dict:
+    """ECGs, patients and views of a synthetic export, from its index tables (no file is read)."""
+    import pandas as pd
+
+    ecg = pd.read_csv(raw / "ecg_index.csv")
+    out = {"ecgs": len(ecg), "patients": int(ecg["patient_id"].nunique()) if "patient_id" in ecg else None}
+    out["views"] = sum(1 for f in (raw / "angio").rglob("*") if f.is_file())
+    return out
+
+
+def run_size(n: int, work: Path, processes: int = 2, keep: bool = False, floor_max: int = 20_000,
+             ecgs_per_patient: int = ECGS_PER_PATIENT, verbose: bool = True, resume: bool = False) -> dict:
+    """All stages at one size under work/n<N>; the per-stage figures. Each stage's raw figures are saved in
+    work/n<N>/stage_results/, and with `resume` a saved stage is not run again; a kept raw export whose synth
+    stage was not saved is used as it is, and that size then has no synth figures."""
+    size_dir = work / f"n{n}"
+    resumed = _resumable(size_dir, resume)
+    saved = size_dir / "stage_results"
+    saved.mkdir(exist_ok=True)
     log = size_dir / "stages.log"
     say = print if verbose else (lambda *a, **k: None)
     raws: dict[str, dict] = {}
     params = {"n": n, "processes": processes, "floor_max": floor_max, "ecgs_per_patient": ecgs_per_patient}
+    raw_bytes = cohort_bytes = 0
     for name in STAGES:
         say(f"  N={n}: {name} ...", end=" ", flush=True)
-        raws[name] = run_stage(name, size_dir, params, disk_watch=size_dir if name == "ingest" else None, log=log)
-        say(f"{raws[name]['seconds']:.1f} s")
+        f = saved / f"{name}.json"
+        if resumed and f.exists():
+            raws[name] = json.loads(f.read_text())
+            say("saved figures reused")
+        elif resumed and name == "synth" and (size_dir / "raw").exists():
+            say("raw export reused; not measured in this run")
+        else:
+            raws[name] = run_stage(name, size_dir, params, disk_watch=size_dir if name == "ingest" else None,
+                                   log=log)
+            f.write_text(json.dumps(raws[name]))
+            say(f"{raws[name]['seconds']:.1f} s")
         if name == "synth":
-            raw_bytes = tree_bytes(size_dir / "raw")
+            raw_bytes = tree_bytes(size_dir / "raw") if "synth" in raws or (size_dir / "raw").exists() else 0
+            counts = _export_counts(size_dir / "raw") if (size_dir / "raw").exists() else {}
         elif name == "ingest":
             cohort_bytes = tree_bytes(size_dir / "cohort") + tree_bytes(size_dir / "cohort.site-identifiers")
             if not keep:
-                shutil.rmtree(size_dir / "raw")
-    n_ecgs = int(raws["synth"]["records"])
+                shutil.rmtree(size_dir / "raw", ignore_errors=True)
+    if "synth" in raws:
+        n_ecgs, patients, views = (int(raws["synth"]["records"]), raws["synth"]["extra"]["patients"],
+                                   raws["synth"]["extra"]["views"])
+    else:
+        n_ecgs, patients, views = counts["ecgs"], counts["patients"], counts["views"]
     disks = {"synth": (raw_bytes, "raw export (ecg/ + angio/ + tables)"),
              "floor": (0, "nothing"),
              "ingest": (cohort_bytes, "cohort (tables, cache/ecg.npy, cache/ecg_source.npy, cache/frames.npy) "
                                       "+ site map"),
              "features": (tree_bytes(size_dir / "cohort" / "features"), "feature cache"),
              "pretrain": (tree_bytes(size_dir / "storage"), "checkpoints and export")}
-    stages = {name: stage_figures(raws[name], n_ecgs, *disks[name]) for name in STAGES}
-    return {"n_ecgs": n_ecgs, "n_requested": n, "patients": raws["synth"]["extra"]["patients"],
-            "views": raws["synth"]["extra"]["views"], "stages": stages,
+    stages = {name: stage_figures(raws[name], n_ecgs, *disks[name]) for name in STAGES if name in raws}
+    return {"n_ecgs": n_ecgs, "n_requested": n, "patients": patients, "views": views, "stages": stages,
             "peak_work_disk_bytes": raws["ingest"]["sampled"].get("disk_peak", 0),
             "ingest_vs_floor": None}
 
 
 def run(sizes: list[int], work: Path, processes: int = 2, keep: bool = False, floor_max: int = 20_000,
         ecgs_per_patient: int = ECGS_PER_PATIENT, command: str = "", verbose: bool = True,
-        projection_n: int = 100_000, partial: Path | None = None) -> dict:
+        projection_n: int = 100_000, partial: Path | None = None, resume: bool = False) -> dict:
     """Every size, smallest first; with `partial`, the report so far is written there after each size."""
     results = []
     settings = {"processes": processes, "ecgs_per_patient": ecgs_per_patient, "views_per_study": VIEWS,
@@ -343,7 +379,7 @@ def run(sizes: list[int], work: Path, processes: int = 2, keep: bool = False, fl
                 "threads_per_process": 1}
     for n in sorted(sizes):
         t0 = time.perf_counter()
-        s = run_size(n, work, processes, keep, floor_max, ecgs_per_patient, verbose)
+        s = run_size(n, work, processes, keep, floor_max, ecgs_per_patient, verbose, resume)
         s["total_wall_s"] = round(time.perf_counter() - t0, 1)
         results.append(s)
         if partial is not None:
@@ -373,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--floor-max", type=int, default=20_000, help="records the floor reads (evenly strided); 0 = all")
     p.add_argument("--ecgs-per-patient", type=int, default=ECGS_PER_PATIENT)
     p.add_argument("--out", default="bench/results/growth.json")
+    p.add_argument("--resume", action="store_true",
+                   help="with --work: reuse the stages saved under each size folder (and a kept raw export)")
     p.add_argument("--from-json", help="recompute ratios, targets and the table of a saved report; run nothing")
     # internal: one stage in this (fresh) process
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
@@ -396,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"growth benchmark: sizes {sorted(args.sizes)}, work {work} ({filesystem_of(work)})", flush=True)
     try:
         result = run(args.sizes, work, args.processes, args.keep, args.floor_max, args.ecgs_per_patient, command,
-                     partial=Path(args.out))
+                     partial=Path(args.out), resume=args.resume)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

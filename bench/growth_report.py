@@ -26,7 +26,7 @@ def stage_figures(raw: dict, n_ecgs: int, disk_bytes: int, disk_what: str) -> di
     peak = max(int(s.get("peak_rss_sampled", 0)), int(raw.get("maxrss_self", 0)), int(raw.get("maxrss_children", 0)))
     return {
         "records": records, "record_unit": raw.get("record_unit", "ECG record"),
-        "seconds": round(seconds, 3), "process_wall_s": round(float(raw.get("process_wall_s", seconds)), 3),
+        "seconds": round(seconds, 6), "process_wall_s": round(float(raw.get("process_wall_s", seconds)), 3),
         "records_per_s": rate, "cores": cores, "cores_note": raw.get("cores_note", ""),
         "records_per_s_per_core": None if rate is None else rate / cores,
         "cpu_s": round(cpu_s, 3), "records_per_cpu_s": _ratio(records, cpu_s),

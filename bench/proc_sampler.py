@@ -126,8 +126,11 @@ class TreeSampler(threading.Thread):
         while not self._halt.is_set():
             self.sample()
             if self.disk is not None and time.monotonic() - last_disk >= self.disk_every:
+                t0 = time.monotonic()
                 self.disk_peak = max(self.disk_peak, tree_bytes(self.disk))
                 last_disk = time.monotonic()
+                # a walk of a 10^5-file tree takes seconds: keep it under ~5 % of one core
+                self.disk_every = max(self.disk_every, 20 * (last_disk - t0))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:

@@ -54,8 +54,19 @@ def _save_atomic(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _ecg_sidecar_size(hea: Path) -> int:
-    return sum(p.stat().st_size for p in hea.parent.glob(hea.stem + ".*") if p.is_file())
+def _record_key(path: Path, rel: str, signal_files: list[str]) -> str:
+    """Staging key of an ECG record: its path, and the size and modification time of the file and of each
+    signal file its header names (a WFDB record is several files; only those named are looked at, so the
+    cost does not grow with the number of files beside it)."""
+    parts = [rel]
+    for f in [path, *(path.parent / name for name in sorted(signal_files))]:
+        try:
+            st = f.stat()
+        except OSError:  # a missing optional file: part of the key as such
+            parts.append(f"{f.name}|-")
+            continue
+        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
@@ -66,10 +77,9 @@ def decode_ecg(args: tuple[str, DecodeSettings]) -> dict[str, Any]:
     path = Path(s.raw) / rel
     out: dict[str, Any] = {"kind": "ecg", "rel": rel}
     try:
-        size = _ecg_sidecar_size(path) if rel.lower().endswith(".hea") else path.stat().st_size
-        key = hashlib.sha256(f"{rel}|{size}|{path.stat().st_mtime_ns}".encode()).hexdigest()[:24]
-        arr_path = Path(s.staging) / "records" / f"{key}.npy"
         rec = read_ecg_file(path, s.contract.leads, limits=s.limits)
+        key = _record_key(path, rel, list(rec.meta.get("signal_files") or ()))
+        arr_path = Path(s.staging) / "records" / f"{key}.npy"
         validate_signal(rec.signal, s.min_valid_fraction)
         # duplicate detection on the decoded source signal (before any processing)
         raw_sig = np.nan_to_num(rec.signal.astype(np.float32), nan=0.0)
