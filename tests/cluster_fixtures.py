@@ -92,6 +92,47 @@ def stop_process_group(proc: subprocess.Popen | None, grace_s: float = 20.0) -> 
         pass
 
 
+def _live_followers(pgid: int) -> list[int]:
+    """Processes of process group `pgid` other than its leader that have not exited (zombies count as exited)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(entry.name))
+    return out
+
+
+def stop_ray_node(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a `ray start --block` process group for good (a teardown, not a preemption): SIGTERM the group, wait
+    until its processes other than the leader (raylet, GCS, dashboard, workers ...) have exited (at most
+    `grace_s`), then SIGKILL the group.
+
+    The leader itself is not waited for: on SIGTERM it asks the GCS to drain its node and waits up to
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) for a drain that a node whose processes are gone never finishes,
+    so `stop_process_group` sat out its whole grace time on every node."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and proc.poll() is None and _live_followers(proc.pid):
+            time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def pids_mentioning(text: str) -> list[int]:
     """Processes whose command line contains `text` (a unique scratch path), excluding this one."""
     out = []
@@ -428,6 +469,15 @@ class RayCluster:
         r.raise_for_status()
         return list(r.json()["data"]["result"]["result"])
 
+    def job_status(self, submission_id: str) -> str:
+        """A job's status (PENDING, RUNNING, SUCCEEDED ...) from the Jobs API, in this process: what the tests
+        poll while they wait (each `stence cluster status` is a Python process start, ~2 CPU-seconds taken from
+        the job on a 2-core machine); they check the CLI's own answer once the wait is over."""
+        r = requests.get(f"{self.dashboard_url}/api/jobs/{submission_id}",
+                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"}, timeout=30)
+        r.raise_for_status()
+        return str(r.json()["status"])
+
     def alive(self) -> dict[str, dict[str, Any]]:
         """ALIVE nodes by node name."""
         return {n["node_name"]: n for n in self.nodes() if n.get("state") == "ALIVE"}
@@ -448,10 +498,14 @@ class RayCluster:
         stop_process_group(proc, grace_s=15.0)
 
     def stop(self) -> None:
-        """Stop every node (extra nodes first), then anything still running from this cluster's temp dirs
-        (every node's starts with the head's)."""
+        """Stop every node (extra nodes first, while the head's GCS still answers their raylets: they are gone
+        within a second; `stop_ray_node`: without waiting out their drain), then anything still running from this
+        cluster's temp dirs (every node's starts with the head's).
+
+        The head's own GCS and raylet do not exit on SIGTERM within 10 s once the GCS is shutting down; the
+        20 s grace this used to give every node ended in SIGKILL all the same, so the head gets 5 s."""
         for name in sorted(self.procs, key=lambda n: n == "head"):
-            stop_process_group(self.procs.pop(name), grace_s=20.0)
+            stop_ray_node(self.procs.pop(name), grace_s=5.0 if name == "head" else 20.0)
         for pid in pids_mentioning(str(self.temp_dir)):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -463,3 +517,59 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> s
     """Run `stence ARGS` in a fresh process with `env` (the token-auth settings live only there)."""
     return subprocess.run([sys.executable, "-m", "stence.cli", *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One two-node cluster shared by consecutive tests (conftest's `two_node_cluster` fixture)
+
+SHARD_RESOURCE = "shard"  # one per node: tests/shard_reads.py pins one Train worker to each node with it
+
+
+def start_two_node_cluster(root: Path) -> RayCluster:
+    """Head + node2, 1 CPU and one SHARD_RESOURCE each; started a second time if a node dies while starting
+    (on a loaded 2-core machine the head's client server can time out waiting for its own node's info)."""
+    for attempt in (1, 2):
+        (root / f"ray{attempt}").mkdir()
+        cluster = RayCluster(root / f"ray{attempt}")
+        try:
+            cluster.start_head(num_cpus=1, resources={SHARD_RESOURCE: 1})
+            cluster.add_node("node2", num_cpus=1, resources={SHARD_RESOURCE: 1})
+            return cluster
+        except ProcessDied:
+            cluster.stop()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class SharedTwoNodeCluster:
+    """The two-node cluster of `start_two_node_cluster`, started when a test first asks for it and kept for the
+    tests right after it that ask too (conftest runs them one after the other); `stop` ends it (conftest: after
+    the last of them). Starting and stopping a cluster costs tens of seconds on a 2-core machine.
+
+    Tests sharing it leave it as they found it: every job they run is a driver process of their own that has
+    exited when they end, and their files are in folders of their own (not under the cluster's root)."""
+
+    def __init__(self) -> None:
+        self.cluster: RayCluster | None = None
+        self.root: Path | None = None
+
+    def get(self) -> RayCluster:
+        if self.cluster is not None:
+            try:
+                whole = set(self.cluster.alive()) == {"head", "node2"}
+            except Exception:  # noqa: BLE001 - the head does not answer
+                whole = False
+            if not whole:  # a node is gone: a fresh cluster, not a half one
+                self.stop()
+        if self.cluster is None:
+            self.root = make_root()
+            self.cluster = start_two_node_cluster(self.root)
+        return self.cluster
+
+    def stop(self) -> None:
+        cluster, root, self.cluster, self.root = self.cluster, self.root, None, None
+        if cluster is not None:
+            cluster.stop()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)

@@ -7,6 +7,7 @@ of the session shares them (tests tell their runs apart by experiment, name and 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -42,3 +43,17 @@ def shared_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> str:
         mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables
         _SHARED["mlflow_db"] = uri
     return _SHARED["mlflow_db"]
+
+
+# Ray settings of the test session (conftest puts them in os.environ before any Ray instance starts; tests that
+# start a process with a cleaned environment pass them on with `ray_test_settings()`).
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: how often a Train controller polls its workers (Ray's default: 2 s). A worker's
+# report waits in a queue of one until that poll takes it, and the end of a run is seen at the next poll, so on the
+# toy and tiny runs of the tests every epoch and every run end waited up to 2 s for it. A poll that a busy worker
+# does not answer in time is no error (Ray gives a worker RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+RAY_TEST_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def ray_test_settings() -> dict[str, str]:
+    """The session's values of RAY_TEST_SETTINGS (a value set by the caller's environment wins)."""
+    return {k: os.environ.get(k, v) for k, v in RAY_TEST_SETTINGS.items()}

@@ -254,15 +254,17 @@ def test_smoke_job_logs_to_mlflow_from_the_second_node(stack: Stack) -> None:
 def test_stop_a_running_job(stack: Stack) -> None:
     job_id, _ = submit(stack, ["python", "-c", "import time; print('started', flush=True); time.sleep(600)"])
     deadline = time.monotonic() + 120
-    while status(stack, job_id)["status"] != "RUNNING":
+    while stack.ray.job_status(job_id) != "RUNNING":  # the wait polls the Jobs API; the CLI's answer below
         assert time.monotonic() < deadline, status(stack, job_id)
         time.sleep(1)
+    assert status(stack, job_id)["status"] == "RUNNING"  # it sleeps for 10 minutes
     r = run_cli(["cluster", "stop", job_id, "--address", stack.ray.dashboard_url], stack.job_env())
     assert r.returncode == 0 and "stop requested" in r.stdout
     deadline = time.monotonic() + 60
-    while status(stack, job_id)["status"] != "STOPPED":
+    while stack.ray.job_status(job_id) != "STOPPED":
         assert time.monotonic() < deadline, status(stack, job_id)
         time.sleep(1)
+    assert status(stack, job_id)["status"] == "STOPPED"
     text = run_cli(["cluster", "status", job_id, "--address", stack.ray.dashboard_url], stack.job_env()).stdout
     assert text.startswith(f"{job_id}: STOPPED")
     listed = run_cli(["cluster", "list", "--address", stack.ray.dashboard_url], stack.job_env()).stdout
@@ -367,7 +369,8 @@ def test_cluster_sweep(stack: Stack) -> None:
     deadline = time.monotonic() + 900
     exp_id = None
     while True:
-        st = status(stack, job_id)["status"]
+        # polled through the Jobs API in this process: a `stence cluster status` per poll took CPU from the sweep
+        st = stack.ray.job_status(job_id)
         assert st in ("PENDING", "RUNNING"), f"sweep ended early ({st}):\n{job_logs(stack, job_id)[-5000:]}"
         assert time.monotonic() < deadline, "no trial reported a metric while a Train worker ran, in time"
         got = stack.mlflow.api("GET", "experiments/get-by-name", params={"experiment_name": SWEEP_EXPERIMENT})
@@ -377,7 +380,7 @@ def test_cluster_sweep(stack: Stack) -> None:
             if any(r["data"].get("metrics") and "mlflow.parentRunId" in {t["key"] for t in r["data"].get("tags", [])}
                    for r in runs) and (workers := _train_workers(stack)):
                 break
-        time.sleep(3)
+        time.sleep(2)
     # deterministic placement: every Train worker is on node2, the one node offering the worker resource
     assert workers and set(workers) == {node2}, (workers, node2, stack.ray.alive())
     on_node2 = sorted({a["class_name"] for a in stack.ray.actors() if a.get("node_id") == node2})
@@ -389,10 +392,11 @@ def test_cluster_sweep(stack: Stack) -> None:
     node3 = stack.ray.alive()["node3"]["node_id"]
 
     deadline = time.monotonic() + 1500
-    while (st := status(stack, job_id)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    while (st := stack.ray.job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, "sweep did not finish"
-        time.sleep(5)
+        time.sleep(2)
     assert st == "SUCCEEDED", job_logs(stack, job_id)[-8000:]
+    assert status(stack, job_id)["status"] == "SUCCEEDED"  # and `stence cluster status` says so
     # every Train worker of the sweep (and of the probe of its best encoder) ran on a worker node, and the
     # work node2 lost was resumed on its replacement
     every_worker = _train_workers(stack, state=None)

@@ -26,7 +26,7 @@ from stence.config import Config
 from stence.data.ingest import ingest, read_site_map
 from stence.data.synth import SynthConfig, write_cohort
 from stence.pipelines.ingest import decode_engine
-from tests.cluster_fixtures import ProcessDied, RayCluster, make_root, tail
+from tests.cluster_fixtures import make_root, tail
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,23 +55,6 @@ def _same_cohort(a: Path, b: Path) -> None:
     sa, sb = (read_site_map(Path(f"{c}.site-identifiers")).sort_values(["file", "path", "status"])
               .reset_index(drop=True) for c in (a, b))
     pd.testing.assert_frame_equal(sa, sb)
-
-
-def _two_node_cluster(root: Path) -> RayCluster:
-    """Head + node2, 1 CPU each; started a second time if a node dies while starting (on a loaded 2-core
-    machine the head's client server can time out waiting for its own node's info)."""
-    for attempt in (1, 2):
-        (root / f"ray{attempt}").mkdir()
-        cluster = RayCluster(root / f"ray{attempt}")
-        try:
-            cluster.start_head(num_cpus=1, resources={})
-            cluster.add_node("node2", num_cpus=1, resources={})
-            return cluster
-        except ProcessDied:
-            cluster.stop()
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
 
 
 def test_the_engine_is_ray_when_asked_or_when_ray_address_names_a_cluster(monkeypatch):
@@ -131,24 +114,21 @@ def test_an_exception_in_a_job_and_unshared_storage_stop_the_batch(ray_session, 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_stence_ingest_with_ray_address_decodes_on_both_nodes_of_a_cluster(export_and_local):
+def test_stence_ingest_with_ray_address_decodes_on_both_nodes_of_a_cluster(export_and_local, two_node_cluster):
     """`stence ingest` in a fresh process with RAY_ADDRESS set (no --ray) and token auth: decode tasks run
     on the head and on node2 (node ids recorded by the tasks themselves), and the cohort is the local
-    pool's."""
+    pool's. The cluster (head + node2, 1 CPU each) is conftest's, shared with test_sharded_reads."""
     raw, local = export_and_local
+    cluster = two_node_cluster
     root = make_root()
     shared = root / "shared"  # what NFS is on a real cluster: one path every node sees
     shutil.copytree(raw, shared / "raw", symlinks=True)
-    cluster = _two_node_cluster(root)
-    try:
-        env = {**cluster.client_env(), "RAY_ADDRESS": cluster.address}
-        r = subprocess.run([sys.executable, "-m", "stence.cli", "ingest", str(shared / "raw"), "--out",
-                            str(shared / "cohort")], env=env, cwd=REPO, capture_output=True, text=True,
-                           timeout=900)
-        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{tail(cluster.log('node2'))}"
-        _same_cohort(local, shared / "cohort")
-    finally:
-        cluster.stop()
+    env = {**cluster.client_env(), "RAY_ADDRESS": cluster.address}
+    r = subprocess.run([sys.executable, "-m", "stence.cli", "ingest", str(shared / "raw"), "--out",
+                        str(shared / "cohort")], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{tail(cluster.log('node2'))}"
+    _same_cohort(local, shared / "cohort")
     assert "decode: Ray Data on a cluster of 2 node(s), 2 CPU(s)" in r.stdout, r.stdout
     assert "decode: jobs ran on 2 of 2 node(s)" in r.stdout, r.stdout
     shutil.rmtree(root, ignore_errors=True)

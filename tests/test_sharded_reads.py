@@ -36,19 +36,17 @@ def _read(cluster: RayCluster, cohort: Path, workers: int, out: Path, storage: P
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_nodes_read_disjoint_shards_of_the_shared_cohort(tiny_cohort: Path) -> None:
+def test_two_nodes_read_disjoint_shards_of_the_shared_cohort(tiny_cohort: Path, two_node_cluster: RayCluster) -> None:
+    cluster = two_node_cluster  # head + node2, one `shard` resource each (conftest, shared with test_ingest_ray)
     root = make_root()
     shared = root / "shared"  # what NFS is on a real cluster: one path every node sees
     shutil.copytree(tiny_cohort, shared / "cohort")
-    cluster = RayCluster(root)
     try:
-        cluster.start_head(num_cpus=2, resources={"shard": 1})
-        cluster.add_node("node2", num_cpus=1, resources={"shard": 1})
         nodes = {n["node_id"] for n in cluster.alive().values()}
+        assert len(nodes) == 2
         two = _read(cluster, shared / "cohort", 2, root / "two", shared / "ray")
         one = _read(cluster, shared / "cohort", 1, root / "one", shared / "ray")
     finally:
-        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     assert len(two) == 2 and {w["node"] for w in two} == nodes  # one worker on each node

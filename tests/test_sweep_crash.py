@@ -33,7 +33,7 @@ from stence.tune.sweep import run_sweep
 from stence.tune.sweep_state import SweepState
 from tests.cluster_fixtures import pids_mentioning, tail, wait_until
 from tests.crash_sweep_driver import CRASH_SPACE, EPOCHS, NUM_SAMPLES, SWEEP_KWARGS
-from tests.ray_fixture import shared_mlflow_db
+from tests.ray_fixture import ray_test_settings, shared_mlflow_db
 from tests.toy_loop import METRIC, toy_train_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def _driver(args: list[str], root: Path, uri: str, log: Path) -> tuple[int, Path
     """Run tests/crash_sweep_driver.py in its own process and Ray instance; returns (exit code, Ray tmp)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="crs-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(RAY_TMPDIR=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true", **ray_test_settings())
     with open(log, "a") as out:
         proc = subprocess.run([sys.executable, "-m", "tests.crash_sweep_driver", "--root", str(root), "--uri", uri,
                                *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
@@ -219,11 +219,12 @@ def test_killed_worker_inside_a_sweep_trial_logs_each_step_once(
     monkeypatch.setitem(spaces.SPACES, "toy-worker-kill", {"kind": "variants", "variants": [{"loss.w_sten": 0.3}]})
     log_dir, hold = tmp_path / "events", tmp_path / "hold"
     log_dir.mkdir()
-    hold.write_text("")  # the loop waits mid-epoch (after its first batch) while this exists: the kill lands there
+    hold.write_text("")  # the loop waits mid-epoch 2 (after its first batch) while this exists: the kill lands there
     cfg = load_config(None, [f"train.storage_path={tmp_path / 'ray'}", "train.workers=2", "optim.epochs=4",
                              "optim.batch_size=32", f"tracking.uri={mlflow_db}", "tracking.experiment=worker-kill",
                              "train.max_failures=2"])  # fmt: skip
-    train_fn = lambda c, run_id: toy_train_fn(c, run_id, log_dir=str(log_dir), hold_mid_file=str(hold))  # noqa: E731
+    train_fn = lambda c, run_id: toy_train_fn(c, run_id, log_dir=str(log_dir), hold_mid_file=str(hold),  # noqa: E731
+                                              hold_mid_epoch=2)  # epoch 1 runs through (no hold_max_s wait)
     box: dict = {}
 
     def sweep() -> None:

@@ -35,6 +35,7 @@ from stence.tracking.tags import DRIVER_TAG, REPAIRED_TAG, SPOOL_TAG
 from stence.train import pretrain_loop as pretrain_module
 from stence.train.pretrain_loop import SELECT_METRIC
 from tests.cluster_fixtures import VENV_BIN, free_port, pids_mentioning, stop_process_group, tail, wait_until
+from tests.ray_fixture import ray_test_settings
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 5
@@ -393,7 +394,7 @@ def test_sigkilled_sweep_driver_is_repaired_without_resume(
             "feature.variants=1", "model.ecg=echoingecg_tiny"]  # fmt: skip
     ray_tmp = Path(tempfile.mkdtemp(prefix="stk-", dir="/tmp"))  # its own Ray instance, found again by path
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(RAY_TMPDIR=str(ray_tmp), MLFLOW_DISABLE_TELEMETRY="true", **ray_test_settings())
     log = tmp_path / "tune.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(

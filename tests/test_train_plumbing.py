@@ -342,7 +342,8 @@ def test_same_name_resumes_then_survives_a_killed_worker(ddp_run: dict) -> None:
     try:
         new = lambda: _events(log_dir)[before:]  # noqa: E731
         _wait_for(lambda: sum(e.startswith("end epoch=2 ") for e in new()) == 2, 180, "epoch 2 on both ranks")
-        # The controller commits a reported checkpoint when it next polls the workers (every 2 s); a
+        # The controller commits a reported checkpoint when it next polls the workers (every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: 2 s by default, 0.5 s in the tests, tests/ray_fixture.py); a
         # worker dying before that loses the report. Kill only once epoch 2's checkpoint is on record.
         snapshot = Path(ddp_run["result"].path) / "checkpoint_manager_snapshot.json"
         _wait_for(lambda: _latest_epoch(snapshot) == 2, 60, "epoch 2's checkpoint to be committed")

@@ -149,7 +149,8 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
         model.train()
         seen, loss_sum = 0, 0.0
         for step, (xb, yb) in enumerate(loader):
-            if step == 1 and epoch >= 1 and config.get("hold_mid_file"):  # mid-epoch, for a kill there
+            if step == 1 and config.get("hold_mid_file") and _holds_mid(epoch, config.get("hold_mid_epoch")):
+                # mid-epoch, for a kill there
                 _append(log_dir and log_dir / "events.log", f"mid epoch={epoch} rank={info.rank} pid={os.getpid()}")
                 _hold(config.get("hold_mid_file"), float(config.get("hold_max_s", 60.0)))
             pred = model(xb)
@@ -217,6 +218,12 @@ def toy_loop(config: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def _holds_mid(epoch: int, at: int | None) -> bool:
+    """Whether `epoch` waits mid-epoch for the hold_mid_file: only epoch `at` when given (a test that kills a
+    worker in epoch 2 must not first sit out hold_max_s in epoch 1), else every epoch after the first."""
+    return epoch == at if at is not None else epoch >= 1
+
+
 def _hold(path: str | None, max_s: float) -> None:
     """Wait (after a report, or mid-epoch) while `path` exists: a test kills a worker or interrupts a sweep
     meanwhile."""
@@ -255,11 +262,12 @@ def collectives_probe(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def toy_train_fn(
     cfg: Config, run_id: str | None, log_dir: str | None = None, hold_file: str | None = None,
-    hold_mid_file: str | None = None, ack_dir: str | None = None,
+    hold_mid_file: str | None = None, ack_dir: str | None = None, hold_mid_epoch: int | None = None,
 ) -> Any:
     """The driver a sweep calls per trial (and a single run calls once): fit the toy loop. With `ack_dir`
     every epoch waits, after its report, for the sweep driver's `<trial id>-<epoch>` file there."""
     uri = resolve_tracking_uri(cfg) if run_id else None
     loop_config = {"log_dir": log_dir, "hold_file": hold_file, "hold_mid_file": hold_mid_file,
+                   "hold_mid_epoch": hold_mid_epoch,
                    "ack_dir": ack_dir, "trial_id": tune_trial_id(), **loop_tracking(uri, run_id)}
     return fit(toy_loop, cfg, stage="toy", loop_config=loop_config, metric=METRIC, mode="max")
