@@ -8,7 +8,7 @@ Files are real (../shared sample files, pydicom's own test files) or written wit
 from __future__ import annotations
 
 import struct
-import time
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -18,10 +18,12 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments
+from pydicom.pixels import pixel_array
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, RLELossless, generate_uid
 
+from stence.data import dicom_io
 from stence.data.dicom_checks import codestream_size, unsupported_hint
 from stence.data.dicom_ids import MAX_DEPTH, MAX_VALUES, identifiers
 from stence.data.dicom_io import read_header, read_xa
@@ -80,7 +82,25 @@ def _set_frames_raw(ds: Dataset, value: bytes) -> None:
 # ---- header limits, checked before any pixel data is read ------------------------------------------------
 
 
-def test_rle_cine_claiming_gigabytes_is_refused_from_its_header(tmp_path: Path) -> None:
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files whose pixel data read_xa decoded (a spy on its decoding call, which still decodes)."""
+    calls: list[str] = []
+
+    def spy(ds, *args, **kwargs):
+        calls.append(str(getattr(ds, "filename", ds)))
+        return pixel_array(ds, *args, **kwargs)
+
+    monkeypatch.setattr(dicom_io, "pixel_array", spy)
+    return calls
+
+
+def test_the_decoding_spy_sees_a_decode(dicom_dir: Path, decoded: list[str]) -> None:
+    read_xa(dicom_dir / "XA1_RLE.dcm")
+    assert len(decoded) == 1  # so an empty list below means: refused before any pixel was decoded
+
+
+def test_rle_cine_claiming_gigabytes_is_refused_from_its_header(tmp_path: Path, decoded: list[str]) -> None:
     # 5000 frames of 2048 x 2048 x 16 bit would decode to 40 GiB; the file itself holds 2 MB of RLE
     ds = _xa_header(RLELossless, 2048, 2048, 5000)
     ds.PixelData = encapsulate([b"\x02\x00\x00\x00" + bytes(60) + b"\x81\x00" * 4096] * 256)
@@ -88,9 +108,8 @@ def test_rle_cine_claiming_gigabytes_is_refused_from_its_header(tmp_path: Path) 
     path = tmp_path / "bomb.dcm"
     ds.save_as(path, enforce_file_format=True)
     for limits in (Limits(), Limits(max_frames=10_000)):  # refused on frames, then on decoded size
-        t0 = time.perf_counter()
         err = _refusal(read_xa, path, limits)
-        assert time.perf_counter() - t0 < 0.5, "refused after decoding?"
+        assert decoded == [], "refused after decoding"
         assert err.reason == FILE_OVER_LIMIT
         assert _refusal(read_header, path, limits).reason == FILE_OVER_LIMIT
     assert "5000 frames" in err.detail and "ingest.max_decoded_mb" in err.detail and "MiB" in err.detail
@@ -155,16 +174,20 @@ def test_header_of_very_many_elements_is_refused_while_parsing(dicom_dir: Path, 
     groups = [0x0009 + 2 * (i // 0xF000) for i in range(n)]  # private groups 0009, 000B: before 0010
     many = b"".join(struct.pack("<HH2sHH", g, 0x1000 + i % 0xF000, b"US", 2, 0) for i, g in enumerate(groups))
     (tmp_path / "many.dcm").write_bytes(raw[:at] + many + raw[at:])
-    t0 = time.perf_counter()
-    err = _refusal(read_header, tmp_path / "many.dcm")
+    tracemalloc.start()
+    try:
+        err = _refusal(read_header, tmp_path / "many.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert err.reason == FILE_OVER_LIMIT and "header elements" in err.detail
-    assert time.perf_counter() - t0 < 10.0
+    assert peak < 40e6, peak  # refused while parsing: the elements never became ~150 MB of objects
 
 
 # ---- pixel data that cannot match its header: refused before decoding --------------------------------------
 
 
-def test_jpeg_frame_declaring_a_huge_image_is_refused(dicom_dir: Path, tmp_path: Path) -> None:
+def test_jpeg_frame_declaring_a_huge_image_is_refused(dicom_dir: Path, tmp_path: Path, decoded: list[str]) -> None:
     ds = pydicom.dcmread(dicom_dir / "XA-MONO2-8-12x-catheter.dcm")
     frames = list(generate_fragments(ds.PixelData))[1:]
     assert codestream_size(frames[0]) == (512, 512)
@@ -172,22 +195,20 @@ def test_jpeg_frame_declaring_a_huge_image_is_refused(dicom_dir: Path, tmp_path:
     frames[0] = frames[0][: sof + 5] + b"\xff\xff\xff\xff" + frames[0][sof + 9 :]  # 65535 x 65535: 8 GiB
     ds.PixelData = encapsulate(frames)
     ds.save_as(tmp_path / "jpeg_bomb.dcm")
-    t0 = time.perf_counter()
     err = _refusal(read_xa, tmp_path / "jpeg_bomb.dcm")
-    assert time.perf_counter() - t0 < 1.0
+    assert decoded == []
     assert err.reason == DICOM_UNREADABLE and "65535 x 65535" in err.detail
 
 
-def test_rle_frame_longer_than_any_encoding_is_refused(dicom_dir: Path, tmp_path: Path) -> None:
+def test_rle_frame_longer_than_any_encoding_is_refused(dicom_dir: Path, tmp_path: Path, decoded: list[str]) -> None:
     ds = pydicom.dcmread(dicom_dir / "XA1_RLE.dcm")  # 1024 x 1024, 16 bit: 2 segments of 1 MiB decoded
     n = 1_200_000  # repeat runs of 128 bytes: each segment would expand to 154 MB before any check
     bomb = (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + (64 + 2 * n).to_bytes(4, "little")
     bomb = bomb + bytes(52) + b"\x81\x00" * n + b"\x81\x00" * n
     ds.PixelData = encapsulate([bomb])
     ds.save_as(tmp_path / "rle_bomb.dcm")
-    t0 = time.perf_counter()
     err = _refusal(read_xa, tmp_path / "rle_bomb.dcm")
-    assert time.perf_counter() - t0 < 1.0
+    assert decoded == []
     assert err.reason == DICOM_UNREADABLE and "RLE frame" in err.detail
 
 
@@ -363,10 +384,9 @@ def test_identifier_walk_is_depth_bounded() -> None:
 def test_identifier_count_is_bounded() -> None:
     ds = Dataset()
     ds.OtherPatientIDs = [f"ID-{i:06d}" for i in range(MAX_VALUES + 5)]  # each value would be a needle
-    t0 = time.perf_counter()
     with pytest.raises(BadInputError) as e:
         identifiers(ds, "many.dcm")
-    assert time.perf_counter() - t0 < 1.0 and e.value.reason == DICOM_UNREADABLE
+    assert e.value.reason == DICOM_UNREADABLE
     assert "ID-000001" not in e.value.detail
 
 
@@ -394,7 +414,6 @@ def test_mutated_headers_are_refused_with_a_reason_never_a_crash(dicom_dir: Path
         for n in ("phantom_IM8.dcm", "XA-MONO2-8-12x-catheter.dcm", "XA1_RLE.dcm")
     ]
     reasons: set[str] = set()
-    t0 = time.perf_counter()
     for i in range(90):
         data = bytearray(sources[i % len(sources)])
         for pos in rng.integers(132, 1500, size=int(rng.integers(1, 6))):
@@ -406,7 +425,6 @@ def test_mutated_headers_are_refused_with_a_reason_never_a_crash(dicom_dir: Path
                 fn(path)
             except BadInputError as e:
                 reasons.add(e.reason)
-    assert time.perf_counter() - t0 < 60
     assert DICOM_UNREADABLE in reasons  # the mutations did damage something
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -365,10 +364,8 @@ def test_damaged_copies_read_or_refused_never_crash(vendor: Path, tmp_path: Path
             b[pos] = int(rng.integers(0, 256))
         path = tmp_path / f"{k}{suffix}"
         path.write_bytes(bytes(b))
-        t0 = time.perf_counter()
         try:
             rec = read_ecg_file(path)
             assert rec.signal.shape[0] == 12 and np.isfinite(rec.signal).all()
         except BadInputError as e:
             assert e.reason and e.detail
-        assert time.perf_counter() - t0 < 2.0

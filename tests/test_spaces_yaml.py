@@ -5,7 +5,6 @@ before anything starts; the sweep's parent run keeps the space."""
 from __future__ import annotations
 
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -312,17 +311,14 @@ def test_tune_refuses_a_bad_file_before_anything_starts(
     sets = ["--set", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"data.cohort={tmp_path / 'cohort'}"]  # fmt: skip
     was_up = ray.is_initialized()
-    t0 = time.monotonic()
     assert main(["tune", "--space", str(bad), *sets]) == 2
     assert main(["tune", "--space", "nope", *sets]) == 2
-    elapsed = time.monotonic() - t0
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "stence tune: bad.yaml: params: unknown config key 'loss.w_stn'; close matches: loss.w_sten",
         "stence tune: nope: unknown search space; built-in spaces: ablation, default, smoke, or give a .yaml/.yml "
         "file",
     ]
-    assert elapsed < 5, elapsed
     assert ray.is_initialized() == was_up  # no Ray session started (the shared one, if any, was up before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no MLflow store, no sweep folder
 

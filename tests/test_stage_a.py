@@ -3,7 +3,6 @@ on the cached key frames, its export for stage B, and the renderer properties it
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -197,9 +196,7 @@ def stage_a(small_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     from stence.pipelines.angio import run_angio
 
     cfg = _stage_a_cfg(small_cohort, tmp_path_factory.mktemp("storage"), **{"optim.epochs": 40})
-    t0 = time.monotonic()
-    out = run_angio(cfg)
-    return {**out, "cfg": cfg, "seconds": time.monotonic() - t0}
+    return {**run_angio(cfg), "cfg": cfg}
 
 
 def test_study_dataset_gives_key_frame_zero_in_eval_and_seeded_augmentation_in_training(small_cohort) -> None:
@@ -226,7 +223,6 @@ def test_stage_a_learns_beyond_chance_and_exports_both_parts(stage_a: dict, smal
     y, p = _predict(export, small_cohort, ("val", "test"))
     held_out = auroc(y[:, 0], p[:, 0])
     assert held_out > 0.65, held_out  # and generalises to 24 unseen studies
-    assert stage_a["seconds"] < 240
 
 
 @pytest.mark.ray
