@@ -241,3 +241,40 @@ def test_synth_keeps_nothing_per_record_beyond_its_plan(tmp_path: Path, monkeypa
         tracemalloc.stop()
     assert rest < 3_000_000, f"{rest / cfg.patients:.0f} B per patient beyond the plan"
     assert len((tmp_path / "raw" / "ecg_index.csv").read_text().splitlines()) == 1 + 2 * cfg.patients
+
+
+# --- the cohort fingerprint samples its caches with pread, not a memory map ------------------------------
+
+
+@pytest.mark.parametrize("shape,dtype", [((12, 70_001), np.float32), ((3, 2, 9, 9), np.float16), ((5,), np.float64),
+                                         ((0, 4), np.float32)])
+def test_strided_sample_reads_the_bytes_of_the_memmap_stride(tmp_path: Path, shape, dtype) -> None:
+    from stence.data.cohort_io import strided_sample
+
+    arr = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    np.save(tmp_path / "a.npy", arr)
+    for n in (1, 7, 65536):
+        step = max(1, arr.size // n)
+        got = strided_sample(tmp_path / "a.npy", n)
+        assert got == (arr.shape, arr.dtype, np.ascontiguousarray(arr.reshape(-1)[::step]).tobytes())
+
+
+# --- the kNN probe's distances in bounded blocks ----------------------------------------------------------
+
+
+def test_knn_probe_memory_does_not_grow_with_the_validation_set() -> None:
+    from stence.eval.metrics import knn_auroc_ci
+
+    rng = np.random.default_rng(0)
+    train, ty = rng.standard_normal((20_000, 32)).astype(np.float32), rng.integers(0, 2, 20_000)
+    peaks = []
+    for n_val in (2_000, 8_000):  # a full (n_val, 20 000) float64 matrix: 320 MB, then 1.3 GB
+        val, vy = rng.standard_normal((n_val, 32)).astype(np.float32), rng.integers(0, 2, n_val)
+        tracemalloc.start()
+        try:
+            out = knn_auroc_ci(train, ty, val, vy, k=5)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert out["auroc_lo"] <= out["auroc"] <= out["auroc_hi"]
+    assert max(peaks) < 200e6, peaks  # distance blocks of KNN_WORKING_MB, never the whole matrix

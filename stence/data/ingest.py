@@ -322,9 +322,7 @@ def _account_used(inv: Inventory, ecg_res: list[dict], ecgs: list[dict], views: 
             ledger.used(rel, kept[head]["ecg_id"])
         else:
             reason = status[head].get("reason") if head in status and not status[head]["ok"] else "record_not_used"
-            ledger.site.append({"file": ledger.path(rel), "path": rel, "status": "quarantined",
-                                "reason": f"signal file of a quarantined record ({reason})",
-                                "record": ledger.file_id(head)})
+            ledger.follows(rel, f"signal file of a quarantined record ({reason})", head)
 
 
 def _write_cohort(staging: Path, cfg: Config, ecgs: pd.DataFrame, studies: pd.DataFrame, views: pd.DataFrame,

@@ -23,6 +23,8 @@ from stence.data.pseudonym import Pseudonymizer, Redactor
 
 _TOKEN_SPLIT = re.compile(r"[^0-9A-Za-z]+")
 _MASK = "<file>"
+_QUARANTINE_COLUMNS = ("file", "reason", "detail")
+_SITE_COLUMNS = ("file", "path", "status", "reason", "record")
 
 
 def path_needles(rel: str) -> set[str]:
@@ -42,14 +44,16 @@ def path_needles(rel: str) -> set[str]:
 
 
 class Ledger:
-    """Quarantine rows, the site-side path map, and the identifier needles of one ingest."""
+    """Quarantine rows, the site-side path map, and the identifier needles of one ingest.
+
+    Rows are kept as tuples (a few per file of the export, so their size is ingest's memory per record)."""
 
     def __init__(self, pseudo: Pseudonymizer):
         self.pseudo = pseudo
-        self.rows: list[dict[str, str]] = []  # quarantine: file (pseudonym or table row), reason, detail
-        self.site: list[dict[str, str]] = []  # file, path, status, reason, record
+        self.rows: list[tuple[str, str, str]] = []  # quarantine: _QUARANTINE_COLUMNS
+        self.site: list[tuple[str, str, str, str, str]] = []  # the site map: _SITE_COLUMNS
         self.needles: dict[str, str] = {}  # identifier value -> kind (e.g. "dicom:patient_name", "path")
-        self._paths: dict[str, set[str]] = {}  # rel path -> its own path needles (for scrubbing details)
+        self._registered: set[str] = set()  # rel paths whose path needles are in `needles`
 
     # ---- identifiers -------------------------------------------------------------------------------
     def identifier(self, kind: str, value: object) -> None:
@@ -59,9 +63,9 @@ class Ledger:
 
     def path(self, rel: str) -> str:
         """Register a file of the export (its path parts become needles); returns its pseudonym."""
-        if rel not in self._paths:
-            self._paths[rel] = path_needles(rel)
-            for n in self._paths[rel]:
+        if rel not in self._registered:
+            self._registered.add(rel)
+            for n in path_needles(rel):
                 self.needles.setdefault(n, "file or folder name")
         return self.file_id(rel)
 
@@ -75,19 +79,24 @@ class Ledger:
         fid = label or self.path(rel)
         if label:
             self.path(rel)
-        self.rows.append({"file": fid, "reason": reason, "detail": self._scrub(detail, rel)})
-        self.site.append({"file": fid, "path": rel, "status": "quarantined", "reason": reason, "record": record})
+        self.rows.append((fid, reason, self._scrub(detail, rel)))
+        self.site.append((fid, rel, "quarantined", reason, record))
 
     def used(self, rel: str, record: str = "") -> None:
-        self.site.append({"file": self.path(rel), "path": rel, "status": "used", "reason": "", "record": record})
+        self.site.append((self.path(rel), rel, "used", "", record))
 
     def ignored(self, rel: str, why: str) -> None:
-        self.site.append({"file": self.path(rel), "path": rel, "status": "ignored", "reason": why, "record": ""})
+        self.site.append((self.path(rel), rel, "ignored", why, ""))
+
+    def follows(self, rel: str, reason: str, record_rel: str) -> None:
+        """A site-map row for a file that shares the fate of the quarantined record `record_rel` (a signal
+        file of it); not a quarantine row of its own."""
+        self.site.append((self.path(rel), rel, "quarantined", reason, self.file_id(record_rel)))
 
     def _scrub(self, detail: str, rel: str) -> str:
         """Remove the file's own path parts (longest first) from a reader's message."""
         text = str(detail or "")
-        for part in sorted(self._paths.get(rel, set()) | {Path(rel).name}, key=len, reverse=True):
+        for part in sorted(path_needles(rel) | {Path(rel).name}, key=len, reverse=True):
             text = text.replace(part, _MASK)
         return text
 
@@ -98,16 +107,16 @@ class Ledger:
         redacted: Counter = Counter()
         rows = []
         redact = Redactor(self.needles)
-        for r in self.rows:
-            detail, found = redact(r["detail"])
+        for fid, reason, text in self.rows:
+            detail, found = redact(text)
             redacted.update(self.needles[n] for n in found)
-            rows.append({**r, "detail": detail})
-        return pd.DataFrame(rows, columns=["file", "reason", "detail"]), redacted
+            rows.append((fid, reason, detail))
+        return pd.DataFrame(rows, columns=list(_QUARANTINE_COLUMNS)), redacted
 
     def site_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.site, columns=["file", "path", "status", "reason", "record"]).sort_values(
+        return pd.DataFrame(self.site, columns=list(_SITE_COLUMNS)).sort_values(
             ["status", "path"], kind="stable").reset_index(drop=True)
 
     @property
     def reasons(self) -> Counter:
-        return Counter(r["reason"] for r in self.rows)
+        return Counter(r[1] for r in self.rows)

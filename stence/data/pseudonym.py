@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stence.data.cohort_io import read_npy_header
+
 log = logging.getLogger(__name__)
 
 # Prefix per kind of identifier; other kinds use their first letter, upper-cased.
@@ -160,9 +162,7 @@ def _chunks(path: Path, overlap: int) -> Iterator[bytes]:
 def _npy_header(path: Path) -> bytes:
     """The text header of a .npy file (dtype, shape): its numeric body holds no text to leak."""
     with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
+        shape, fortran, dtype = read_npy_header(fh)
     return f"{shape} {fortran} {dtype}".encode()
 
 

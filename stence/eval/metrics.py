@@ -14,10 +14,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import sparse
 from scipy.stats import norm, rankdata
+from sklearn import config_context
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 
 METRICS = ("auroc", "auprc")
+KNN_WORKING_MB = 64  # scikit-learn's distance chunks in the kNN probe (its default, 1 GiB, grew peak memory with N)
 _MAX_CELLS = 4_000_000  # resample-count matrix cells per chunk (B x units), ~32 MB of float64
 
 
@@ -400,7 +402,9 @@ def _knn_probe(
         return None
     clf = KNeighborsClassifier(n_neighbors=min(k, ty.size), metric="cosine", algorithm="brute")
     clf.fit(_l2(train_emb), ty)  # (N_train, D)
-    return vy, clf.predict_proba(_l2(val_emb))[:, list(clf.classes_).index(1)]  # (N_val,)
+    with config_context(working_memory=KNN_WORKING_MB):  # (rows, N_train) distance blocks of <= 64 MiB
+        proba = clf.predict_proba(_l2(val_emb))  # (N_val, n_classes)
+    return vy, proba[:, list(clf.classes_).index(1)]  # (N_val,)
 
 
 def knn_auroc(
