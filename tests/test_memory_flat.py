@@ -219,9 +219,9 @@ def test_synth_files_are_the_whole_list_writes(tmp_path: Path) -> None:
         [MARKER, "angio", "annotations.csv", "ecg", "ecg_index.csv", synth.TRUTH_FILE])
 
 
-def test_synth_keeps_nothing_per_record_beyond_its_plan(tmp_path: Path, monkeypatch) -> None:
-    """With the record and study writers stubbed out, write_cohort's peak is the patient plan plus a bound
-    that does not grow with the cohort (it held ~13 KB per patient of rows and answer-key text before)."""
+def test_synth_keeps_nothing_per_patient_or_record(tmp_path: Path, monkeypatch) -> None:
+    """With the record and study writers stubbed out, write_cohort's peak does not grow with the cohort: it
+    held ~13 KB per patient of rows and answer-key text, and ~22 KB per patient of plan, before."""
     monkeypatch.setattr(synth, "make_record", lambda cfg, p, name, j: types.SimpleNamespace(
         name=name, fs=500, leads=STANDARD_LEADS, when=dt.datetime.combine(p.study_date, dt.time(8, 0))))
     monkeypatch.setattr(synth, "write_ecg", lambda folder, rec, fmt, person: rec.name)
@@ -230,17 +230,26 @@ def test_synth_keeps_nothing_per_record_beyond_its_plan(tmp_path: Path, monkeypa
     cfg = SynthConfig.preset("tiny", patients=1500, corrupt_fraction=0, echonext=0, seed=2)
     tracemalloc.start()
     try:
-        plan = synth.plan_patients(cfg, cfg.patients)
-        plan_bytes = tracemalloc.get_traced_memory()[0]
-        del plan
-        tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
         write_cohort(tmp_path / "raw", cfg)
-        rest = tracemalloc.get_traced_memory()[1] - base - plan_bytes
+        peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    assert rest < 3_000_000, f"{rest / cfg.patients:.0f} B per patient beyond the plan"
+    assert peak < 3_000_000, f"{peak / cfg.patients:.0f} B per patient"
     assert len((tmp_path / "raw" / "ecg_index.csv").read_text().splitlines()) == 1 + 2 * cfg.patients
+
+
+def test_the_patient_plan_is_drawn_on_access_and_equal_to_itself() -> None:
+    cfg = SynthConfig.preset("tiny", patients=40, seed=4)
+    plan = synth.plan_patients(cfg, cfg.patients)
+    same = lambda a, b: pickle.dumps(a) == pickle.dumps(b)  # noqa: E731 - Patients hold arrays
+    assert len(plan) == 40 and same(plan[7], plan[7]) and same(plan[-1], plan[39])
+    assert same(plan[2:4], [plan[2], plan[3]]) and not same(plan[2], plan[3])
+    assert [p.index for p in plan] == list(range(40)) and len({p.patient_id for p in plan}) == 40
+    later = synth.plan_patients(cfg, 3, first_index=40)  # the corrupt studies' extra patients
+    assert [p.index for p in later] == [40, 41, 42] and not {p.patient_id for p in later} & {p.patient_id for p in plan}
+    with pytest.raises(IndexError):
+        plan[40]
 
 
 # --- the cohort fingerprint samples its caches with pread, not a memory map ------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,39 +108,56 @@ def _segments(max_deg: int, rng: np.random.Generator) -> dict[int, int]:
     return seg
 
 
-def plan_patients(cfg: SynthConfig, n: int, first_index: int = 0) -> list[Patient]:
+class PatientPlan(Sequence):
+    """n planned patients (indices first_index ...), each drawn when it is asked for: the ids and the balanced
+    maximum degrees are drawn for all up front (a few bytes each), a patient's ECG model, coronary tree and
+    views (about 22 KB) only on access, so writing a cohort holds one patient's plan at a time. The same
+    index always gives an equal Patient."""
+
+    def __init__(self, cfg: SynthConfig, n: int, first_index: int = 0):
+        self.cfg, self.first = cfg, first_index
+        self.ids = _unique_ids(rng_for(cfg.seed, _S_PATIENT, 0), first_index + n)[first_index:]
+        levels = np.resize(MAX_DEGREE_LEVELS, first_index + n)
+        self.levels = rng_for(cfg.seed, _S_PATIENT, 1).permutation(levels)[first_index:]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, j):  # int -> Patient; slice -> list[Patient]
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        j = range(len(self))[j]  # negative indices; IndexError past the end (ends iteration)
+        return _plan_one(self.cfg, self.first + j, self.ids[j], int(self.levels[j]))
+
+
+def plan_patients(cfg: SynthConfig, n: int, first_index: int = 0) -> PatientPlan:
     """Draw n patients (indices first_index ...); the maximum degrees are balanced over the levels."""
-    ids = _unique_ids(rng_for(cfg.seed, _S_PATIENT, 0), first_index + n)[first_index:]
-    levels = np.resize(MAX_DEGREE_LEVELS, first_index + n)
-    levels = rng_for(cfg.seed, _S_PATIENT, 1).permutation(levels)[first_index:]
-    out = []
-    for j in range(n):
-        i = first_index + j
-        rng = rng_for(cfg.seed, _S_PATIENT, 2, i)
-        sex = "F" if rng.random() < 0.4 else "M"
-        first = str(rng.choice(FIRST_NAMES_F if sex == "F" else FIRST_NAMES_M))
-        study_date = dt.date(2014, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3200)))
-        age = int(rng.integers(38, 89))
-        birth = study_date - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
-        segments = _segments(int(levels[j]), rng)
-        study_uid = make_uid(cfg.seed, "study", i)
-        out.append(
-            Patient(
-                index=i,
-                patient_id=ids[j],
-                name=f"{rng.choice(LAST_NAMES)}^{first}",
-                sex=sex,
-                birth=birth,
-                study_date=study_date,
-                segments=segments,
-                ecg=sample_patient(rng_for(cfg.seed, _S_ECG, i), segments),
-                tree=sample_tree(rng_for(cfg.seed, _S_TREE, i)),
-                study_uid=study_uid,
-                folder="S" + hashlib.sha1(study_uid.encode()).hexdigest()[:12],  # no patient identifiers
-                views=standard_views(cfg.views, rng_for(cfg.seed, _S_STUDY, i)),
-            )
-        )
-    return out
+    return PatientPlan(cfg, n, first_index)
+
+
+def _plan_one(cfg: SynthConfig, i: int, patient_id: str, level: int) -> Patient:
+    rng = rng_for(cfg.seed, _S_PATIENT, 2, i)
+    sex = "F" if rng.random() < 0.4 else "M"
+    first = str(rng.choice(FIRST_NAMES_F if sex == "F" else FIRST_NAMES_M))
+    study_date = dt.date(2014, 1, 1) + dt.timedelta(days=int(rng.integers(0, 3200)))
+    age = int(rng.integers(38, 89))
+    birth = study_date - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
+    segments = _segments(level, rng)
+    study_uid = make_uid(cfg.seed, "study", i)
+    return Patient(
+        index=i,
+        patient_id=patient_id,
+        name=f"{rng.choice(LAST_NAMES)}^{first}",
+        sex=sex,
+        birth=birth,
+        study_date=study_date,
+        segments=segments,
+        ecg=sample_patient(rng_for(cfg.seed, _S_ECG, i), segments),
+        tree=sample_tree(rng_for(cfg.seed, _S_TREE, i)),
+        study_uid=study_uid,
+        folder="S" + hashlib.sha1(study_uid.encode()).hexdigest()[:12],  # no patient identifiers
+        views=standard_views(cfg.views, rng_for(cfg.seed, _S_STUDY, i)),
+    )
 
 
 def make_record(
@@ -209,6 +227,7 @@ __all__ = [
     "PAIR_JITTER_DAYS",
     "SynthConfig",
     "make_record",
+    "PatientPlan",
     "plan_patients",
     "rng_for",
     "write_study",
