@@ -290,8 +290,10 @@ def _build(raw, out, staging, site, cfg, inv, ann, index, ledger: Ledger, proces
             + f". Which file is which: {site / SITE_MAP}"
         )
     studies = studies[studies["study_id"].isin(paired_studies)].reset_index(drop=True)
-    _write_cohort(staging, cfg, pd.DataFrame(ecgs), studies, pd.DataFrame(views), pd.DataFrame(pairs), report,
-                  provenance)
+    frames = [pd.DataFrame(ecgs), studies, pd.DataFrame(views), pd.DataFrame(pairs)]
+    del ecg_res, xa_res, ecgs, views, pairs, studies  # per-record dicts: the frames hold what is still needed
+    _write_cohort(staging, cfg, *frames, report, provenance)
+    del frames  # before the leak scan, the last step with a peak of its own
     _write_quarantine_and_scan(staging, site, ledger, report)
     _publish(staging, out, overwrite)
     return report
