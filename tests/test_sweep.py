@@ -15,12 +15,16 @@ import pytest
 from ray import tune
 
 from stence.config import Config, ConfigError, apply_overrides, load_config
+from stence.tracking.client import default_spool
+from stence.tracking.runs import start_run
+from stence.tracking.spool import SPOOL_NAME, append_records, new_record, pending_records
 from stence.tracking.tags import STOPPED_TAG, SWEEP_TAG, TRIAL_TAG
 from stence.train.worker import METRICS_FILE, load_state
 from stence.tune import spaces
 from stence.tune.search import default_concurrency
 from stence.tune.spaces import SPACES, build_param_space, is_fixed
 from stence.tune.sweep import TRIAL_MAX_FAILURES, run_sweep
+from stence.tune.trial_runs import flush_spools, trial_spools
 from tests.ray_fixture import shared_mlflow_db
 from tests.toy_loop import METRIC, TOY_PARAMS, toy_train_fn
 
@@ -190,6 +194,35 @@ def test_sweep_tpe_asha_interrupted_and_resumed(
     assert parents[0].data.tags["stence.best_trial_id"] == result.best_trial_id
     assert parents[0].data.metrics[f"best/{METRIC}"] == pytest.approx(result.best_metric)
     assert set(result.results["mlflow_run_id"]) == {c.info.run_id for c in children}
+
+
+def test_epochs_a_killed_worker_left_in_its_spools_reach_the_trials_run(tmp_path: Path) -> None:
+    """A Train worker logs an epoch through its spool and its background replay; one the store kept waiting (slow,
+    SQLite locked) goes on training, and when ASHA stops the trial it is killed with the replay undone. The sweep
+    replays the spools the trial's trackers use (the store's default one, as the toy's tracker given none; its
+    Train run folder's, as a pipeline's; the one its run names), each epoch once, another trial's left alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [f"tracking.uri={uri}", "tracking.experiment=spools"])
+    run_id, other_id = start_run(cfg, "trial"), start_run(cfg, "other")
+    storage, tagged = tmp_path / "ray", tmp_path / "tagged" / SPOOL_NAME
+    mine, other = storage / "toy-abc123" / SPOOL_NAME, storage / "toy-def456" / SPOOL_NAME
+    client = mlflow.MlflowClient(uri)
+    client.log_metric(run_id, METRIC, -0.5, step=0)  # applied just before the kill, its acknowledgement was not
+    ts = int(time.time() * 1000)
+    append_records(default_spool(uri), [new_record(uri, run_id, "metrics", metrics=[[METRIC, -0.5, ts, 0]]),
+                                        new_record(uri, run_id, "metrics", metrics=[[METRIC, -4.2, ts, 1]])])
+    append_records(mine, [new_record(uri, run_id, "metrics", metrics=[[METRIC, -3.0, ts, 2]])])
+    append_records(tagged, [new_record(uri, run_id, "metrics", metrics=[[METRIC, -2.0, ts, 3]])])
+    append_records(other, [new_record(uri, other_id, "metrics", metrics=[[METRIC, -9.0, ts, 0]])])
+
+    spools = trial_spools(uri, str(storage), "abc123", str(tagged))
+    assert set(spools) == {default_spool(uri), mine, tagged}
+    assert flush_spools(spools) == 0 and flush_spools(spools) == 0  # a second flush has nothing to do
+    history = client.get_metric_history(run_id, METRIC)
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # every epoch, once
+    assert {m.step: round(m.value, 6) for m in history} == {0: -0.5, 1: -4.2, 2: -3.0, 3: -2.0}
+    assert all(pending_records(s) == [] for s in spools)
+    assert client.get_metric_history(other_id, METRIC) == [] and len(pending_records(other)) == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from stence.tracking.tags import (
     PARENT_TAG,
     RESUMED_AT_TAG,
     SPACE_TAG,
+    SPOOL_TAG,
     STOPPED_TAG,
     SWEEP_PATH_TAG,
     SWEEP_TAG,
@@ -61,7 +62,14 @@ from stence.tune.search import (
 from stence.tune.spaces import SearchSpace, build_param_space, load_space, space_name
 from stence.tune.summary import SUMMARY_DIR, write_summary
 from stence.tune.sweep_state import SweepState
-from stence.tune.trial_runs import ChildRunCloser, make_trial_fn, repair_runs, tune_trial_states
+from stence.tune.trial_runs import (
+    ChildRunCloser,
+    flush_spools,
+    make_trial_fn,
+    repair_runs,
+    trial_spools,
+    tune_trial_states,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +342,15 @@ def _stopped_all(stop: Any) -> bool:
     return isinstance(stop, tune.Stopper) and bool(stop.stop_all())
 
 
+def _flush_trials(base: Config, runs: list[Any]) -> None:
+    """Replay what the trials' workers left in their spools (a worker killed or ended before its replay got
+    through), so the trial runs hold every epoch Tune saw before the sweep's result is read against them."""
+    uri, storage = base.tracking.uri, absolute_storage(base.train.storage_path)
+    spools = [s for r in runs
+              for s in trial_spools(uri, storage, r.data.tags.get(TRIAL_TAG, ""), r.data.tags.get(SPOOL_TAG))]
+    flush_spools(list(dict.fromkeys(spools)))
+
+
 def _finish(
     grid: Any, base: Config, state: dict, path: Path, parent: Tracker | NullTracker, stopped: bool = False,
     interval: tuple[str, str, str] | None = None,
@@ -354,8 +371,10 @@ def _finish(
         uri, exp = base.tracking.uri, base.tracking.experiment
         parent.flush()  # the trial ends the trial actors buffered come first
         try:
-            for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}):
+            runs = search_runs_by(uri, exp, {PARENT_TAG: parent.run_id})
+            for run in runs:
                 children.setdefault(run.data.tags.get(TRIAL_TAG, ""), run.info.run_id)
+            _flush_trials(base, runs)
             # Every trial process is gone now: a child still RUNNING belongs to an interrupted trial, or to
             # one a Stopper ended with the experiment (Tune calls no on_trial_complete then): stopped early.
             for run in search_runs_by(uri, exp, {PARENT_TAG: parent.run_id}, status="RUNNING"):

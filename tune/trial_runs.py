@@ -6,6 +6,11 @@ of a sweep whose driver died (SIGKILL): its parent and trial runs are ended in t
 Every run of a sweep names the sweep driver as its driver (`stence.driver`): a trial's child run is orphaned
 when the sweep driver is gone, whatever its trial actors do. Tracking calls go through the sweep's spool
 (`<sweep folder>/mlflow_spool.jsonl`), so a tracking store that is down never fails a trial at its end.
+
+A trial's Train workers log its epochs through their own spool (`trial_spools`). A worker whose store was slow
+or locked leaves its lines there for its background replay, and a worker that is killed (ASHA stopped its
+trial) or ends before that replay got through takes the replay with it: the trial's end, the callback and the
+sweep's end replay those spools (`flush_spools`), so the run holds every epoch Tune saw before anyone reads it.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ from typing import Any
 from ray import tune
 
 from stence.config import Config, apply_overrides, from_dict
-from stence.tracking.client import resolve_tracking_uri, tracking_client
+from stence.tracking.client import default_spool, resolve_tracking_uri, tracking_client
 from stence.tracking.repair import Repair, end_orphans, find_orphans, replay_spools
+from stence.tracking.replay import replay
 from stence.tracking.runs import NullTracker, Tracker, find_run_by, run_status, start_run
+from stence.tracking.spool import FLUSH_LOCK_WAIT_S, SPOOL_NAME, pending_records, replay_command
 from stence.tracking.tags import (
     DRIVER_TAG,
     HEARTBEAT_TAG,
     OVERRIDES_TAG,
     PARENT_TAG,
+    SPOOL_TAG,
     STOPPED_TAG,
     SWEEP_PATH_TAG,
     SWEEP_TAG,
@@ -40,6 +48,40 @@ logger = logging.getLogger(__name__)
 
 LAST_EPOCH_GRACE_S = 10.0  # how long a stopped trial's worker may still take to log its last epoch
 HEARTBEAT_EVERY_S = 60.0  # the sweep driver refreshes its parent run's heartbeat at most this often
+
+
+def trial_spools(uri: str, storage_path: str | None, trial_id: str, tagged: str | None = None) -> list[Path]:
+    """The spool files a trial's trackers may have buffered to: the one its run names (`tagged`, SPOOL_TAG), the
+    ones in its Ray Train run folders (`<storage>/<stage>-<trial id>/`, where a pipeline's workers spool) and the
+    store's default one (where a tracker given no spool buffers)."""
+    spools = [Path(tagged)] if tagged else []
+    if storage_path and trial_id and "://" not in storage_path:
+        spools += sorted(Path(storage_path).glob(f"*-{trial_id}/{SPOOL_NAME}"))
+    spools.append(default_spool(uri))
+    return list(dict.fromkeys(spools))
+
+
+def flush_spools(spools: list[Path], wait_s: float = FLUSH_LOCK_WAIT_S) -> int:
+    """Replay, in this thread, what is pending in `spools` (lines of any process; a step a run has is skipped),
+    waiting at most `wait_s` for another process's replay of the same file; returns how many lines remain (a
+    warning names the replay command for them)."""
+    left = 0
+    for spool in spools:
+        if not (spool.exists() and pending_records(spool)):
+            continue
+        stats = replay(spool, wait_s)
+        if stats.pending:
+            logger.warning("tracking degraded: %d items buffered in %s are not in the store yet (%s); when it is "
+                           "back, run: %s", stats.pending, spool, stats.error, replay_command(spool))
+        left += stats.pending
+    return left
+
+
+def _end_trial_run(tracker: Tracker | NullTracker, status: str, storage_path: str, trial_id: str) -> None:
+    """End the trial's run (if still RUNNING) once what its workers buffered is in it."""
+    if tracker.run_id:
+        flush_spools(trial_spools(tracker.uri, storage_path, trial_id))
+    tracker.end(status, if_running=True)
 
 
 def make_trial_fn(
@@ -74,9 +116,9 @@ def make_trial_fn(
         try:
             train_fn_for_trial(cfg, tracker.run_id)
         except BaseException:
-            tracker.end("FAILED", if_running=True)
+            _end_trial_run(tracker, "FAILED", cfg.train.storage_path, trial_id or "")
             raise
-        tracker.end("FINISHED", if_running=True)
+        _end_trial_run(tracker, "FINISHED", cfg.train.storage_path, trial_id or "")
 
     return stence_trial
 
@@ -97,6 +139,14 @@ class ChildRunCloser(tune.Callback):
         self.parent_run_id = parent_run_id
         self.storage_path = str(storage_path) if storage_path else None  # where the trials' Train runs are
         self._beat = 0.0
+
+    def _flush_workers(self, tracker: Tracker, trial_id: str) -> None:
+        """Replay what the trial's killed workers buffered (their earlier epochs: a worker logs an epoch before it
+        reports the next one, so all of them are in its spool by now). Bounded by LAST_EPOCH_GRACE_S per spool,
+        not to hold Tune up: what is left is replayed when the sweep ends."""
+        tagged = tracking_client(self.uri).get_run(tracker.run_id).data.tags.get(SPOOL_TAG)
+        spools = trial_spools(self.uri, getattr(self, "storage_path", None), trial_id, tagged)
+        flush_spools(spools, LAST_EPOCH_GRACE_S)
 
     def _log_last_epoch(self, tracker: Tracker, trial_id: str) -> None:
         """Log the metrics of the trial's newest checkpoint unless its run has them. The trial's own worker may
@@ -151,6 +201,7 @@ class ChildRunCloser(tune.Callback):
 
     def _last_epoch_logged(self, tracker: Tracker, trial_id: str) -> None:
         try:
+            self._flush_workers(tracker, trial_id)
             self._log_last_epoch(tracker, trial_id)
         except Exception as e:  # noqa: BLE001 - the store is down: the run is ended (and repaired) anyway
             logger.warning("tracking degraded: cannot check the last epoch of trial %s (%s)", trial_id, e)
@@ -233,5 +284,5 @@ def repair_configured(cfg: Config, experiment: str | None = None, sweep: str | N
     return experiment, ended, kept
 
 
-__all__ = ["ChildRunCloser", "SweepStatus", "make_trial_fn", "repair_configured", "repair_runs",
-           "tune_trial_states"]
+__all__ = ["ChildRunCloser", "SweepStatus", "flush_spools", "make_trial_fn", "repair_configured", "repair_runs",
+           "trial_spools", "tune_trial_states"]
