@@ -11,7 +11,9 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,12 +85,26 @@ def chromium() -> Iterator[str]:
                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                  f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                                  "--window-size=1500,800", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", "chromium"))
             yield next(t["webSocketDebuggerUrl"] for t in targets if t.get("type") == "page")
         finally:
             _stop(proc)
+            _wait_group_gone(proc)  # its helper processes still write into the profile until they exit
+
+
+def _wait_group_gone(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Wait until every process of `proc`'s process group has exited: SIGKILL after `grace_s`, and give up
+    (a zombie no one reaps) 10 s later."""
+    proc.wait()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline + 10.0:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 async def _visit(ws_url: str, url: str, expect: Sequence[str], timeout_s: float, expand: bool,
